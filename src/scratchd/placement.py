@@ -1,0 +1,99 @@
+"""Choosing the pool for a new lease (SPEC §5, Placement). Pure: the caller brings the facts."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from enum import StrEnum
+from typing import Any
+
+from scratchd.pools import PoolState, PoolStatus
+from scratchd.units import format_size
+
+
+class Placement(StrEnum):
+    PREFER_SAME_FILESYSTEM = "prefer-same-filesystem"
+    SAME_FILESYSTEM = "same-filesystem"
+    ANY = "any"
+
+
+@dataclass(frozen=True, slots=True)
+class Placed:
+    pool: PoolStatus
+    same_filesystem: bool | None  # None when the request named no `near`
+
+
+class PlacementError(Exception):
+    """No pool can take the lease; ``code`` and ``status`` are the SPEC §5 error."""
+
+    def __init__(self, status: int, code: str, message: str, details: dict[str, Any] | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
+        self.message = message
+        self.details = details
+
+
+def place(
+    pools: Sequence[PoolStatus],
+    *,
+    reserved: Mapping[str, int],
+    pool_name: str | None,
+    near_mount_id: int | None,
+    placement: Placement,
+    expected_bytes: int,
+) -> Placed:
+    """The pool with the most room left after its reserve and the space promised to other leases."""
+
+    def room(pool: PoolStatus) -> int:
+        return pool.free_bytes - pool.reserve_bytes - reserved.get(pool.name, 0)
+
+    def fitting(candidates: Sequence[PoolStatus]) -> list[PoolStatus]:
+        return [pool for pool in candidates if room(pool) >= expected_bytes]
+
+    candidates = _usable(pools, pool_name)
+    if near_mount_id is not None and placement is not Placement.ANY:
+        same = [pool for pool in candidates if pool.mount_id == near_mount_id]
+        if placement is Placement.SAME_FILESYSTEM and not same:
+            raise PlacementError(
+                409, "no_pool_on_filesystem", "No usable pool is on the same filesystem as near.",
+                {"near_mount_id": near_mount_id, "pools": [pool.name for pool in candidates]},
+            )
+        if placement is Placement.SAME_FILESYSTEM or fitting(same):
+            candidates = same
+    fit = fitting(candidates)
+    if not fit:
+        wanted = f"{format_size(expected_bytes)} free" if expected_bytes else "free space"
+        available = {pool.name: max(room(pool), 0) for pool in candidates}
+        raise PlacementError(
+            507, "insufficient_storage", f"No pool has {wanted} beyond its reserve and reservations.",
+            {"expected_bytes": expected_bytes, "available_bytes": available},
+        )
+    chosen = min(fit, key=lambda pool: (-room(pool), pool.name))
+    same_filesystem = None if near_mount_id is None else chosen.mount_id == near_mount_id
+    return Placed(chosen, same_filesystem)
+
+
+def _usable(pools: Sequence[PoolStatus], pool_name: str | None) -> list[PoolStatus]:
+    """Pools in state ok (only the named one, if any); the refusal says why there are none."""
+    if pool_name is not None:
+        named = next((pool for pool in pools if pool.name == pool_name), None)
+        if named is None:
+            raise PlacementError(404, "pool_not_found", f"No pool named {pool_name!r} is configured.",
+                                 {"pool": pool_name})
+        if named.state is PoolState.FULL:
+            raise PlacementError(507, "insufficient_storage", f"Pool {pool_name} is full.",
+                                 {"pool": pool_name, "free_bytes": named.free_bytes,
+                                  "reserve_bytes": named.reserve_bytes})
+        if named.state is not PoolState.OK:
+            raise PlacementError(503, "pool_unavailable", f"Pool {pool_name} is {named.state.value.replace('_', '-')}.",
+                                 {"pool": pool_name, "state": named.state.value, "reason": named.reason})
+        return [named]
+    usable = [pool for pool in pools if pool.state is PoolState.OK]
+    if not usable:
+        states = {pool.name: pool.state.value for pool in pools}
+        if any(pool.state is PoolState.FULL for pool in pools):
+            raise PlacementError(507, "insufficient_storage", "No pool has space left above its reserve.",
+                                 {"pools": states})
+        raise PlacementError(503, "pool_unavailable", "No pool is available right now.", {"pools": states})
+    return usable
