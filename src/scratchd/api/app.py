@@ -1,0 +1,81 @@
+"""The ASGI application: routes, the error envelope, and a cap on request bodies."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from importlib.metadata import version
+
+from fastapi import FastAPI
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from scratchd.api import errors, routes
+from scratchd.api.identity import Identities
+from scratchd.daemon import Daemon
+
+MAX_BODY_BYTES = 64 * 1024
+
+
+class BodyLimit:
+    """Refuse bodies over ``limit`` bytes with 413 before the app reads them into memory."""
+
+    def __init__(self, app: ASGIApp, limit: int = MAX_BODY_BYTES) -> None:
+        self.app = app
+        self.limit = limit
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        for name, value in scope["headers"]:
+            if name == b"content-length" and (not value.isdigit() or int(value) > self.limit):
+                await self._refuse(scope, receive, send)
+                return
+        received = 0
+
+        async def limited() -> Message:
+            nonlocal received
+            message = await receive()
+            received += len(message.get("body", b""))
+            if received > self.limit:
+                raise _TooLarge
+            return message
+
+        try:
+            await self.app(scope, limited, send)
+        except _TooLarge:
+            await self._refuse(scope, receive, send)
+
+    async def _refuse(self, scope: Scope, receive: Receive, send: Send) -> None:
+        response = errors.error_response(413, "request_too_large",
+                                          f"The request body is larger than {self.limit} bytes.",
+                                          {"limit_bytes": self.limit})
+        await response(scope, receive, send)
+
+
+class _TooLarge(Exception):
+    pass
+
+
+def create_app(daemon: Daemon) -> FastAPI:
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        await daemon.start()
+        try:
+            yield
+        finally:
+            await daemon.stop()
+
+    app = FastAPI(
+        lifespan=lifespan,
+        title="scratchd",
+        version=version("scratchd"),
+        description="Leases scratch and cache directories on the right mounted filesystem.",
+        openapi_url="/openapi.json",
+    )
+    app.state.daemon = daemon
+    app.state.identities = Identities(daemon.config)
+    app.include_router(routes.router)
+    errors.install(app)
+    app.add_middleware(BodyLimit)
+    return app

@@ -1,0 +1,225 @@
+"""The wire format (SPEC §5): request models that validate strictly, and the answers' JSON.
+
+Answers are built as plain dicts by the ``*_json`` functions (cheap on the hot path);
+the response models exist so ``/openapi.json`` documents them, and the schema tests
+check the dicts against them.
+"""
+
+from __future__ import annotations
+
+import re
+from datetime import UTC, datetime
+from typing import Annotated, Any, Literal
+
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
+
+from scratchd.lease import Lease
+from scratchd.pools import PoolStatus
+
+MAX_LABELS = 32
+LABEL_KEY = re.compile(r"^[a-z0-9][a-z0-9_./-]{0,62}$")
+MAX_PATH = 4096
+
+
+def _absolute_path(value: str) -> str:
+    if "\x00" in value:
+        raise ValueError("must not contain NUL bytes")
+    if not value.startswith("/"):
+        raise ValueError("must be an absolute path")
+    return value
+
+
+def _labels(value: dict[str, str]) -> dict[str, str]:
+    if len(value) > MAX_LABELS:
+        raise ValueError(f"at most {MAX_LABELS} labels")
+    for key, text in value.items():
+        if not LABEL_KEY.match(key):
+            raise ValueError(f"label key {key[:80]!r} must match {LABEL_KEY.pattern}")
+        if len(text) > 256:
+            raise ValueError(f"label {key!r}: value longer than 256 characters")
+    return value
+
+
+class _Request(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+
+class LeaseRequest(_Request):
+    near: Annotated[str, Field(min_length=1, max_length=MAX_PATH), AfterValidator(_absolute_path)] | None = None
+    pool: Annotated[str, Field(min_length=1, max_length=64)] | None = None
+    placement: Literal["prefer-same-filesystem", "same-filesystem", "any"] = "prefer-same-filesystem"
+    ttl_seconds: Annotated[int, Field(ge=1)] | None = None
+    idle_timeout_seconds: Annotated[int, Field(ge=1, le=10 * 365 * 86400)] | None = None
+    pid: Annotated[int, Field(ge=1, le=2**22)] | None = None
+    max_bytes: Annotated[int, Field(ge=1, le=2**63 - 1)] | None = None
+    expected_bytes: Annotated[int, Field(ge=0, le=2**63 - 1)] | None = None
+    evictable: bool = False
+    labels: Annotated[dict[str, str], AfterValidator(_labels)] = Field(default_factory=dict)
+
+
+class RenewRequest(_Request):
+    ttl_seconds: Annotated[int, Field(ge=1)] | None = None
+
+
+# -- answers -----------------------------------------------------------------------------
+
+
+class UsageOut(BaseModel):
+    bytes: int
+    files: int
+    measured_at: str | None
+
+
+class LeaseOut(BaseModel):
+    id: str
+    path: str
+    pool: str
+    tenant: str
+    uid: int
+    state: Literal["active", "ended"]
+    end_reason: str | None
+    created_at: str
+    expires_at: str
+    ended_at: str | None
+    ttl_seconds: int
+    idle_timeout_seconds: int | None
+    pid: int | None
+    max_bytes: int | None
+    expected_bytes: int | None
+    evictable: bool
+    labels: dict[str, str]
+    same_filesystem: bool | None
+    mount_point: str | None
+    last_activity_at: str | None
+    usage: UsageOut
+
+
+class LeaseList(BaseModel):
+    leases: list[LeaseOut]
+
+
+class PoolOut(BaseModel):
+    name: str
+    path: str
+    mount_point: str | None
+    fstype: str | None
+    device: str | None
+    state: Literal["ok", "full", "read_only", "unavailable"]
+    capacity_bytes: int
+    free_bytes: int
+    reserve_bytes: int
+    reserved_bytes: int
+    leased_bytes: int
+    active_leases: int
+    labels: list[str]
+
+
+class PoolList(BaseModel):
+    pools: list[PoolOut]
+
+
+class TenantUsage(BaseModel):
+    tenant: str
+    active_leases: int
+    bytes: int
+    reserved_bytes: int
+
+
+class ReclaimStatus(BaseModel):
+    pending: int
+    pending_bytes: int
+    reclaimed_total: int
+    reclaimed_bytes_total: int
+    by_reason: dict[str, int]
+
+
+class UsageReport(BaseModel):
+    generated_at: str
+    pools: list[PoolOut]
+    tenants: list[TenantUsage]
+    largest_leases: list[LeaseOut]
+    reclaim: ReclaimStatus
+
+
+class EventOut(BaseModel):
+    seq: int
+    at: str
+    kind: str
+    lease_id: str | None
+    pool: str | None
+    tenant: str | None
+    reason: str | None
+    details: dict[str, Any] | None
+
+
+class EventList(BaseModel):
+    events: list[EventOut]
+
+
+class Status(BaseModel):
+    status: str
+
+
+class ErrorDetail(BaseModel):
+    code: str
+    message: str
+    details: dict[str, Any] | None
+
+
+class ErrorBody(BaseModel):
+    error: ErrorDetail
+
+
+# -- building the answers ------------------------------------------------------------------
+
+
+def timestamp(seconds: float | None) -> str | None:
+    """RFC 3339, UTC, with ``Z`` (SPEC §5)."""
+    if seconds is None:
+        return None
+    return datetime.fromtimestamp(seconds, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def lease_json(lease: Lease) -> dict[str, Any]:
+    return {
+        "id": lease.id,
+        "path": lease.path,
+        "pool": lease.pool,
+        "tenant": lease.tenant,
+        "uid": lease.uid,
+        "state": lease.state.value,
+        "end_reason": lease.end_reason.value if lease.end_reason else None,
+        "created_at": timestamp(lease.created_at),
+        "expires_at": timestamp(lease.expires_at),
+        "ended_at": timestamp(lease.ended_at),
+        "ttl_seconds": lease.ttl_seconds,
+        "idle_timeout_seconds": lease.idle_timeout_seconds,
+        "pid": lease.pid,
+        "max_bytes": lease.max_bytes,
+        "expected_bytes": lease.expected_bytes,
+        "evictable": lease.evictable,
+        "labels": lease.labels,
+        "same_filesystem": lease.same_filesystem,
+        "mount_point": lease.mount_point,
+        "last_activity_at": timestamp(lease.last_activity_at),
+        "usage": {"bytes": lease.usage.bytes, "files": lease.usage.files,
+                  "measured_at": timestamp(lease.usage.measured_at)},
+    }
+
+
+def pool_json(pool: PoolStatus, *, reserved: int, leased: int, active: int) -> dict[str, Any]:
+    return {
+        "name": pool.name,
+        "path": pool.path,
+        "mount_point": pool.mount_point,
+        "fstype": pool.fstype,
+        "device": pool.device,
+        "state": pool.state.value,
+        "capacity_bytes": pool.capacity_bytes,
+        "free_bytes": pool.free_bytes,
+        "reserve_bytes": pool.reserve_bytes,
+        "reserved_bytes": reserved,
+        "leased_bytes": leased,
+        "active_leases": active,
+        "labels": list(pool.labels),
+    }

@@ -1,0 +1,220 @@
+"""HTTP routes (SPEC §5). Thin: authorise, translate, call the manager, shape the answer."""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+from typing import Annotated, Any, Literal
+
+from fastapi import APIRouter, Body, Depends, Query, Request
+from starlette.responses import Response
+
+from scratchd.api import models
+from scratchd.api.identity import Caller, Role, caller_from_scope
+from scratchd.daemon import Daemon
+from scratchd.errors import Refused
+from scratchd.lease import EndReason, Lease
+from scratchd.manager import LeaseFilter, LeaseSpec, Tenant
+from scratchd.placement import Placement
+
+ERRORS: dict[int | str, dict[str, Any]] = {
+    status: {"model": models.ErrorBody, "description": text}
+    for status, text in {
+        401: "unauthenticated", 403: "forbidden", 404: "lease_not_found / pool_not_found / not_found",
+        409: "lease_ended / no_pool_on_filesystem", 413: "request_too_large", 422: "invalid_request",
+        429: "quota_exceeded", 503: "pool_unavailable", 507: "insufficient_storage",
+    }.items()
+}
+LEASE_ID = re.compile(r"^[a-z0-9-]{1,64}$")
+
+router = APIRouter()
+
+
+def _daemon(request: Request) -> Daemon:
+    return request.app.state.daemon  # type: ignore[no-any-return]
+
+
+def reader(request: Request) -> Caller:
+    """Any caller that may read: Unix peers, valid tokens, and anonymous viewers where allowed."""
+    daemon = _daemon(request)
+    caller = caller_from_scope(request.scope, request.headers.get("authorization"),
+                               request.app.state.identities, daemon.config.server.anonymous == "viewer")
+    if caller is None:
+        raise Refused(401, "unauthenticated", "Send 'Authorization: Bearer <token>'.")
+    return caller
+
+
+def writer(request: Request) -> Caller:
+    """A caller that may change leases: tenants (their own) and admins."""
+    caller = caller_from_scope(request.scope, request.headers.get("authorization"),
+                               request.app.state.identities, False)
+    if caller is None:
+        raise Refused(401, "unauthenticated", "Send 'Authorization: Bearer <token>'.")
+    if caller.role is Role.VIEWER:
+        raise Refused(403, "forbidden", "A viewer may read but not change leases.")
+    return caller
+
+
+Reader = Annotated[Caller, Depends(reader)]
+Writer = Annotated[Caller, Depends(writer)]
+
+
+def _json(body: Any, status: int = 200) -> Response:
+    return Response(json.dumps(body), status_code=status, media_type="application/json")
+
+
+def _visible_lease(daemon: Daemon, caller: Caller, lease_id: str) -> Lease:
+    """The lease if this caller may see it; another tenant's lease is 404, so ids do not leak."""
+    lease = daemon.manager.get(lease_id) if LEASE_ID.match(lease_id) else None
+    if lease is None or not (caller.sees_all() or (caller.tenant and lease.tenant == caller.tenant.name)):
+        raise Refused(404, "lease_not_found", f"No lease {lease_id[:80]!r}.", {"id": lease_id[:80]})
+    return lease
+
+
+# -- leases ---------------------------------------------------------------------------------
+
+
+@router.post("/v1/leases", status_code=201, response_model=models.LeaseOut, responses=ERRORS, tags=["leases"])
+async def create_lease(request: Request, caller: Writer,
+                       body: Annotated[models.LeaseRequest, Body()] = None) -> Response:  # type: ignore[assignment]
+    """Lease a new directory. Over the Unix socket it belongs to the caller's Unix user."""
+    if caller.tenant is None:
+        raise Refused(403, "forbidden", "Only a tenant can hold leases; use a tenant's socket or token.")
+    body = body or models.LeaseRequest()
+    spec = LeaseSpec(
+        near=body.near, pool=body.pool, placement=Placement(body.placement), ttl_seconds=body.ttl_seconds,
+        idle_timeout_seconds=body.idle_timeout_seconds, pid=body.pid, max_bytes=body.max_bytes,
+        expected_bytes=body.expected_bytes, evictable=body.evictable, labels=body.labels,
+    )
+    lease = _daemon(request).manager.create(caller.tenant, spec)
+    return _json(models.lease_json(lease), 201)
+
+
+@router.get("/v1/leases", response_model=models.LeaseList, responses=ERRORS, tags=["leases"])
+async def list_leases(
+    request: Request,
+    caller: Reader,
+    state: Literal["active", "ended", "all"] = "active",
+    pool: Annotated[str | None, Query(max_length=64)] = None,
+    tenant: Annotated[str | None, Query(max_length=256)] = None,
+    label: Annotated[str | None, Query(max_length=400, pattern=r"^[^=]+=.*$", description="k=v")] = None,
+) -> Response:
+    if not caller.sees_all():
+        tenant = caller.name if tenant in (None, caller.name) else "\x00nobody"
+    key_value = tuple(label.split("=", 1)) if label else None
+    which = LeaseFilter(state=state, pool=pool, tenant=tenant, label=key_value)  # type: ignore[arg-type]
+    leases = _daemon(request).manager.find(which)
+    return _json({"leases": [models.lease_json(lease) for lease in leases]})
+
+
+@router.get("/v1/leases/{lease_id}", response_model=models.LeaseOut, responses=ERRORS, tags=["leases"])
+async def get_lease(request: Request, lease_id: str, caller: Reader) -> Response:
+    return _json(models.lease_json(_visible_lease(_daemon(request), caller, lease_id)))
+
+
+@router.post("/v1/leases/{lease_id}/renew", response_model=models.LeaseOut, responses=ERRORS, tags=["leases"])
+async def renew_lease(request: Request, lease_id: str, caller: Writer,
+                      body: Annotated[models.RenewRequest, Body()] = None) -> Response:  # type: ignore[assignment]
+    """Push the expiry to now + ttl_seconds (default: the lease's own TTL)."""
+    daemon = _daemon(request)
+    lease = _visible_lease(daemon, caller, lease_id)
+    tenant = caller.tenant or _owner(lease)
+    renewed = daemon.manager.renew(lease, body.ttl_seconds if body else None, tenant)
+    return _json(models.lease_json(renewed))
+
+
+@router.delete("/v1/leases/{lease_id}", response_model=models.LeaseOut, responses=ERRORS, tags=["leases"])
+async def release_lease(request: Request, lease_id: str, caller: Writer) -> Response:
+    """End the lease as ``released``; its path is gone when this answers. Idempotent."""
+    daemon = _daemon(request)
+    lease = _visible_lease(daemon, caller, lease_id)
+    if lease.active:
+        lease = daemon.end_lease(lease, EndReason.RELEASED)
+    return _json(models.lease_json(lease))
+
+
+def _owner(lease: Lease) -> Tenant:
+    """An admin renewing someone's lease is held to that tenant's limits."""
+    return Tenant(name=lease.tenant, uid=lease.uid, gid=lease.gid)
+
+
+# -- pools, usage, events -----------------------------------------------------------------------
+
+
+def pools_json(daemon: Daemon) -> list[dict[str, Any]]:
+    leased: dict[str, int] = {}
+    active: dict[str, int] = {}
+    for lease in daemon.manager.active.values():
+        leased[lease.pool] = leased.get(lease.pool, 0) + lease.usage.bytes
+        active[lease.pool] = active.get(lease.pool, 0) + 1
+    reserved = daemon.manager.reserved_by_pool()
+    return [
+        models.pool_json(pool, reserved=reserved.get(pool.name, 0), leased=leased.get(pool.name, 0),
+                         active=active.get(pool.name, 0))
+        for pool in daemon.pools.statuses()
+    ]
+
+
+@router.get("/v1/pools", response_model=models.PoolList, responses=ERRORS, tags=["pools"])
+async def list_pools(request: Request, caller: Reader) -> Response:
+    return _json({"pools": pools_json(_daemon(request))})
+
+
+@router.get("/v1/usage", response_model=models.UsageReport, responses=ERRORS, tags=["usage"])
+async def usage(request: Request, caller: Reader) -> Response:
+    """What is used, by whom, where: answered from what was already measured, never by scanning."""
+    daemon = _daemon(request)
+    leases = [l for l in daemon.manager.active.values() if caller.sees_all() or l.tenant == caller.name]
+    tenants: dict[str, dict[str, Any]] = {}
+    for lease in leases:
+        row = tenants.setdefault(lease.tenant, {"tenant": lease.tenant, "active_leases": 0, "bytes": 0,
+                                                "reserved_bytes": 0})
+        row["active_leases"] += 1
+        row["bytes"] += lease.usage.bytes
+        row["reserved_bytes"] += lease.reserved_bytes
+    largest = sorted(leases, key=lambda l: l.usage.bytes, reverse=True)[:10]
+    trash = daemon.trash
+    return _json({
+        "generated_at": models.timestamp(time.time()),
+        "pools": pools_json(daemon),
+        "tenants": sorted(tenants.values(), key=lambda t: t["tenant"]),
+        "largest_leases": [models.lease_json(lease) for lease in largest],
+        "reclaim": {"pending": trash.pending, "pending_bytes": trash.pending_bytes,
+                    "reclaimed_total": trash.reclaimed_total, "reclaimed_bytes_total": trash.reclaimed_bytes_total,
+                    "by_reason": dict(trash.by_reason)},
+    })
+
+
+@router.get("/v1/events", response_model=models.EventList, responses=ERRORS, tags=["events"])
+async def events(
+    request: Request,
+    caller: Reader,
+    since: Annotated[int, Query(ge=0, le=2**63 - 1, description="exclusive: the last seq seen")] = 0,
+    limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+) -> Response:
+    found = _daemon(request).store.events(since, limit)
+    if not caller.sees_all():
+        found = [e for e in found if e.tenant == caller.name]
+    return _json({"events": [
+        {"seq": e.seq, "at": models.timestamp(e.at), "kind": e.kind, "lease_id": e.lease_id, "pool": e.pool,
+         "tenant": e.tenant, "reason": e.reason, "details": e.details}
+        for e in found
+    ]})
+
+
+# -- health ---------------------------------------------------------------------------------------
+
+
+@router.get("/healthz", response_model=models.Status, tags=["health"])
+async def healthz() -> Response:
+    return _json({"status": "ok"})
+
+
+@router.get("/readyz", response_model=models.Status, responses={503: {"model": models.Status}}, tags=["health"])
+async def readyz(request: Request) -> Response:
+    """Ready = state store open and at least one pool ``ok``."""
+    daemon = _daemon(request)
+    ok = daemon.ready and any(p.state.value == "ok" for p in daemon.pools.statuses())
+    return _json({"status": "ready" if ok else "not_ready"}, 200 if ok else 503)
+

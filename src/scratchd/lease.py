@@ -1,0 +1,109 @@
+"""A lease and its state machine: ``active`` -> ``ended`` with a reason, and nothing else.
+
+Pure: no I/O, no clock. Callers pass ``now`` so every transition is testable.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import secrets
+from dataclasses import dataclass, field
+from enum import StrEnum
+
+
+class LeaseState(StrEnum):
+    ACTIVE = "active"
+    ENDED = "ended"
+
+
+class EndReason(StrEnum):
+    RELEASED = "released"
+    EXPIRED = "expired"
+    PROCESS_EXITED = "process_exited"
+    IDLE = "idle"
+    OVER_QUOTA = "over_quota"
+    EVICTED = "evicted"
+    DIRECTORY_REMOVED = "directory_removed"
+    POOL_LOST = "pool_lost"
+
+
+class LeaseEnded(Exception):
+    """A transition that needs an active lease was asked of an ended one."""
+
+    def __init__(self, lease: Lease) -> None:
+        super().__init__(f"lease {lease.id} already ended ({lease.end_reason})")
+        self.lease = lease
+
+
+def new_lease_id() -> str:
+    """26 characters of base32 (lower case): 130 random bits, ``[a-z0-9]`` only (SPEC §8)."""
+    return _b32(secrets.randbits(130))
+
+
+_ALPHABET = "abcdefghijklmnopqrstuvwxyz234567"
+
+
+def _b32(number: int) -> str:
+    chars = []
+    for _ in range(26):
+        number, digit = divmod(number, 32)
+        chars.append(_ALPHABET[digit])
+    return "".join(chars)
+
+
+@dataclass(slots=True)
+class Usage:
+    bytes: int = 0
+    files: int = 0
+    measured_at: float | None = None
+
+
+@dataclass(slots=True)
+class Lease:
+    id: str
+    path: str
+    pool: str
+    tenant: str
+    uid: int
+    gid: int
+    created_at: float
+    expires_at: float
+    ttl_seconds: int
+    mount_point: str | None = None
+    same_filesystem: bool | None = None
+    idle_timeout_seconds: int | None = None
+    pid: int | None = None
+    pid_start_time: int | None = None
+    max_bytes: int | None = None
+    expected_bytes: int | None = None
+    evictable: bool = False
+    labels: dict[str, str] = field(default_factory=dict)
+    state: LeaseState = LeaseState.ACTIVE
+    end_reason: EndReason | None = None
+    ended_at: float | None = None
+    last_activity_at: float | None = None
+    usage: Usage = field(default_factory=Usage)
+
+    @property
+    def active(self) -> bool:
+        return self.state is LeaseState.ACTIVE
+
+    @property
+    def reserved_bytes(self) -> int:
+        """Space promised but not yet used: counts against the pool until written (SPEC §5)."""
+        if not self.active or not self.expected_bytes:
+            return 0
+        return max(0, self.expected_bytes - self.usage.bytes)
+
+
+def renew(lease: Lease, ttl_seconds: int, now: float) -> Lease:
+    if not lease.active:
+        raise LeaseEnded(lease)
+    return dataclasses.replace(lease, ttl_seconds=ttl_seconds, expires_at=now + ttl_seconds)
+
+
+def end(lease: Lease, reason: EndReason, now: float) -> Lease:
+    """The only way out of ``active``; ending twice is refused so a reason is never overwritten."""
+    if not lease.active:
+        raise LeaseEnded(lease)
+    return dataclasses.replace(lease, state=LeaseState.ENDED, end_reason=reason, ended_at=now)

@@ -1,0 +1,288 @@
+"""The lease manager: every lease change goes through here, in a fixed order of effects.
+
+Create: place -> mkdir -> commit record -> answer. A crash before the commit leaves
+a directory without a record (an orphan, reclaimed after grace), never a record
+without its directory.
+End: rename into the trash -> commit -> answer -> delete in the background. The path
+is gone before anyone is told the lease ended; a crash between rename and commit
+leaves an active record without a directory, which start-up ends as
+``directory_removed``.
+
+Runs on the event loop: each step here is a handful of metadata syscalls and one
+SQLite commit. Tree deletion and usage scans happen elsewhere, off the loop.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+
+from scratchd import lease as lease_sm
+from scratchd.config import Config
+from scratchd.errors import Refused
+from scratchd.lease import EndReason, Lease
+from scratchd.mounts import MountTable, mount_of, resolve_near
+from scratchd.placement import Placement, PlacementError, place
+from scratchd.pools import PoolSet, make_lease_dir, move_to_trash
+from scratchd.reclaim import procs
+from scratchd.store import NewEvent, Store, StoreError
+
+log = logging.getLogger("scratchd.lease")
+
+# Without a [[tenant]] entry, one tenant may hold this many active leases (SPEC is
+# silent; a runaway loop must not fill the pool with directories).
+DEFAULT_MAX_LEASES_PER_TENANT = 1000
+
+
+@dataclass(frozen=True, slots=True)
+class Tenant:
+    """Whom a lease is for: a name, and the Unix ids its directory is owned by."""
+
+    name: str
+    uid: int
+    gid: int
+    may_bind_any_pid: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class LeaseSpec:
+    """A validated LeaseRequest (SPEC §5), in domain terms."""
+
+    near: str | None = None
+    pool: str | None = None
+    placement: Placement = Placement.PREFER_SAME_FILESYSTEM
+    ttl_seconds: int | None = None
+    idle_timeout_seconds: int | None = None
+    pid: int | None = None
+    max_bytes: int | None = None
+    expected_bytes: int | None = None
+    evictable: bool = False
+    labels: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class LeaseFilter:
+    state: str = "active"  # active | ended | all
+    pool: str | None = None
+    tenant: str | None = None
+    label: tuple[str, str] | None = None
+
+    def matches(self, lease: Lease) -> bool:
+        return (
+            (self.pool is None or lease.pool == self.pool)
+            and (self.tenant is None or lease.tenant == self.tenant)
+            and (self.label is None or lease.labels.get(self.label[0]) == self.label[1])
+        )
+
+
+def _unavailable(exc: StoreError) -> Refused:
+    return Refused(503, "pool_unavailable", "The daemon cannot write its state database right now; nothing was changed.",
+                   {"reason": str(exc)})
+
+
+class LeaseManager:
+    def __init__(
+        self,
+        config: Config,
+        store: Store,
+        pools: PoolSet,
+        mounts: MountTable,
+        on_trashed: Callable[[str, Lease], None],
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.config = config
+        self.store = store
+        self.pools = pools
+        self.mounts = mounts
+        self._on_trashed = on_trashed
+        self._clock = clock
+        self.active: dict[str, Lease] = {lease.id: lease for lease in store.active_leases()}
+        self.listeners: list[Callable[[Lease], None]] = []
+
+    # -- queries --------------------------------------------------------------------------
+
+    def get(self, lease_id: str) -> Lease | None:
+        return self.active.get(lease_id) or self.store.get_lease(lease_id)
+
+    def find(self, which: LeaseFilter) -> list[Lease]:
+        leases: Iterable[Lease]
+        if which.state == "active":
+            leases = self.active.values()
+        elif which.state == "ended":
+            leases = self.store.ended_leases()
+        else:
+            leases = [*self.active.values(), *self.store.ended_leases()]
+        found = [lease for lease in leases if which.matches(lease)]
+        if which.state == "active":
+            found.sort(key=lambda lease: lease.created_at)
+        return found
+
+    def reserved_by_pool(self) -> dict[str, int]:
+        reserved: dict[str, int] = {}
+        for lease in self.active.values():
+            reserved[lease.pool] = reserved.get(lease.pool, 0) + lease.reserved_bytes
+        return reserved
+
+    # -- changes --------------------------------------------------------------------------
+
+    def create(self, tenant: Tenant, spec: LeaseSpec) -> Lease:
+        now = self._clock()
+        ttl = self._ttl(tenant, spec.ttl_seconds)
+        self._check_quota(tenant, spec)
+        pid_start = self._check_pid(tenant, spec.pid)
+        near_mount = None
+        if spec.near is not None:
+            try:
+                near_real = resolve_near(spec.near)
+            except ValueError as exc:
+                raise Refused(422, "invalid_request", f"near: {exc}", {"near": spec.near}) from None
+            near_mount = mount_of(near_real, self.mounts.current())
+        try:
+            placed = place(
+                self.pools.statuses(),
+                reserved=self.reserved_by_pool(),
+                pool_name=spec.pool,
+                near_mount_id=near_mount.mount_id if near_mount else None,
+                placement=spec.placement,
+                expected_bytes=spec.expected_bytes or 0,
+            )
+        except PlacementError as exc:
+            details = dict(exc.details or {})
+            if near_mount is not None:
+                details.setdefault("near_mount_point", near_mount.mount_point)
+            raise Refused(exc.status, exc.code, exc.message, details) from None
+
+        lease_id = lease_sm.new_lease_id()
+        pool = placed.pool
+        chown = os.geteuid() == 0
+        try:
+            path = make_lease_dir(pool.path, lease_id, uid=tenant.uid if chown else None,
+                                  gid=tenant.gid if chown else None)
+        except OSError as exc:
+            raise self._disk_refusal(pool.name, exc) from None
+        lease = Lease(
+            id=lease_id, path=path, pool=pool.name, tenant=tenant.name,
+            uid=tenant.uid if chown else os.geteuid(), gid=tenant.gid if chown else os.getegid(),
+            created_at=now, expires_at=now + ttl, ttl_seconds=ttl, mount_point=pool.mount_point,
+            same_filesystem=placed.same_filesystem, idle_timeout_seconds=spec.idle_timeout_seconds,
+            pid=spec.pid, pid_start_time=pid_start, max_bytes=spec.max_bytes,
+            expected_bytes=spec.expected_bytes, evictable=spec.evictable, labels=dict(spec.labels),
+            last_activity_at=now,
+        )
+        try:
+            self.store.insert_lease(lease, NewEvent.for_lease("lease_created", lease), now)
+        except StoreError as exc:
+            # Undo the mkdir so a refused request changes nothing; if even that fails
+            # the directory is an orphan and is reclaimed after grace.
+            try:
+                os.rmdir(path)
+            except OSError:
+                pass
+            raise _unavailable(exc) from None
+        self.active[lease.id] = lease
+        log.info("lease started", extra={"lease": lease.id, "pool": lease.pool, "tenant": lease.tenant,
+                                         "path": lease.path, "ttl_seconds": ttl})
+        self._notify(lease)
+        return lease
+
+    def renew(self, lease: Lease, ttl_seconds: int | None, tenant: Tenant) -> Lease:
+        if not lease.active:
+            raise Refused(409, "lease_ended", f"Lease {lease.id} has already ended ({lease.end_reason}).",
+                          {"end_reason": lease.end_reason})
+        ttl = self._ttl(tenant, ttl_seconds if ttl_seconds is not None else lease.ttl_seconds)
+        now = self._clock()
+        renewed = lease_sm.renew(lease, ttl, now)
+        try:
+            self.store.save_lease(renewed, NewEvent.for_lease("lease_renewed", renewed, ttl_seconds=ttl), now)
+        except StoreError as exc:
+            raise _unavailable(exc) from None
+        self.active[renewed.id] = renewed
+        self._notify(renewed)
+        return renewed
+
+    def end(self, lease: Lease, reason: EndReason, **details: object) -> Lease:
+        """End an active lease: its path is gone (or, for ``pool_lost``, left alone) before this returns."""
+        now = self._clock()
+        ended = lease_sm.end(lease, reason, now)
+        if reason is not EndReason.POOL_LOST:
+            try:
+                trashed = move_to_trash(self._pool_path(lease), lease.id)
+            except OSError as exc:
+                raise Refused(503, "pool_unavailable", f"Cannot move lease {lease.id} out of its pool.",
+                              {"reason": exc.strerror}) from None
+            if trashed is not None:
+                self._on_trashed(trashed, ended)
+        try:
+            self.store.save_lease(ended, NewEvent.for_lease("lease_ended", ended, **details), now)
+        except StoreError as exc:
+            # The path is already gone; the record catches up on the next start
+            # (an active record without a directory ends as directory_removed).
+            log.error("cannot record end of lease", extra={"lease": lease.id, "error": str(exc)})
+        self.active.pop(lease.id, None)
+        log.info("lease ended", extra={"lease": lease.id, "pool": lease.pool, "tenant": lease.tenant,
+                                       "reason": reason.value})
+        self._notify(ended)
+        return ended
+
+    # -- rules --------------------------------------------------------------------------
+
+    def _ttl(self, tenant: Tenant, requested: int | None) -> int:
+        limits = self.config.limits
+        ttl = requested if requested is not None else int(limits.default_ttl)
+        if ttl > limits.max_ttl:
+            raise Refused(422, "invalid_request", f"ttl_seconds may be at most {int(limits.max_ttl)}.",
+                          {"fields": {"ttl_seconds": f"above limits.max_ttl ({int(limits.max_ttl)})"}})
+        own = self.config.tenant_limits(tenant.name)
+        if own is not None and own.max_ttl is not None and ttl > own.max_ttl:
+            raise Refused(429, "quota_exceeded", f"Tenant {tenant.name} may lease for at most {int(own.max_ttl)}s.",
+                          {"limit": "max_ttl", "max_ttl": int(own.max_ttl), "requested": ttl})
+        return ttl
+
+    def _check_quota(self, tenant: Tenant, spec: LeaseSpec) -> None:
+        own = self.config.tenant_limits(tenant.name)
+        mine = [lease for lease in self.active.values() if lease.tenant == tenant.name]
+        max_leases = own.max_leases if own and own.max_leases is not None else DEFAULT_MAX_LEASES_PER_TENANT
+        if len(mine) >= max_leases:
+            raise Refused(429, "quota_exceeded", f"Tenant {tenant.name} already holds {len(mine)} active leases.",
+                          {"limit": "max_leases", "max_leases": max_leases, "active_leases": len(mine)})
+        if own is not None and own.max_bytes is not None:
+            held = sum(tenant_charge(lease) for lease in mine)
+            asked = max(spec.max_bytes or 0, spec.expected_bytes or 0)
+            if held + asked > own.max_bytes:
+                raise Refused(429, "quota_exceeded", f"Tenant {tenant.name} would exceed its byte quota.",
+                              {"limit": "max_bytes", "max_bytes": own.max_bytes, "held_bytes": held,
+                               "requested_bytes": asked})
+
+    def _check_pid(self, tenant: Tenant, pid: int | None) -> int | None:
+        if pid is None:
+            return None
+        process = procs.identify(pid)
+        if process is None:
+            raise Refused(422, "invalid_request", f"pid {pid} is not a live process.",
+                          {"fields": {"pid": "not a live process"}})
+        if process.uid != tenant.uid and not tenant.may_bind_any_pid:
+            raise Refused(403, "forbidden", f"pid {pid} belongs to another user.", {"pid": pid})
+        return process.start_time
+
+    def _pool_path(self, lease: Lease) -> str:
+        return os.path.dirname(lease.path)
+
+    def _disk_refusal(self, pool: str, exc: OSError) -> Refused:
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            return Refused(507, "insufficient_storage", f"Pool {pool} is full.", {"pool": pool})
+        return Refused(503, "pool_unavailable", f"Pool {pool} cannot create a directory: {exc.strerror}.",
+                       {"pool": pool})
+
+    def _notify(self, lease: Lease) -> None:
+        for listener in self.listeners:
+            listener(lease)
+
+
+def tenant_charge(lease: Lease) -> int:
+    """What a lease counts against its tenant's byte quota: the larger of what it may use
+    (``max_bytes``), said it would use (``expected_bytes``) and is measured to use."""
+    return max(lease.max_bytes or 0, lease.expected_bytes or 0, lease.usage.bytes)

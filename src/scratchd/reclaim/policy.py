@@ -1,0 +1,77 @@
+"""Which active leases must end now, and why: pure decisions, no I/O, no clock.
+
+Modelled on the kubelet eviction manager: signals (expiry, activity, usage, pool
+state, pool free space) are gathered elsewhere; this module compares them with
+thresholds and ranks eviction candidates. One lease gets at most one reason, taken in
+the order of ``REASON_ORDER`` (the most definite first).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from scratchd.lease import EndReason, Lease
+from scratchd.pools import PoolState, PoolStatus
+
+
+@dataclass(frozen=True, slots=True)
+class Ending:
+    lease_id: str
+    reason: EndReason
+    details: dict[str, Any] = field(default_factory=dict)
+
+
+def lease_ending(lease: Lease, pool: PoolStatus | None, now: float) -> Ending | None:
+    """The reason ``lease`` must end at ``now`` from its own signals, or None.
+
+    ``pool`` is None for a pool dropped from the config: its leases live on (SPEC §7).
+    """
+    if pool is not None and pool.state is PoolState.UNAVAILABLE:
+        return Ending(lease.id, EndReason.POOL_LOST, {"pool_reason": pool.reason})
+    if now >= lease.expires_at:
+        return Ending(lease.id, EndReason.EXPIRED)
+    if lease.max_bytes is not None and lease.usage.bytes > lease.max_bytes:
+        return Ending(lease.id, EndReason.OVER_QUOTA, {"bytes": lease.usage.bytes, "max_bytes": lease.max_bytes})
+    if lease.idle_timeout_seconds is not None:
+        last = lease.last_activity_at if lease.last_activity_at is not None else lease.created_at
+        if now - last >= lease.idle_timeout_seconds:
+            return Ending(lease.id, EndReason.IDLE, {"idle_seconds": int(now - last)})
+    return None
+
+
+def evictions(pool: PoolStatus, leases: Iterable[Lease], freed: int = 0) -> list[Ending]:
+    """Evictable leases to reclaim so ``pool`` gets back above its reserve.
+
+    Least recently active first; only as many as needed, counting each lease's
+    measured bytes as freed (``freed``: bytes already being reclaimed for other reasons).
+    Never a lease that is not ``evictable``.
+    """
+    shortfall = pool.reserve_bytes - pool.free_bytes - freed
+    if pool.state is PoolState.UNAVAILABLE or shortfall <= 0:
+        return []
+    candidates = sorted(
+        (lease for lease in leases if lease.evictable and lease.active and lease.pool == pool.name),
+        key=lambda lease: (lease.last_activity_at or lease.created_at, lease.created_at, lease.id),
+    )
+    chosen: list[Ending] = []
+    for lease in candidates:
+        if shortfall <= 0:
+            break
+        chosen.append(Ending(lease.id, EndReason.EVICTED, {"pool_free_bytes": pool.free_bytes,
+                                                            "pool_reserve_bytes": pool.reserve_bytes}))
+        shortfall -= lease.usage.bytes
+    return chosen
+
+
+def decide(leases: Iterable[Lease], pools: Mapping[str, PoolStatus], now: float) -> list[Ending]:
+    """Every ending due now: each lease's own signals first, then evictions per pool."""
+    leases = list(leases)
+    endings = [e for lease in leases if (e := lease_ending(lease, pools.get(lease.pool), now))]
+    ending_ids = {e.lease_id for e in endings}
+    remaining = [lease for lease in leases if lease.id not in ending_ids]
+    for pool in pools.values():
+        freed = sum(l.usage.bytes for l in leases if l.id in ending_ids and l.pool == pool.name)
+        endings.extend(evictions(pool, remaining, freed))
+    return endings

@@ -1,0 +1,127 @@
+"""Draining the trash: deleting ended leases' trees off the event loop, one at a time.
+
+The trash is on disk (``<pool>/.trash``), so the queue is too: a daemon killed
+mid-deletion finds the half-deleted tree there on start and finishes it. Failures
+are retried with exponential backoff and reported as ``reclaim_failed`` events; they
+never stop the queue.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import time
+from collections import Counter, deque
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+from scratchd.pools import TRASH_DIR
+from scratchd.reclaim.deleter import DeleteResult, delete_tree
+
+log = logging.getLogger("scratchd.reclaim")
+
+RETRY_BASE_SECONDS = 1.0
+RETRY_MAX_SECONDS = 300.0
+# Every PACE_EVERY entries the deleting thread sleeps PACE_SECONDS, so the event loop
+# gets the interpreter back promptly even while a huge tree is being deleted.
+PACE_SECONDS = 0.0005
+
+
+@dataclass(slots=True)
+class TrashItem:
+    path: str
+    pool: str
+    lease_id: str | None
+    tenant: str | None
+    estimated_bytes: int
+    attempts: int = 0
+
+
+def _pace(_count: int) -> None:
+    time.sleep(PACE_SECONDS)
+
+
+class Trash:
+    def __init__(self, report_failure: Callable[[TrashItem, DeleteResult | BaseException], None]) -> None:
+        self._report_failure = report_failure
+        self._queue: deque[TrashItem] = deque()
+        self._wakeup = asyncio.Event()
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="scratchd-delete")
+        self._task: asyncio.Task[None] | None = None
+        self.pending_bytes = 0
+        self.reclaimed_total = 0
+        self.reclaimed_bytes_total = 0
+        self.by_reason: Counter[str] = Counter()
+        self._busy: TrashItem | None = None
+
+    @property
+    def pending(self) -> int:
+        return len(self._queue) + (self._busy is not None)
+
+    def add(self, item: TrashItem) -> None:
+        self._queue.append(item)
+        self.pending_bytes += item.estimated_bytes
+        self._wakeup.set()
+
+    def resume(self, pool_name: str, pool_path: str) -> int:
+        """Queue whatever a previous run left in the pool's trash; returns how many."""
+        trash = os.path.join(pool_path, TRASH_DIR)
+        try:
+            names = os.listdir(trash)
+        except OSError:
+            return 0
+        for name in names:
+            self.add(TrashItem(os.path.join(trash, name), pool_name, None, None, 0))
+        return len(names)
+
+    def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._drain(), name="scratchd-trash")
+
+    async def stop(self) -> None:
+        """Stop after the current tree; what is left stays in the trash for the next start."""
+        if self._task is not None:
+            self._task.cancel()
+            try:
+                await self._task
+            except asyncio.CancelledError:
+                pass
+        self._executor.shutdown(wait=True, cancel_futures=True)
+
+    async def idle(self) -> None:
+        """Wait until the queue is empty (tests and shutdown use it)."""
+        while self.pending:
+            await asyncio.sleep(0.05)
+
+    async def _drain(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            if not self._queue:
+                self._wakeup.clear()
+                await self._wakeup.wait()
+                continue
+            item = self._busy = self._queue.popleft()
+            try:
+                result = await loop.run_in_executor(self._executor, delete_tree, item.path, _pace)
+            except asyncio.CancelledError:
+                self._queue.appendleft(item)
+                self._busy = None
+                raise
+            except Exception as exc:  # noqa: BLE001 - a crash here must not stop reclaiming
+                result = exc
+            self._busy = None
+            self.pending_bytes = max(0, self.pending_bytes - item.estimated_bytes)
+            if isinstance(result, DeleteResult) and result.complete:
+                self.reclaimed_total += 1
+                self.reclaimed_bytes_total += result.bytes
+                continue
+            self._report_failure(item, result)
+            if isinstance(result, DeleteResult) and result.left_mounts and not result.errors:
+                # A mount we may not detach stays where it is; retrying cannot change that.
+                continue
+            item.attempts += 1
+            delay = min(RETRY_MAX_SECONDS, RETRY_BASE_SECONDS * 2 ** (item.attempts - 1))
+            log.warning("reclaim failed, retrying", extra={"path": item.path, "attempts": item.attempts,
+                                                           "retry_in": delay})
+            loop.call_later(delay, self.add, item)

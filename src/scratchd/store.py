@@ -1,0 +1,237 @@
+"""Durable state in one SQLite database (WAL): lease records, the event log, orphan sightings.
+
+Every lease change is written together with its event in one transaction, so the
+event log and the records can never disagree after a crash. ``synchronous=NORMAL``
+in WAL mode survives the daemon being killed at any point (a commit is in the
+kernel before ``commit()`` returns); a power loss may lose the last commits, which
+then look like orphans or ``directory_removed`` leases on the next start — never an
+active lease whose directory is deleted.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from scratchd.lease import EndReason, Lease, LeaseState, Usage
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS leases (
+    id TEXT PRIMARY KEY,
+    path TEXT NOT NULL,
+    pool TEXT NOT NULL,
+    tenant TEXT NOT NULL,
+    uid INTEGER NOT NULL,
+    gid INTEGER NOT NULL,
+    state TEXT NOT NULL,
+    end_reason TEXT,
+    created_at REAL NOT NULL,
+    expires_at REAL NOT NULL,
+    ended_at REAL,
+    ttl_seconds INTEGER NOT NULL,
+    idle_timeout_seconds INTEGER,
+    pid INTEGER,
+    pid_start_time INTEGER,
+    max_bytes INTEGER,
+    expected_bytes INTEGER,
+    evictable INTEGER NOT NULL,
+    labels TEXT NOT NULL,
+    same_filesystem INTEGER,
+    mount_point TEXT,
+    last_activity_at REAL,
+    usage_bytes INTEGER NOT NULL DEFAULT 0,
+    usage_files INTEGER NOT NULL DEFAULT 0,
+    usage_measured_at REAL
+);
+CREATE INDEX IF NOT EXISTS leases_state ON leases (state, ended_at);
+CREATE TABLE IF NOT EXISTS events (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    at REAL NOT NULL,
+    kind TEXT NOT NULL,
+    lease_id TEXT,
+    pool TEXT,
+    tenant TEXT,
+    reason TEXT,
+    details TEXT
+);
+CREATE INDEX IF NOT EXISTS events_at ON events (at);
+CREATE TABLE IF NOT EXISTS orphans (
+    pool TEXT NOT NULL,
+    name TEXT NOT NULL,
+    first_seen REAL NOT NULL,
+    PRIMARY KEY (pool, name)
+);
+"""
+
+_COLUMNS = (
+    "id, path, pool, tenant, uid, gid, state, end_reason, created_at, expires_at, ended_at, ttl_seconds, "
+    "idle_timeout_seconds, pid, pid_start_time, max_bytes, expected_bytes, evictable, labels, same_filesystem, "
+    "mount_point, last_activity_at, usage_bytes, usage_files, usage_measured_at"
+)
+_PLACEHOLDERS = ", ".join("?" * len(_COLUMNS.split(",")))
+
+
+@dataclass(frozen=True, slots=True)
+class Event:
+    seq: int
+    at: float
+    kind: str
+    lease_id: str | None
+    pool: str | None
+    tenant: str | None
+    reason: str | None
+    details: dict[str, Any] | None
+
+
+@dataclass(frozen=True, slots=True)
+class NewEvent:
+    """An event to append; ``seq`` and ``at`` are assigned by the store."""
+
+    kind: str
+    lease_id: str | None = None
+    pool: str | None = None
+    tenant: str | None = None
+    reason: str | None = None
+    details: dict[str, Any] | None = None
+
+    @classmethod
+    def for_lease(cls, kind: str, lease: Lease, **details: Any) -> NewEvent:
+        reason = lease.end_reason.value if lease.end_reason else None
+        return cls(kind, lease.id, lease.pool, lease.tenant, reason, details or None)
+
+
+class StoreError(Exception):
+    """The state database cannot be written (full disk, locked, read-only)."""
+
+
+def _row(lease: Lease) -> tuple[Any, ...]:
+    return (
+        lease.id, lease.path, lease.pool, lease.tenant, lease.uid, lease.gid, lease.state.value,
+        lease.end_reason.value if lease.end_reason else None, lease.created_at, lease.expires_at,
+        lease.ended_at, lease.ttl_seconds, lease.idle_timeout_seconds, lease.pid, lease.pid_start_time,
+        lease.max_bytes, lease.expected_bytes, int(lease.evictable), json.dumps(lease.labels),
+        None if lease.same_filesystem is None else int(lease.same_filesystem), lease.mount_point,
+        lease.last_activity_at, lease.usage.bytes, lease.usage.files, lease.usage.measured_at,
+    )
+
+
+def _lease(row: tuple[Any, ...]) -> Lease:
+    (id_, path, pool, tenant, uid, gid, state, end_reason, created_at, expires_at, ended_at, ttl, idle, pid,
+     pid_start, max_bytes, expected, evictable, labels, same_fs, mount_point, last_activity, u_bytes, u_files,
+     u_at) = row
+    return Lease(
+        id=id_, path=path, pool=pool, tenant=tenant, uid=uid, gid=gid, state=LeaseState(state),
+        end_reason=EndReason(end_reason) if end_reason else None, created_at=created_at,
+        expires_at=expires_at, ended_at=ended_at, ttl_seconds=ttl, idle_timeout_seconds=idle, pid=pid,
+        pid_start_time=pid_start, max_bytes=max_bytes, expected_bytes=expected, evictable=bool(evictable),
+        labels=json.loads(labels), same_filesystem=None if same_fs is None else bool(same_fs),
+        mount_point=mount_point, last_activity_at=last_activity,
+        usage=Usage(bytes=u_bytes, files=u_files, measured_at=u_at),
+    )
+
+
+class Store:
+    def __init__(self, state_dir: str) -> None:
+        Path(state_dir).mkdir(parents=True, exist_ok=True, mode=0o700)
+        self.path = str(Path(state_dir) / "scratchd.db")
+        self._db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=NORMAL")
+        self._db.execute("PRAGMA busy_timeout=2000")
+        self._db.executescript(SCHEMA)
+
+    def close(self) -> None:
+        self._db.close()
+
+    # -- writes: each one transaction, lease change and its event together --------------
+
+    @contextmanager
+    def _transaction(self) -> Iterator[sqlite3.Connection]:
+        try:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                yield self._db
+                self._db.execute("COMMIT")
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+        except sqlite3.Error as exc:
+            raise StoreError(str(exc)) from exc
+
+    def _write(self, statements: Iterable[tuple[str, tuple[Any, ...]]], events: Iterable[NewEvent], now: float) -> list[int]:
+        with self._transaction() as db:
+            for sql, params in statements:
+                db.execute(sql, params)
+            return [self._insert_event(event, now) for event in events]
+
+    def _insert_event(self, event: NewEvent, now: float) -> int:
+        cursor = self._db.execute(
+            "INSERT INTO events (at, kind, lease_id, pool, tenant, reason, details) VALUES (?, ?, ?, ?, ?, ?, ?)",
+            (now, event.kind, event.lease_id, event.pool, event.tenant, event.reason,
+             json.dumps(event.details) if event.details is not None else None),
+        )
+        return int(cursor.lastrowid or 0)
+
+    def insert_lease(self, lease: Lease, event: NewEvent, now: float) -> None:
+        self._write([(f"INSERT INTO leases ({_COLUMNS}) VALUES ({_PLACEHOLDERS})", _row(lease))], [event], now)
+
+    def save_lease(self, lease: Lease, event: NewEvent | None, now: float) -> None:
+        sql = f"INSERT OR REPLACE INTO leases ({_COLUMNS}) VALUES ({_PLACEHOLDERS})"
+        self._write([(sql, _row(lease))], [event] if event else [], now)
+
+    def save_usage(self, leases: Iterable[Lease]) -> None:
+        """Usage samples are soft state: batched, and losing the last batch costs one rescan."""
+        rows = [(l.usage.bytes, l.usage.files, l.usage.measured_at, l.last_activity_at, l.id) for l in leases]
+        sql = "UPDATE leases SET usage_bytes=?, usage_files=?, usage_measured_at=?, last_activity_at=? WHERE id=?"
+        with self._transaction() as db:
+            db.executemany(sql, rows)
+
+    def append_events(self, events: Iterable[NewEvent], now: float) -> list[int]:
+        return self._write([], events, now)
+
+    def prune(self, before: float) -> None:
+        """Drop ended records and events older than ``gc.history_retention``."""
+        self._write(
+            [("DELETE FROM leases WHERE state = 'ended' AND ended_at < ?", (before,)),
+             ("DELETE FROM events WHERE at < ? AND seq < (SELECT MAX(seq) FROM events)", (before,))],
+            [], before,
+        )
+
+    # -- reads ----------------------------------------------------------------------------
+
+    def active_leases(self) -> list[Lease]:
+        return [_lease(r) for r in self._db.execute(f"SELECT {_COLUMNS} FROM leases WHERE state = 'active'")]
+
+    def get_lease(self, lease_id: str) -> Lease | None:
+        row = self._db.execute(f"SELECT {_COLUMNS} FROM leases WHERE id = ?", (lease_id,)).fetchone()
+        return _lease(row) if row else None
+
+    def ended_leases(self) -> Iterator[Lease]:
+        cursor = self._db.execute(f"SELECT {_COLUMNS} FROM leases WHERE state = 'ended' ORDER BY ended_at DESC")
+        return (_lease(r) for r in cursor)
+
+    def events(self, since: int, limit: int) -> list[Event]:
+        rows = self._db.execute(
+            "SELECT seq, at, kind, lease_id, pool, tenant, reason, details FROM events WHERE seq > ? ORDER BY seq LIMIT ?",
+            (since, limit),
+        )
+        return [Event(*row[:7], json.loads(row[7]) if row[7] else None) for row in rows]
+
+    def ended_counts(self) -> dict[str, int]:
+        rows = self._db.execute("SELECT end_reason, COUNT(*) FROM leases WHERE state = 'ended' GROUP BY end_reason")
+        return {reason: count for reason, count in rows}
+
+    # -- orphan sightings: grace counts from the first sighting, across restarts -----------
+
+    def orphan_sightings(self) -> dict[tuple[str, str], float]:
+        return {(p, n): t for p, n, t in self._db.execute("SELECT pool, name, first_seen FROM orphans")}
+
+    def record_orphans(self, seen: Iterable[tuple[str, str, float]], gone: Iterable[tuple[str, str]]) -> None:
+        with self._transaction() as db:
+            db.executemany("INSERT OR IGNORE INTO orphans (pool, name, first_seen) VALUES (?, ?, ?)", seen)
+            db.executemany("DELETE FROM orphans WHERE pool = ? AND name = ?", gone)

@@ -1,0 +1,189 @@
+"""Shared fixtures: a real daemon process on a real Unix socket, real mounts when root."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+IS_ROOT = os.geteuid() == 0
+needs_root = pytest.mark.skipif(not IS_ROOT, reason="needs root: mounts, chown and other Unix users")
+
+
+def wait_for(condition: Callable[[], Any], timeout: float = 10.0, interval: float = 0.02, what: str = "condition") -> Any:
+    """Poll ``condition`` until it returns something truthy; fail after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        result = condition()
+        if result:
+            return result
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(interval)
+
+
+def toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, str):
+        return json.dumps(value)
+    if isinstance(value, list):
+        return "[" + ", ".join(toml_value(v) for v in value) + "]"
+    raise TypeError(value)
+
+
+def to_toml(config: dict[str, Any]) -> str:
+    lines: list[str] = []
+    for section, body in config.items():
+        if isinstance(body, list):
+            for item in body:
+                lines.append(f"[[{section}]]")
+                lines += [f"{k} = {toml_value(v)}" for k, v in item.items()]
+        else:
+            lines.append(f"[{section}]")
+            lines += [f"{k} = {toml_value(v)}" for k, v in body.items()]
+    return "\n".join(lines) + "\n"
+
+
+class Daemon:
+    """A real ``scratchd serve`` process with its own config, state dir, socket and pools."""
+
+    def __init__(self, root: Path, config: dict[str, Any]) -> None:
+        self.root = root
+        self.state_dir = root / "state"
+        self.socket = str(root / "run" / "scratchd.sock")
+        self.log_path = root / "daemon.log"
+        self.config_path = root / "config.toml"
+        server = {"socket": self.socket, "state_dir": str(self.state_dir), "listen": "", "admins": ["root"]}
+        server.update(config.pop("server", {}))
+        gc = {"interval": "0.2s", "orphan_grace": "10m"}
+        gc.update(config.pop("gc", {}))
+        self.config: dict[str, Any] = {"server": server, "gc": gc, **config}
+        if "pool" not in self.config:
+            pool = root / "pool"
+            pool.mkdir()
+            self.config["pool"] = [{"name": "main", "path": str(pool)}]
+        self.process: subprocess.Popen[bytes] | None = None
+        self.write_config()
+
+    @property
+    def pool_path(self) -> str:
+        return self.config["pool"][0]["path"]
+
+    def write_config(self) -> None:
+        self.config_path.write_text(to_toml(self.config))
+
+    def command(self) -> list[str]:
+        return [sys.executable, "-m", "scratchd", "serve", "--config", str(self.config_path)]
+
+    def start(self, wait_ready: bool = True) -> Daemon:
+        log = open(self.log_path, "ab")
+        self.process = subprocess.Popen(self.command(), stdout=log, stderr=subprocess.STDOUT,
+                                        stdin=subprocess.DEVNULL)
+        log.close()
+        if wait_ready:
+            wait_for(self._ready_or_dead, timeout=20, what=f"daemon ready (log: {self.log_path})")
+            if self.process.poll() is not None:
+                raise AssertionError(f"daemon exited {self.process.returncode}:\n{self.log()}")
+        return self
+
+    def _ready_or_dead(self) -> bool:
+        if self.process is None or self.process.poll() is not None:
+            return True
+        try:
+            with self.client() as client:
+                return client.get("/healthz").status_code == 200
+        except httpx.TransportError:
+            return False
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def client(self, **kwargs: Any) -> httpx.Client:
+        transport = httpx.HTTPTransport(uds=self.socket)
+        return httpx.Client(transport=transport, base_url="http://scratchd", timeout=10, **kwargs)
+
+    def request(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
+        with self.client() as client:
+            return client.request(method, path, **kwargs)
+
+    def lease(self, **body: Any) -> dict[str, Any]:
+        response = self.request("POST", "/v1/leases", json=body)
+        assert response.status_code == 201, response.text
+        return response.json()
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 15) -> int:
+        assert self.process is not None
+        if self.process.poll() is None:
+            self.process.send_signal(sig)
+        try:
+            return self.process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            raise AssertionError(f"daemon did not stop on {sig}:\n{self.log()}") from None
+
+    def kill(self) -> None:
+        self.stop(signal.SIGKILL)
+
+    def restart(self) -> Daemon:
+        if self.process is not None and self.process.poll() is None:
+            self.stop()
+        return self.start()
+
+
+@pytest.fixture
+def make_daemon(tmp_path: Path) -> Iterator[Callable[..., Daemon]]:
+    started: list[Daemon] = []
+    counter = iter(range(100))
+
+    def make(start: bool = True, **config: Any) -> Daemon:
+        root = tmp_path / f"d{next(counter)}"
+        root.mkdir()
+        daemon = Daemon(root, config)
+        started.append(daemon)
+        return daemon.start() if start else daemon
+
+    yield make
+    for daemon in started:
+        if daemon.process is not None and daemon.process.poll() is None:
+            with contextlib.suppress(AssertionError):
+                daemon.stop()
+
+
+@pytest.fixture
+def daemon(make_daemon: Callable[..., Daemon]) -> Daemon:
+    return make_daemon()
+
+
+@contextlib.contextmanager
+def tmpfs(path: Path, size: str = "16m", options: str = "") -> Iterator[Path]:
+    """A real tmpfs mounted at ``path`` for the duration (root only)."""
+    path.mkdir(parents=True, exist_ok=True)
+    opts = f"size={size}" + (f",{options}" if options else "")
+    subprocess.run(["mount", "-t", "tmpfs", "-o", opts, "tmpfs", str(path)], check=True)
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", "-l", str(path)], check=False)
+
+
+@contextlib.contextmanager
+def bind_mount(source: Path, target: Path) -> Iterator[Path]:
+    target.mkdir(parents=True, exist_ok=True)
+    subprocess.run(["mount", "--bind", str(source), str(target)], check=True)
+    try:
+        yield target
+    finally:
+        subprocess.run(["umount", "-l", str(target)], check=False)

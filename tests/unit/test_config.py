@@ -1,0 +1,40 @@
+import pytest
+
+from scratchd.config import ConfigError, parse_config
+
+
+def test_defaults_and_units(tmp_path):
+    config = parse_config({"limits": {"default_ttl": "15m", "max_ttl": "2d"},
+                           "pool": [{"name": "p", "path": str(tmp_path), "reserve": "10%"}],
+                           "tenant": [{"name": "ci", "max_bytes": "200G", "max_ttl": "1d", "max_leases": 5}]})
+    assert config.limits.default_ttl == 900 and config.limits.max_ttl == 172800
+    assert config.gc.interval == 5 and config.gc.orphan_grace == 600
+    assert config.pool[0].reserve_bytes(1000) == 100
+    assert config.tenant_limits("ci").max_bytes == 200 << 30
+    assert config.tenant_limits("nobody") is None
+    assert config.server.listen_address is None
+
+
+def test_reserve_in_bytes(tmp_path):
+    pool = parse_config({"pool": [{"name": "p", "path": str(tmp_path), "reserve": "1G"}]}).pool[0]
+    assert pool.reserve_bytes(10 << 30) == 1 << 30
+
+
+@pytest.mark.parametrize("data, key", [
+    ({"server": {"listen": "nohost"}}, "server.listen"),
+    ({"server": {"socket_mode": "rw"}}, "server.socket_mode"),
+    ({"server": {"anonymous": "everyone"}}, "server.anonymous"),
+    ({"limits": {"default_ttl": "60 parsecs"}}, "limits.default_ttl"),
+    ({"gc": {"interval": "0s"}}, "gc.interval"),
+    ({"tenant": [{"name": "a", "max_leases": "5"}]}, "tenant[0].max_leases"),
+    ({"token": [{"name": "t", "sha256": "abc", "role": "viewer"}]}, "token[0].sha256"),
+    ({"token": [{"name": "t", "sha256": "a" * 64, "role": "tenant"}]}, "token[0]"),
+    ({"token": [{"name": "t", "sha256": "a" * 64, "role": "king"}]}, "token[0].role"),
+    ({"pool": [{"name": "p", "path": "relative"}]}, "pool[0].path"),
+    ({"pool": [{"name": "../p", "path": "/"}]}, "pool[0].name"),
+    ({"surprise": {}}, "surprise"),
+])
+def test_errors_name_the_key(data, key):
+    with pytest.raises(ConfigError) as excinfo:
+        parse_config(data)
+    assert str(excinfo.value).startswith(key), str(excinfo.value)

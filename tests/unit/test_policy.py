@@ -1,0 +1,81 @@
+"""Reclaim decisions: signals -> thresholds -> ranking, all pure."""
+
+from scratchd.lease import EndReason, Lease, Usage
+from scratchd.pools import PoolState, PoolStatus
+from scratchd.reclaim.policy import decide, evictions, lease_ending
+
+
+def lease(id="l", pool="p", created=0.0, expires=1000.0, **kw) -> Lease:
+    return Lease(id=id, path=f"/{pool}/{id}", pool=pool, tenant="t", uid=1, gid=1, created_at=created,
+                 expires_at=expires, ttl_seconds=1000, **kw)
+
+
+def pool(name="p", state=PoolState.OK, free=100, reserve=0) -> PoolStatus:
+    return PoolStatus(name=name, path=f"/{name}", mount_point="/", fstype="tmpfs", device="0:1", mount_id=1,
+                      state=state, capacity_bytes=1000, free_bytes=free, reserve_bytes=reserve, labels=(),
+                      reason=None)
+
+
+def test_nothing_due():
+    assert lease_ending(lease(), pool(), now=10) is None
+
+
+def test_expired_at_exactly_expiry():
+    assert lease_ending(lease(expires=10), pool(), now=10).reason is EndReason.EXPIRED
+    assert lease_ending(lease(expires=10), pool(), now=9.99) is None
+
+
+def test_idle_counts_from_last_activity_or_creation():
+    assert lease_ending(lease(idle_timeout_seconds=5), pool(), now=5).reason is EndReason.IDLE
+    assert lease_ending(lease(idle_timeout_seconds=5, last_activity_at=3), pool(), now=7) is None
+    assert lease_ending(lease(idle_timeout_seconds=5, last_activity_at=3), pool(), now=8).reason is EndReason.IDLE
+
+
+def test_over_quota_only_above_the_limit():
+    at_limit = lease(max_bytes=100, usage=Usage(bytes=100, files=1, measured_at=1))
+    over = lease(max_bytes=100, usage=Usage(bytes=101, files=1, measured_at=1))
+    assert lease_ending(at_limit, pool(), now=1) is None
+    ending = lease_ending(over, pool(), now=1)
+    assert ending.reason is EndReason.OVER_QUOTA and ending.details == {"bytes": 101, "max_bytes": 100}
+
+
+def test_pool_lost_wins_and_dropped_pool_lives_on():
+    gone = pool(state=PoolState.UNAVAILABLE)
+    assert lease_ending(lease(expires=0), gone, now=10).reason is EndReason.POOL_LOST
+    assert lease_ending(lease(), None, now=10) is None
+    assert lease_ending(lease(), pool(state=PoolState.FULL), now=10) is None
+    assert lease_ending(lease(), pool(state=PoolState.READ_ONLY), now=10) is None
+
+
+def test_eviction_least_recently_active_first_and_only_as_many_as_needed():
+    leases = [
+        lease("old", evictable=True, last_activity_at=1, usage=Usage(30, 1, 1)),
+        lease("mid", evictable=True, last_activity_at=2, usage=Usage(30, 1, 1)),
+        lease("new", evictable=True, last_activity_at=3, usage=Usage(30, 1, 1)),
+        lease("pinned", evictable=False, last_activity_at=0, usage=Usage(500, 1, 1)),
+        lease("elsewhere", pool="q", evictable=True, last_activity_at=0, usage=Usage(500, 1, 1)),
+    ]
+    chosen = evictions(pool(free=50, reserve=100), leases)
+    assert [e.lease_id for e in chosen] == ["old", "mid"]
+    assert all(e.reason is EndReason.EVICTED for e in chosen)
+
+
+def test_no_eviction_above_reserve_or_without_evictable_leases():
+    assert evictions(pool(free=100, reserve=100), [lease(evictable=True)]) == []
+    assert evictions(pool(free=0, reserve=100), [lease(evictable=False)]) == []
+    assert evictions(pool(free=0, reserve=100, state=PoolState.UNAVAILABLE), [lease(evictable=True)]) == []
+
+
+def test_eviction_takes_all_evictable_if_still_short():
+    leases = [lease(f"l{i}", evictable=True, last_activity_at=i, usage=Usage(1, 1, 1)) for i in range(3)]
+    assert len(evictions(pool(free=0, reserve=100), leases)) == 3
+
+
+def test_decide_gives_one_reason_per_lease_and_counts_freed_bytes():
+    leases = [
+        lease("expired", expires=5, evictable=True, usage=Usage(60, 1, 1)),
+        lease("a", evictable=True, last_activity_at=1, usage=Usage(60, 1, 1)),
+        lease("b", evictable=True, last_activity_at=2, usage=Usage(60, 1, 1)),
+    ]
+    endings = decide(leases, {"p": pool(free=0, reserve=100)}, now=10)
+    assert [(e.lease_id, e.reason) for e in endings] == [("expired", EndReason.EXPIRED), ("a", EndReason.EVICTED)]
