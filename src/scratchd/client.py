@@ -1,0 +1,422 @@
+"""A Python client for the scratchd API (SPEC §5), over the Unix socket or TCP.
+
+``scratchd run`` imports this on every CI job, so it uses the standard library
+only, and not ``http.client``: that costs ~25 ms to import (its email parser),
+the whole start-up budget of ``scratchd run``. The daemon speaks plain HTTP/1.1
+with JSON bodies, which the few lines of ``_Connection`` cover.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import socket
+from collections.abc import Callable, Iterator, Mapping
+
+__all__ = ["Client", "DaemonUnreachable", "Lease", "Renewer", "ScratchdError", "lease"]
+
+_USER_AGENT = "scratchd-client"
+_MAX_HEADERS = 100
+_MAX_LINE = 65536
+
+
+class ScratchdError(Exception):
+    """The daemon refused a request: ``code`` and ``message`` come from its error body."""
+
+    def __init__(self, status: int, code: str, message: str, details: object = None) -> None:
+        super().__init__(f"{code}: {message}")
+        self.status = status
+        self.code = code
+        self.message = message
+        self.details = details
+
+
+class DaemonUnreachable(ScratchdError):
+    """No answer from the daemon at ``address``: not running, wrong socket or URL, or it hung up."""
+
+    def __init__(self, address: str, reason: str) -> None:
+        super().__init__(0, "unreachable", f"cannot reach scratchd at {address}: {reason}")
+        self.address = address
+
+
+class _Connection:
+    """One HTTP/1.1 keep-alive connection: requests out, ``(status, body)`` back."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.reader = sock.makefile("rb")
+        self.reused = False
+
+    def close(self) -> None:
+        self.reader.close()
+        self.sock.close()
+
+    def receive(self, method: str) -> tuple[int, bytes, bool]:
+        """Read one answer: its status, its body and whether the connection stays usable."""
+        status, headers = self._read_head()
+        if "chunked" in headers.get("transfer-encoding", "").lower():
+            body = self._read_chunked()
+        elif "content-length" in headers:
+            length = int(headers["content-length"])
+            body = self.reader.read(length)
+            if len(body) < length:
+                raise ConnectionResetError("connection closed in the middle of an answer")
+        elif status in (204, 304) or method == "HEAD":
+            body = b""
+        else:
+            return status, self.reader.read(), False
+        self.reused = True
+        return status, body, headers.get("connection", "").lower() != "close"
+
+    def _read_head(self) -> tuple[int, dict[str, str]]:
+        while True:
+            line = self.reader.readline(_MAX_LINE)
+            if not line:
+                # What a keep-alive connection the daemon closed looks like.
+                raise ConnectionResetError("connection closed before an answer")
+            version, status_text = line.split(None, 2)[:2]
+            if not version.startswith(b"HTTP/1."):
+                raise ValueError(f"not an HTTP answer: {line[:80]!r}")
+            status = int(status_text)
+            headers: dict[str, str] = {}
+            for _ in range(_MAX_HEADERS):
+                line = self.reader.readline(_MAX_LINE)
+                if line in (b"\r\n", b"\n", b""):
+                    break
+                name, _, value = line.decode("latin-1").partition(":")
+                headers[name.strip().lower()] = value.strip()
+            else:
+                raise ValueError("too many headers")
+            if status >= 200:  # 1xx answers are interim: the real one follows
+                return status, headers
+
+    def _read_chunked(self) -> bytes:
+        chunks = []
+        while True:
+            size = int(self.reader.readline(_MAX_LINE).split(b";")[0], 16)
+            if size == 0:
+                while self.reader.readline(_MAX_LINE) not in (b"\r\n", b"\n", b""):
+                    pass  # trailers
+                return b"".join(chunks)
+            chunk = self.reader.read(size)
+            if len(chunk) < size:
+                raise ConnectionResetError("connection closed in the middle of an answer")
+            chunks.append(chunk)
+            self.reader.readline(_MAX_LINE)
+
+
+_UNRESERVED = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-._~")
+
+
+def _quote(value: str) -> str:
+    """Percent-encode ``value`` for a path segment or query value (urllib.parse costs ~3 ms)."""
+    return "".join(chr(byte) if byte in _UNRESERVED else f"%{byte:02X}" for byte in value.encode())
+
+
+def _with_query(path: str, params: Mapping[str, object]) -> str:
+    query = "&".join(f"{name}={_quote(str(value))}" for name, value in params.items() if value is not None)
+    return f"{path}?{query}" if query else path
+
+
+class Client:
+    """Talks to one scratchd daemon, keeping one connection open across requests.
+
+    Where: ``socket`` > ``url`` > ``$SCRATCHD_SOCKET`` > ``$SCRATCHD_URL`` (with
+    ``$SCRATCHD_TOKEN``) > the default socket path. Methods return the API's JSON
+    bodies as dicts. Not thread-safe: one client per thread, except that a
+    ``Renewer`` borrows its owner's client while the owner waits.
+    """
+
+    def __init__(
+        self,
+        socket: str | None = None,
+        url: str | None = None,
+        token: str | None = None,
+        timeout: float = 30,
+    ) -> None:
+        if socket is None and url is None:
+            socket = os.environ.get("SCRATCHD_SOCKET") or None
+            url = None if socket else os.environ.get("SCRATCHD_URL") or None
+        if socket is None and url is None:
+            from scratchd.paths import default_socket_path  # pathlib: only when needed
+
+            socket = default_socket_path()
+        self.timeout = timeout
+        self._connection: _Connection | None = None
+        self._socket_path = socket
+        headers = f"User-Agent: {_USER_AGENT}\r\nAccept: application/json\r\n"
+        if socket is not None:
+            self.address = socket
+            self._hostname, self._port, self._tls, self._prefix = "", 0, False, ""
+            headers += "Host: localhost\r\n"
+        else:
+            self.address = url or ""
+            self._hostname, self._port, self._tls, self._prefix = _parse_url(self.address)
+            host = f"[{self._hostname}]" if ":" in self._hostname else self._hostname  # IPv6
+            headers += f"Host: {host}:{self._port}\r\n"
+            token = token if token is not None else os.environ.get("SCRATCHD_TOKEN")
+            if token:
+                headers += f"Authorization: Bearer {token}\r\n"
+        self._headers = headers
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        if self._connection is not None:
+            self._connection.close()
+            self._connection = None
+
+    # -- API --------------------------------------------------------------
+
+    def create_lease(self, **fields: object) -> dict:
+        """``POST /v1/leases`` with LeaseRequest ``fields`` (near, pool, ttl_seconds, pid, …)."""
+        return self.request("POST", "/v1/leases", fields)
+
+    def get_lease(self, lease_id: str) -> dict:
+        return self.request("GET", f"/v1/leases/{_quote(lease_id)}")
+
+    def list_leases(
+        self,
+        state: str | None = None,
+        pool: str | None = None,
+        tenant: str | None = None,
+        label: str | None = None,
+    ) -> dict:
+        """``{"leases": [...]}``; ``state`` is active (the daemon's default), ended or all; ``label`` is ``k=v``."""
+        params = {"state": state, "pool": pool, "tenant": tenant, "label": label}
+        return self.request("GET", _with_query("/v1/leases", params))
+
+    def renew(self, lease_id: str, ttl_seconds: int | None = None) -> dict:
+        body = {} if ttl_seconds is None else {"ttl_seconds": ttl_seconds}
+        # Renewing twice is harmless, so a renew may be re-sent on a dropped connection.
+        return self.request("POST", f"/v1/leases/{_quote(lease_id)}/renew", body, idempotent=True)
+
+    def release(self, lease_id: str) -> dict:
+        return self.request("DELETE", f"/v1/leases/{_quote(lease_id)}")
+
+    def pools(self) -> dict:
+        return self.request("GET", "/v1/pools")
+
+    def usage(self) -> dict:
+        return self.request("GET", "/v1/usage")
+
+    def events(self, since: int | None = None, limit: int | None = None) -> dict:
+        """``{"events": [...]}`` after ``since`` (exclusive): poll with the last ``seq`` seen."""
+        return self.request("GET", _with_query("/v1/events", {"since": since, "limit": limit}))
+
+    def health(self) -> dict:
+        return self.request("GET", "/healthz")
+
+    # -- transport ----------------------------------------------------------
+
+    def request(self, method: str, path: str, body: object = None, *, idempotent: bool | None = None) -> dict:
+        """Send one request and decode the answer; non-2xx answers raise ``ScratchdError``.
+
+        A kept-alive connection the daemon has closed is replaced once, when the
+        request did not get through or is safe to repeat.
+        """
+        head = f"{method} {self._prefix}{path} HTTP/1.1\r\n{self._headers}"
+        if body is None:
+            request = f"{head}\r\n".encode()
+        else:
+            payload = json.dumps(body).encode()
+            request = f"{head}Content-Type: application/json\r\nContent-Length: {len(payload)}\r\n\r\n".encode() + payload
+        if idempotent is None:
+            idempotent = method in ("GET", "HEAD", "PUT", "DELETE")
+        while True:
+            connection = self._connection or self._connect()
+            sent = False
+            try:
+                connection.sock.sendall(request)
+                sent = True
+                status, content, keep_alive = connection.receive(method)
+            except (OSError, ValueError) as error:
+                self.close()
+                if connection.reused and isinstance(error, ConnectionError) and (idempotent or not sent):
+                    continue  # a fresh connection is not `reused`: this retries once
+                raise DaemonUnreachable(self.address, _reason(error)) from error
+            if not keep_alive:
+                self.close()
+            return _decode(status, content)
+
+    def _connect(self) -> _Connection:
+        try:
+            if self._socket_path is not None:
+                sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+                try:
+                    sock.settimeout(self.timeout)
+                    sock.connect(self._socket_path)
+                except BaseException:
+                    sock.close()
+                    raise
+            else:
+                sock = socket.create_connection((self._hostname, self._port), self.timeout)
+                if self._tls:
+                    import ssl
+
+                    sock = ssl.create_default_context().wrap_socket(sock, server_hostname=self._hostname)
+        except OSError as error:
+            raise DaemonUnreachable(self.address, _reason(error)) from error
+        self._connection = _Connection(sock)
+        return self._connection
+
+
+def _parse_url(url: str) -> tuple[str, int, bool, str]:
+    """``(host, port, TLS, path prefix)`` of an ``http(s)://host[:port][/prefix]`` URL."""
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError(f"not a daemon URL: {url!r} (use http://HOST:PORT)")
+    port = parts.port or (443 if parts.scheme == "https" else 80)
+    return parts.hostname, port, parts.scheme == "https", parts.path.rstrip("/")
+
+
+def _reason(error: BaseException) -> str:
+    if isinstance(error, TimeoutError):
+        return "no answer in time"
+    if isinstance(error, OSError) and error.strerror:
+        return error.strerror
+    return str(error) or type(error).__name__
+
+
+def _decode(status: int, content: bytes) -> dict:
+    try:
+        data = json.loads(content) if content else {}
+    except ValueError:
+        data = None
+    if 200 <= status < 300:
+        if data is None:
+            raise ScratchdError(status, "invalid_response", "the daemon answered something that is not JSON")
+        return data
+    error = data.get("error") if isinstance(data, dict) else None
+    if not isinstance(error, dict):
+        text = content[:200].decode("utf-8", "replace").strip()
+        raise ScratchdError(status, f"http_{status}", text or f"HTTP status {status}")
+    raise ScratchdError(
+        status,
+        str(error.get("code") or f"http_{status}"),
+        str(error.get("message") or ""),
+        error.get("details"),
+    )
+
+
+class Renewer:
+    """Renews a lease every third of its TTL from a background thread, while in a ``with`` block.
+
+    It borrows the owner's ``Client``: the owner must not use it until the block
+    ends. Failures go to ``on_error``; after one, it tries again sooner.
+    """
+
+    def __init__(
+        self,
+        client: Client,
+        lease_id: str,
+        ttl_seconds: float,
+        on_error: Callable[[ScratchdError], None] | None = None,
+    ) -> None:
+        import threading
+
+        self._client = client
+        self._lease_id = lease_id
+        self._ttl = int(ttl_seconds)
+        self._on_error = on_error
+        self._stopped = threading.Event()
+        self._thread = threading.Thread(target=self._run, name=f"scratchd-renew-{lease_id}", daemon=True)
+
+    def __enter__(self) -> Renewer:
+        import signal
+
+        # Signals belong to the main thread: start this one with them blocked, so that
+        # a blocking call there (os.waitpid in `scratchd run`) is what they interrupt.
+        mask = signal.pthread_sigmask(signal.SIG_BLOCK, signal.valid_signals())
+        try:
+            self._thread.start()
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self._stopped.set()
+        self._thread.join()
+
+    def _run(self) -> None:
+        interval = self._ttl / 3
+        delay = interval
+        while not self._stopped.wait(delay):
+            try:
+                self._client.renew(self._lease_id, self._ttl)
+            except ScratchdError as error:
+                if self._on_error is not None:
+                    self._on_error(error)
+                if error.code in ("lease_ended", "lease_not_found"):
+                    return
+                delay = min(interval, 5.0)
+            else:
+                delay = interval
+
+
+class Lease:
+    """A lease as the daemon described it (``data``); ``os.fspath(lease)`` is its directory."""
+
+    __slots__ = ("data",)
+
+    def __init__(self, data: dict) -> None:
+        self.data = data
+
+    @property
+    def id(self) -> str:
+        return self.data["id"]
+
+    @property
+    def path(self) -> str:
+        return self.data["path"]
+
+    def __fspath__(self) -> str:
+        return self.path
+
+    def __repr__(self) -> str:
+        return f"Lease(id={self.id!r}, path={self.path!r})"
+
+
+@contextlib.contextmanager
+def lease(
+    near: str | None = ".",
+    ttl_seconds: int | None = None,
+    *,
+    client: Client | None = None,
+    **fields: object,
+) -> Iterator[Lease]:
+    """Hold a lease for a ``with`` block: renewed while it runs, released when it ends, even on errors.
+
+    ``near`` defaults to the current directory, as the CLI does: the cache lands
+    on the mount the build runs from when a pool is there. Other ``fields`` are
+    the API's LeaseRequest fields (pool, placement, max_bytes, labels, …).
+    """
+    own_client = client is None
+    active = client if client is not None else Client()
+    if near is not None:
+        fields["near"] = os.path.abspath(near)
+    if ttl_seconds is not None:
+        fields["ttl_seconds"] = ttl_seconds
+    try:
+        data = active.create_lease(**fields)
+        try:
+            with Renewer(active, data["id"], data["ttl_seconds"], on_error=_warn):
+                yield Lease(data)
+        finally:
+            active.release(data["id"])
+    finally:
+        if own_client:
+            active.close()
+
+
+def _warn(error: ScratchdError) -> None:
+    import warnings
+
+    warnings.warn(f"scratchd: renewing the lease failed: {error}", RuntimeWarning, stacklevel=2)
