@@ -1,0 +1,574 @@
+"""The ``scratchd`` command line (SPEC §6).
+
+``scratchd run`` starts on every CI job, so the module level imports only the
+standard library; the server, ``rich`` (tables for people) and whatever a single
+command needs are imported inside the functions that use them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Iterable, Mapping, Sequence
+
+from scratchd.client import Client, DaemonUnreachable, Renewer, ScratchdError
+from scratchd.units import UnitError, format_duration, format_size, parse_duration, parse_size
+
+EXIT_OK = 0
+EXIT_REFUSED = 1  # the daemon said no
+EXIT_USAGE = 2
+EXIT_UNREACHABLE = 3
+
+PLACEMENTS = ("prefer-same-filesystem", "same-filesystem", "any")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command == "serve":
+        from scratchd.server import serve
+
+        return serve(args.config)
+    if args.command == "run" and args.list_tools:
+        print(_tools_table())
+        return EXIT_OK
+    try:
+        client = Client(socket=args.socket, url=args.url)
+    except ValueError as error:
+        parser.error(str(error))
+    try:
+        return args.handler(args, client)
+    except UsageError as error:
+        parser.error(str(error))
+    except DaemonUnreachable as error:
+        _say(error.message)
+        return EXIT_UNREACHABLE
+    except ScratchdError as error:
+        _say(f"{error.code}: {error.message}")
+        return EXIT_REFUSED
+    except OSError as error:  # preparing the lease's directories
+        _say(str(error))
+        return EXIT_REFUSED
+    except KeyboardInterrupt:
+        return 130
+    finally:
+        client.close()
+
+
+class UsageError(Exception):
+    """Bad command-line input found after parsing; exits 2 like argparse's own errors."""
+
+
+# -- parsing -------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="scratchd",
+        description="Lease scratch directories on the right filesystem from the scratchd daemon.",
+    )
+    _add_where(parser, default=None)
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    # The same --socket/--url after the command; SUPPRESS keeps a value given before it.
+    where = argparse.ArgumentParser(add_help=False)
+    _add_where(where, default=argparse.SUPPRESS)
+
+    serve = commands.add_parser("serve", help="run the daemon")
+    serve.add_argument("--config", metavar="PATH", help="TOML config (default: the embedded one)")
+
+    placement = argparse.ArgumentParser(add_help=False)
+    placement.add_argument("--near", metavar="P", help="place on P's mount (default: the current directory)")
+    placement.add_argument("--pool", metavar="N", help="only this pool")
+    placement.add_argument("--placement", metavar="M", choices=PLACEMENTS, help=" | ".join(PLACEMENTS))
+    placement.add_argument("--ttl", metavar="D", type=_duration, help="lifetime unless renewed: 90s, 15m, 2h, 7d")
+    placement.add_argument("--idle", metavar="D", type=_duration, help="end after D without a write")
+    placement.add_argument("--max-size", metavar="S", type=_size, help="end when bigger than S: 512M, 10G")
+    placement.add_argument("--expect", metavar="S", type=_size, help="space the job will need")
+    placement.add_argument("--evictable", action="store_true", help="may be reclaimed under disk pressure")
+    placement.add_argument("--label", metavar="K=V", type=_label, action="append", help="repeatable")
+    placement.add_argument("--tool", metavar="T", type=_tool, action="append", help="tool preset, repeatable")
+
+    lease = commands.add_parser("lease", parents=[where, placement], help="take a lease, print its path")
+    lease.add_argument("--pid", metavar="N", type=int, help="end the lease when process N exits")
+    output = lease.add_mutually_exclusive_group()
+    output.add_argument("--json", action="store_true", help="print the API's JSON")
+    output.add_argument("--shell", action="store_true", help="print export lines for eval")
+    lease.set_defaults(handler=cmd_lease)
+
+    run = commands.add_parser(
+        "run",
+        parents=[where, placement],
+        help="run a command in a lease",
+        description="Run CMD with a lease bound to this process: renewed while CMD runs, released after.",
+    )
+    run.add_argument(
+        "--env", metavar="VAR[=SUBDIR]", type=_env, action="append", help="set VAR to the lease (or a subdirectory)"
+    )
+    run.add_argument("--list-tools", action="store_true", help="print the tool presets and exit")
+    run.add_argument("-v", "--verbose", action="store_true", help="say what is set and what is left alone")
+    run.add_argument("cmd", nargs=argparse.REMAINDER, metavar="-- CMD…")
+    run.set_defaults(handler=cmd_run)
+
+    renew = commands.add_parser("renew", parents=[where], help="extend a lease")
+    renew.add_argument("id")
+    renew.add_argument("--ttl", metavar="D", type=_duration, help="new lifetime from now (default: its own TTL)")
+    renew.set_defaults(handler=cmd_renew)
+
+    release = commands.add_parser("release", parents=[where], help="end a lease and delete its directory")
+    release.add_argument("id")
+    release.set_defaults(handler=cmd_release)
+
+    ls = commands.add_parser("ls", parents=[where], help="list leases")
+    ls.add_argument("--all", action="store_true", help="ended leases too")
+    ls.add_argument("--json", action="store_true")
+    ls.set_defaults(handler=cmd_ls)
+
+    show = commands.add_parser("show", parents=[where], help="describe one lease")
+    show.add_argument("id")
+    show.add_argument("--json", action="store_true")
+    show.set_defaults(handler=cmd_show)
+
+    pools = commands.add_parser("pools", parents=[where], help="list pools and their space")
+    pools.add_argument("--json", action="store_true")
+    pools.set_defaults(handler=cmd_pools)
+
+    usage = commands.add_parser("usage", parents=[where], help="space by pool and tenant, largest leases")
+    usage.add_argument("--json", action="store_true")
+    usage.set_defaults(handler=cmd_usage)
+
+    events = commands.add_parser("events", parents=[where], help="what happened, oldest first")
+    events.add_argument("--follow", "-f", action="store_true", help="keep polling every second")
+    events.add_argument("--since", metavar="N", type=int, help="only events after sequence number N")
+    events.add_argument("--json", action="store_true", help="JSON (one event per line with --follow)")
+    events.set_defaults(handler=cmd_events)
+    return parser
+
+
+def _add_where(parser: argparse.ArgumentParser, default: object) -> None:
+    parser.add_argument("--socket", metavar="PATH", default=default, help="daemon socket ($SCRATCHD_SOCKET)")
+    parser.add_argument(
+        "--url", metavar="URL", default=default, help="daemon over TCP ($SCRATCHD_URL, token in $SCRATCHD_TOKEN)"
+    )
+
+
+def _duration(text: str) -> int:
+    """Whole seconds, rounded up: the API takes integers, and ``1.5s`` must not shrink."""
+    try:
+        seconds = parse_duration(text)
+    except UnitError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+    return int(-(-seconds // 1))
+
+
+def _size(text: str) -> int:
+    try:
+        return parse_size(text)
+    except UnitError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+
+
+def _label(text: str) -> tuple[str, str]:
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    return key, value
+
+
+def _tool(name: str) -> str:
+    from scratchd.presets import PRESETS, UnknownTool
+
+    if name not in PRESETS:
+        raise argparse.ArgumentTypeError(str(UnknownTool(name)))
+    return name
+
+
+def _env(text: str) -> tuple[str, str]:
+    """``VAR`` or ``VAR=SUBDIR``; SUBDIR stays inside the lease."""
+    var, _, subdir = text.partition("=")
+    if not var.isidentifier():
+        raise argparse.ArgumentTypeError(f"not a variable name: {var!r}")
+    if subdir.startswith("/") or ".." in subdir.split("/"):
+        raise argparse.ArgumentTypeError(f"SUBDIR must stay inside the lease: {subdir!r}")
+    return var, subdir.strip("/")
+
+
+def _lease_request(args: argparse.Namespace) -> dict[str, object]:
+    """LeaseRequest fields from the options given; the daemon's defaults for the rest."""
+    fields = {
+        "near": os.path.abspath(args.near) if args.near else _cwd(),
+        "pool": args.pool,
+        "placement": args.placement,
+        "ttl_seconds": args.ttl,
+        "idle_timeout_seconds": args.idle,
+        "max_bytes": args.max_size,
+        "expected_bytes": args.expect,
+        "evictable": args.evictable or None,
+        "labels": dict(args.label) if args.label else None,
+    }
+    return {name: value for name, value in fields.items() if value is not None}
+
+
+def _cwd() -> str | None:
+    """The current directory, or None (no ``near``) if it was deleted under us."""
+    try:
+        return os.getcwd()
+    except FileNotFoundError:
+        return None
+
+
+# -- lease, run ----------------------------------------------------------------
+
+
+def cmd_lease(args: argparse.Namespace, client: Client) -> int:
+    fields = _lease_request(args)
+    if args.pid is not None:
+        fields["pid"] = args.pid
+    lease = client.create_lease(**fields)
+    try:
+        env = _lease_env(lease, args.tool or (), (), verbose=False)
+    except OSError:
+        client.release(lease["id"])
+        raise
+    if args.json:
+        _print_json(lease)
+    elif args.shell:
+        import shlex
+
+        for name, value in env.items():
+            print(f"export {name}={shlex.quote(value)}")
+    else:
+        print(lease["path"])
+    return EXIT_OK
+
+
+def cmd_run(args: argparse.Namespace, client: Client) -> int:
+    command = args.cmd[1:] if args.cmd[:1] == ["--"] else args.cmd
+    if not command:
+        raise UsageError("run needs a command: scratchd run [OPTIONS] -- CMD [ARGS…]")
+    lease = client.create_lease(**_lease_request(args), pid=os.getpid())
+    try:
+        env = _lease_env(lease, args.tool or (), args.env or (), verbose=args.verbose)
+        with Renewer(client, lease["id"], lease["ttl_seconds"], on_error=_renew_failed):
+            status = _run_child(command, {**os.environ, **env})
+    except BaseException:
+        client.release(lease["id"])
+        raise
+    try:
+        client.release(lease["id"])
+    except ScratchdError as error:
+        # The command ran: its status is the answer. The daemon ends the lease
+        # anyway once this process exits (it is bound to our pid).
+        _say(f"could not release lease {lease['id']}: {error.message}")
+    return status
+
+
+def _lease_env(
+    lease: Mapping[str, object], tools: Sequence[str], extra: Iterable[tuple[str, str]], *, verbose: bool
+) -> dict[str, str]:
+    """SCRATCHD_LEASE_ID/PATH, tool presets and ``--env`` variables, with their directories created."""
+    path = str(lease["path"])
+    env = {"SCRATCHD_LEASE_ID": str(lease["id"]), "SCRATCHD_LEASE_PATH": path}
+    directories = []
+    if tools:
+        from scratchd.presets import preset_env
+
+        same_filesystem = lease.get("same_filesystem")
+        plan = preset_env(tools, path, same_filesystem if isinstance(same_filesystem, bool) else None, os.environ)
+        env.update(plan.env)
+        directories += plan.directories
+        if verbose:
+            for name in plan.skipped:
+                _say(f"{name} is already set ({os.environ[name]!r}): left alone")
+    for var, subdir in extra:
+        env[var] = os.path.join(path, subdir) if subdir else path
+        directories.append(env[var])
+    for directory in directories:
+        os.makedirs(directory, exist_ok=True)
+    if verbose:
+        _say(f"lease {lease['id']} in pool {lease.get('pool')} at {path}")
+        for name, value in env.items():
+            _say(f"  {name}={value}")
+    return env
+
+
+def _run_child(command: Sequence[str], env: Mapping[str, str]) -> int:
+    """Run ``command``, forwarding signals to it; its exit status, 128+N if signal N killed it."""
+    import signal
+
+    forwarded = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT)
+    child = 0
+
+    def forward(signum: int, frame: object) -> None:
+        if child and not _sent_by_terminal(signum):
+            os.kill(child, signum)
+
+    previous = {signum: signal.signal(signum, forward) for signum in forwarded}
+    try:
+        # Blocked until `child` is known, so none is lost in between.
+        mask = signal.pthread_sigmask(signal.SIG_BLOCK, forwarded)
+        try:
+            child = os.posix_spawnp(
+                command[0],
+                list(command),
+                env,
+                setsigmask=mask,
+                # What Python ignores (SIGPIPE, SIGXFSZ) must not stay ignored in the child.
+                setsigdef=(signal.SIGPIPE, signal.SIGXFSZ),
+            )
+        except OSError as error:
+            _say(f"{command[0]}: {error.strerror}")
+            return 127 if isinstance(error, FileNotFoundError) else 126
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+        _, status = os.waitpid(child, 0)
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+    code = os.waitstatus_to_exitcode(status)
+    return 128 - code if code < 0 else code
+
+
+def _sent_by_terminal(signum: int) -> bool:
+    """Whether a Ctrl-C (or Ctrl-\\) from our terminal already reached the child.
+
+    The terminal signals its whole foreground process group, which the child
+    shares with us: forwarding would deliver it twice.
+    """
+    import signal
+
+    if signum not in (signal.SIGINT, signal.SIGQUIT):
+        return False
+    try:
+        tty = os.open("/dev/tty", os.O_RDONLY | os.O_NOCTTY)
+    except OSError:
+        return False
+    try:
+        return os.tcgetpgrp(tty) == os.getpgrp()
+    except OSError:
+        return False
+    finally:
+        os.close(tty)
+
+
+def _renew_failed(error: ScratchdError) -> None:
+    _say(f"renewing the lease failed: {error.message}")
+
+
+def _tools_table() -> str:
+    from scratchd.presets import PRESETS
+
+    rows = [("TOOL", "VARIABLES (under <lease>/<tool>)", "COPY MODE (lease off near's mount)")]
+    for preset in PRESETS.values():
+        variables = [*preset.paths, *(f"{k}={v}" for k, v in preset.fixed.items())]
+        variables += [f"{k}+={v.replace('{dir}', '<dir>')}" for k, v in preset.append.items()]
+        copy_mode = " ".join(f"{k}={v}" for k, v in preset.copy_mode.items()) or "-"
+        rows.append((preset.name, " ".join(variables), copy_mode))
+    return _columns(rows)
+
+
+# -- renew, release, ls, show, pools, usage, events ----------------------------
+
+
+def cmd_renew(args: argparse.Namespace, client: Client) -> int:
+    lease = client.renew(args.id, args.ttl)
+    print(f"{lease['id']} expires {lease['expires_at']} ({_relative(lease['expires_at'])})")
+    return EXIT_OK
+
+
+def cmd_release(args: argparse.Namespace, client: Client) -> int:
+    client.release(args.id)
+    return EXIT_OK
+
+
+def cmd_ls(args: argparse.Namespace, client: Client) -> int:
+    data = client.list_leases(state="all" if args.all else None)
+    if args.json:
+        _print_json(data)
+        return EXIT_OK
+    header = ["ID", "POOL", "TENANT", *(["STATE"] if args.all else []), "USED", "EXPIRES", "LABELS"]
+    rows = []
+    for lease in data["leases"]:
+        active = lease["state"] == "active"
+        row = [lease["id"], lease["pool"], str(lease["tenant"])]
+        if args.all:
+            row.append("active" if active else str(lease["end_reason"]))
+        row += [
+            format_size((lease.get("usage") or {}).get("bytes")),
+            _relative(lease["expires_at"]) if active else "-",
+            _labels(lease.get("labels")),
+        ]
+        rows.append(row)
+    _table(header, rows, fold=["LABELS"])
+    return EXIT_OK
+
+
+def cmd_show(args: argparse.Namespace, client: Client) -> int:
+    lease = client.get_lease(args.id)
+    if args.json:
+        _print_json(lease)
+        return EXIT_OK
+    usage = lease.get("usage") or {}
+    state = lease["state"] if lease["state"] == "active" else f"ended: {lease['end_reason']} {_relative(lease['ended_at'])}"
+    same = {True: "yes", False: "no", None: "unknown (no near)"}[lease.get("same_filesystem")]
+    rows = [
+        ("id", lease["id"]),
+        ("path", lease["path"]),
+        ("state", state),
+        ("pool", f"{lease['pool']} (mount {lease.get('mount_point') or '-'}, same filesystem as near: {same})"),
+        ("tenant", f"{lease['tenant']} (uid {lease.get('uid')})"),
+        ("created", _relative(lease["created_at"])),
+        ("expires", f"{_relative(lease['expires_at'])} (ttl {format_duration(lease.get('ttl_seconds'))})"),
+        ("idle timeout", format_duration(lease.get("idle_timeout_seconds"))),
+        ("last activity", _relative(lease.get("last_activity_at"))),
+        ("pid", str(lease["pid"]) if lease.get("pid") is not None else "-"),
+        ("used", f"{format_size(usage.get('bytes'))} in {usage.get('files', '-')} files ({_relative(usage.get('measured_at'))})"),
+        ("max size", format_size(lease.get("max_bytes"))),
+        ("expected", format_size(lease.get("expected_bytes"))),
+        ("evictable", "yes" if lease.get("evictable") else "no"),
+        ("labels", _labels(lease.get("labels"))),
+    ]
+    print(_columns(rows))
+    return EXIT_OK
+
+
+def cmd_pools(args: argparse.Namespace, client: Client) -> int:
+    data = client.pools()
+    if args.json:
+        _print_json(data)
+        return EXIT_OK
+    rows = [
+        [
+            pool["name"],
+            pool["state"],
+            str(pool.get("fstype") or "-"),
+            format_size(pool.get("capacity_bytes")),
+            format_size(pool.get("free_bytes")),
+            format_size(pool.get("leased_bytes")),
+            str(pool.get("active_leases", "-")),
+            pool["path"],
+        ]
+        for pool in data["pools"]
+    ]
+    _table(["POOL", "STATE", "FS", "SIZE", "FREE", "LEASED", "LEASES", "PATH"], rows, fold=["PATH"])
+    return EXIT_OK
+
+
+def cmd_usage(args: argparse.Namespace, client: Client) -> int:
+    data = client.usage()
+    if args.json:
+        _print_json(data)
+        return EXIT_OK
+    _table(
+        ["POOL", "STATE", "SIZE", "FREE", "RESERVE", "RESERVED", "LEASED", "LEASES"],
+        [
+            [
+                pool["name"],
+                pool["state"],
+                format_size(pool.get("capacity_bytes")),
+                format_size(pool.get("free_bytes")),
+                format_size(pool.get("reserve_bytes")),
+                format_size(pool.get("reserved_bytes")),
+                format_size(pool.get("leased_bytes")),
+                str(pool.get("active_leases", "-")),
+            ]
+            for pool in data.get("pools", [])
+        ],
+    )
+    print()
+    _table(
+        ["TENANT", "LEASES", "USED", "RESERVED"],
+        [
+            [str(t["tenant"]), str(t["active_leases"]), format_size(t.get("bytes")), format_size(t.get("reserved_bytes"))]
+            for t in data.get("tenants", [])
+        ],
+    )
+    print()
+    _table(
+        ["LARGEST LEASES", "POOL", "TENANT", "USED"],
+        [
+            [lease["id"], lease["pool"], str(lease["tenant"]), format_size((lease.get("usage") or {}).get("bytes"))]
+            for lease in data.get("largest_leases", [])
+        ],
+    )
+    reclaim = data.get("reclaim") or {}
+    reasons = ", ".join(f"{reason} {count}" for reason, count in (reclaim.get("by_reason") or {}).items())
+    print(
+        f"\nreclaim: {reclaim.get('pending', 0)} pending ({format_size(reclaim.get('pending_bytes', 0))}), "
+        f"{reclaim.get('reclaimed_total', 0)} done ({format_size(reclaim.get('reclaimed_bytes_total', 0))})"
+        + (f": {reasons}" if reasons else "")
+    )
+    return EXIT_OK
+
+
+def cmd_events(args: argparse.Namespace, client: Client) -> int:
+    import time
+
+    since = args.since
+    try:
+        while True:
+            data = client.events(since=since)
+            if args.json and not args.follow:
+                _print_json(data)
+                return EXIT_OK
+            for event in data["events"]:
+                print(json.dumps(event) if args.json else _event_line(event), flush=True)
+                since = event["seq"]
+            if not args.follow:
+                return EXIT_OK
+            time.sleep(1)
+    except KeyboardInterrupt:
+        return EXIT_OK
+
+
+def _event_line(event: Mapping[str, object]) -> str:
+    fields = (event.get("lease_id"), event.get("pool"), event.get("tenant"), event.get("reason"))
+    return f"{event['seq']:>6} {event['at']} {event['kind']:<18} " + " ".join(str(f) for f in fields if f is not None)
+
+
+# -- output --------------------------------------------------------------------
+
+
+def _say(message: str) -> None:
+    print(f"scratchd: {message}", file=sys.stderr)
+
+
+def _print_json(data: object) -> None:
+    """The API's body as it came: one line, like the daemon writes it."""
+    print(json.dumps(data, ensure_ascii=False, separators=(",", ":")))
+
+
+def _table(header: Sequence[str], rows: Iterable[Sequence[str]], fold: Sequence[str] = ()) -> None:
+    """An aligned table for people, as wide as the terminal (80 columns when not a terminal)."""
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(box=None, pad_edge=False, header_style="bold", show_edge=False)
+    for name in header:
+        # Ids and sizes stay whole (people copy them); long free text folds.
+        table.add_column(name, no_wrap=name not in fold, overflow="fold")
+    for row in rows:
+        table.add_row(*row)
+    Console(highlight=False).print(table)
+
+
+def _columns(rows: Sequence[Sequence[str]]) -> str:
+    """Plain aligned columns: for text people copy whole (paths), which a table would fold."""
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]) - 1)]
+    return "\n".join("  ".join([*(cell.ljust(w) for cell, w in zip(row, widths)), row[-1]]) for row in rows)
+
+
+def _labels(labels: object) -> str:
+    return ",".join(f"{k}={v}" for k, v in labels.items()) if isinstance(labels, dict) and labels else "-"
+
+
+def _relative(timestamp: object) -> str:
+    """``in 55m`` or ``5m ago`` for an RFC 3339 time from the API."""
+    if not isinstance(timestamp, str):
+        return "-"
+    import time
+    from datetime import datetime
+
+    seconds = datetime.fromisoformat(timestamp.replace("Z", "+00:00")).timestamp() - time.time()
+    return f"in {format_duration(seconds)}" if seconds >= 0 else f"{format_duration(-seconds)} ago"
