@@ -535,8 +535,8 @@ def _say(message: str) -> None:
 
 
 def _print_json(data: object) -> None:
-    """The API's body as it came: one line, like the daemon writes it."""
-    print(json.dumps(data, ensure_ascii=False, separators=(",", ":")))
+    """The API's body as it came: one line, serialized as the daemon does."""
+    print(json.dumps(data))
 
 
 def _table(header: Sequence[str], rows: Iterable[Sequence[str]], fold: Sequence[str] = ()) -> None:
