@@ -13,14 +13,18 @@ import time
 from collections.abc import Callable
 
 from scratchd.config import Config
+from scratchd.errors import Refused
 from scratchd.lease import EndReason, Lease
 from scratchd.manager import LeaseManager
 from scratchd.mounts import MountTable
-from scratchd.pools import PoolSet, PoolState, PoolStatus, prepare_pool_dir
+from scratchd.pools import PoolSet, PoolState, PoolStatus, list_entries, move_to_trash, prepare_pool_dir
 from scratchd.reclaim import policy
 from scratchd.reclaim.deleter import DeleteResult
+from scratchd.reclaim.procs import PidWatch
 from scratchd.reclaim.trash import Trash, TrashItem
+from scratchd.reclaim.watcher import PoolWatcher
 from scratchd.store import NewEvent, Store, StoreError
+from scratchd.usage import UsageMonitor
 
 log = logging.getLogger("scratchd")
 
@@ -34,19 +38,22 @@ class Daemon:
         self.pools = PoolSet(config.pool)
         self.trash = Trash(self._reclaim_failed)
         self.manager = LeaseManager(config, self.store, self.pools, self.mounts, self._trashed, clock)
+        self.manager.listeners.append(self._lease_changed)
+        self.pids = PidWatch(self._process_exited)
+        self.watcher = PoolWatcher(self._entry_gone)
+        self.usage = UsageMonitor(self, clock)
+        self._watched: set[str] = set()
         self._gc_task: asyncio.Task[None] | None = None
         self.ready = False
 
     # -- lifecycle --------------------------------------------------------------------------
 
     async def start(self) -> None:
+        self.watcher.start()
         self._refresh_pools()
-        for status in self.pools.statuses():
-            if status.state is not PoolState.UNAVAILABLE:
-                prepare_pool_dir(status.path)
-                self.trash.resume(status.name, status.path)
         self._reconcile()
         self.trash.start()
+        self.usage.start()
         self._gc_task = asyncio.get_running_loop().create_task(self._gc_loop(), name="scratchd-gc")
         self.ready = True
 
@@ -58,18 +65,29 @@ class Daemon:
                 await self._gc_task
             except asyncio.CancelledError:
                 pass
+        await self.usage.stop()
         await self.trash.stop()
+        self.pids.close()
+        self.watcher.stop()
         self.mounts.close()
         self.store.close()
 
     def _reconcile(self) -> None:
-        """Records whose directory is gone end as ``directory_removed`` (SPEC §8)."""
+        """Bring records and disk into agreement after whatever happened while we were down.
+
+        A record whose directory is gone ends as ``directory_removed`` (SPEC §8); a
+        bound process that exited (or whose pid now belongs to another process) ends
+        its lease as ``process_exited``. Leases of unavailable pools are left for the
+        GC loop (``pool_lost``); directories without records are left to orphan review.
+        """
         for lease in list(self.manager.active.values()):
             pool = self.pools.get(lease.pool)
             if pool is not None and pool.state is PoolState.UNAVAILABLE:
-                continue  # cannot tell; the GC loop decides (pool_lost) once it looks
+                continue
             if not os.path.lexists(lease.path):
-                self.manager.end(lease, EndReason.DIRECTORY_REMOVED)
+                self.end_lease(lease, EndReason.DIRECTORY_REMOVED)
+            elif lease.pid is not None and not self.pids.bind(lease.id, lease.pid, lease.pid_start_time):
+                self.end_lease(lease, EndReason.PROCESS_EXITED, pid=lease.pid)
 
     # -- the GC loop ------------------------------------------------------------------------
 
@@ -82,14 +100,18 @@ class Daemon:
                 log.exception("gc cycle failed")
 
     def collect(self) -> None:
-        """One GC cycle: look at the pools, end what is due, forget old history."""
+        """One GC cycle: look at the pools, end what is due, review orphans, forget old history."""
         now = self.clock()
         self._refresh_pools()
         pools = {status.name: status for status in self.pools.statuses()}
         for ending in policy.decide(list(self.manager.active.values()), pools, now):
             lease = self.manager.active.get(ending.lease_id)
             if lease is not None:
-                self.end_lease(lease, ending.reason, **ending.details)
+                self._try_end(lease, ending.reason, **ending.details)
+        for lease in list(self.manager.active.values()):
+            if lease.pool not in self._watched:
+                self.lease_directory_gone(lease)
+        self._review_orphans(now)
         try:
             self.store.prune(now - self.config.gc.history_retention)
         except StoreError as exc:
@@ -100,9 +122,31 @@ class Daemon:
         self.trash.by_reason[reason.value] += 1
         return ended
 
+    def _try_end(self, lease: Lease, reason: EndReason, **details: object) -> None:
+        """End a lease from a background decision; if its directory cannot be moved
+        (a read-only pool), it stays active and the next cycle tries again."""
+        try:
+            self.end_lease(lease, reason, **details)
+        except Refused as exc:
+            log.warning("cannot end lease yet", extra={"lease": lease.id, "reason": reason.value,
+                                                        "error": exc.message})
+
     def _refresh_pools(self) -> None:
         changes = self.pools.refresh(self.mounts.current())
         events = [self._pool_event(old, new) for old, new in changes]
+        for _, status in changes:
+            if status.state is PoolState.UNAVAILABLE:
+                self.watcher.unwatch(status.name)
+                self._watched.discard(status.name)
+            elif status.name not in self._watched:
+                try:
+                    prepare_pool_dir(status.path)
+                except OSError as exc:  # a read-only pool serves no new leases anyway
+                    log.warning("cannot prepare pool directory", extra={"pool": status.name,
+                                                                        "error": exc.strerror})
+                self.trash.resume(status.name, status.path)
+                if self.watcher.watch(status.name, status.path):
+                    self._watched.add(status.name)
         if events:
             try:
                 self.store.append_events(events, self.clock())
@@ -114,6 +158,70 @@ class Daemon:
         return NewEvent("pool_state_changed", pool=new.name, reason=new.state.value,
                         details={"from": old.state.value if old else None, "to": new.state.value,
                                  "why": new.reason})
+
+    def _review_orphans(self, now: float) -> None:
+        """Reclaim pool entries without an active lease once ``gc.orphan_grace`` has passed (guarantee 4)."""
+        sightings = self.store.orphan_sightings()
+        seen: list[tuple[str, str, float]] = []
+        cleared: list[tuple[str, str]] = []
+        events: list[NewEvent] = []
+        leased = {lease.id for lease in self.manager.active.values()}
+        for pool in self.pools.statuses():
+            if pool.state in (PoolState.UNAVAILABLE, PoolState.READ_ONLY):
+                continue
+            mine = {name: t for (p, name), t in sightings.items() if p == pool.name}
+            try:
+                entries = list_entries(pool.path)
+            except OSError:
+                continue
+            review = policy.review_orphans(entries, leased, mine, now, self.config.gc.orphan_grace)
+            seen += [(pool.name, name, t) for name, t in review.first_seen.items()]
+            cleared += [(pool.name, name) for name in review.cleared]
+            for name in review.due:
+                try:
+                    trashed = move_to_trash(pool.path, name)
+                except OSError as exc:
+                    log.warning("cannot reclaim orphan", extra={"pool": pool.name, "entry": name,
+                                                                "error": exc.strerror})
+                    continue
+                cleared.append((pool.name, name))
+                if trashed is None:
+                    continue
+                self.trash.add(TrashItem(trashed, pool.name, None, None, 0))
+                log.info("orphan reclaimed", extra={"pool": pool.name, "entry": name})
+                events.append(NewEvent("orphan_reclaimed", pool=pool.name,
+                                       details={"entry": name, "first_seen": mine[name]}))
+        if seen or cleared or events:
+            try:
+                self.store.record_orphans(seen, cleared)
+                self.store.append_events(events, now)
+            except StoreError as exc:
+                log.warning("cannot record orphans", extra={"error": str(exc)})
+
+    # -- event sources --------------------------------------------------------------------------
+
+    def _lease_changed(self, lease: Lease) -> None:
+        if not lease.active:
+            self.pids.unbind(lease.id)
+        elif lease.pid is not None and lease.id not in self.pids:
+            if not self.pids.bind(lease.id, lease.pid, lease.pid_start_time):
+                # Exited between the request's check and now.
+                asyncio.get_running_loop().call_soon(self._process_exited, lease.id)
+
+    def _process_exited(self, lease_id: str) -> None:
+        lease = self.manager.active.get(lease_id)
+        if lease is not None:
+            self.end_lease(lease, EndReason.PROCESS_EXITED, pid=lease.pid)
+
+    def _entry_gone(self, pool: str, name: str) -> None:
+        lease = self.manager.active.get(name)
+        if lease is not None and lease.pool == pool:
+            self.lease_directory_gone(lease)
+
+    def lease_directory_gone(self, lease: Lease) -> None:
+        """Someone reported the directory gone: believe the disk, not the report."""
+        if lease.active and not os.path.lexists(lease.path):
+            self._try_end(lease, EndReason.DIRECTORY_REMOVED)
 
     # -- reclaim callbacks ----------------------------------------------------------------------
 

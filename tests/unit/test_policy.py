@@ -79,3 +79,14 @@ def test_decide_gives_one_reason_per_lease_and_counts_freed_bytes():
     ]
     endings = decide(leases, {"p": pool(free=0, reserve=100)}, now=10)
     assert [(e.lease_id, e.reason) for e in endings] == [("expired", EndReason.EXPIRED), ("a", EndReason.EVICTED)]
+
+
+def test_orphans_are_due_only_after_grace_from_first_sighting():
+    from scratchd.reclaim.policy import review_orphans
+
+    first = review_orphans(["a", "leased", "b"], {"leased"}, {}, now=100, grace=60)
+    assert first.first_seen == {"a": 100, "b": 100} and first.due == [] and first.cleared == []
+    later = review_orphans(["a", "leased", "b"], {"leased"}, {"a": 100, "b": 130}, now=160, grace=60)
+    assert later.first_seen == {} and later.due == ["a"]
+    gone = review_orphans(["leased"], {"leased"}, {"a": 100, "leased": 50}, now=500, grace=60)
+    assert gone.due == [] and gone.cleared == ["a", "leased"]

@@ -75,3 +75,26 @@ def decide(leases: Iterable[Lease], pools: Mapping[str, PoolStatus], now: float)
         freed = sum(l.usage.bytes for l in leases if l.id in ending_ids and l.pool == pool.name)
         endings.extend(evictions(pool, remaining, freed))
     return endings
+
+
+@dataclass(frozen=True, slots=True)
+class OrphanReview:
+    first_seen: dict[str, float]  # entries newly sighted now
+    due: list[str]  # entries past grace: reclaim them
+    cleared: list[str]  # sightings no longer orphans (a lease took the name, or it vanished)
+
+
+def review_orphans(entries: Iterable[str], leased: set[str], sightings: Mapping[str, float], now: float,
+                   grace: float) -> OrphanReview:
+    """Entries of one pool without an active lease, judged against when each was first seen.
+
+    Grace counts from the first sighting (kept across restarts), not from start-up, so
+    a daemon restarting in a loop still reclaims; and not from the entry's mtime,
+    which its creator controls.
+    """
+    entries = set(entries)
+    orphans = entries - leased
+    first_seen = {name: now for name in orphans if name not in sightings}
+    due = sorted(name for name in orphans if name in sightings and now - sightings[name] >= grace)
+    cleared = sorted(name for name in sightings if name not in orphans)
+    return OrphanReview(first_seen, due, cleared)

@@ -8,7 +8,9 @@ when the process ends: no polling.
 
 from __future__ import annotations
 
+import asyncio
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 
 
@@ -49,3 +51,37 @@ def open_pidfd(pid: int, start_time: int | None) -> int | None:
         os.close(fd)
         return None
     return fd
+
+
+class PidWatch:
+    """Ends pid-bound leases when their process exits: each pidfd is a reader on the event loop."""
+
+    def __init__(self, on_exit: Callable[[str], None]) -> None:
+        self._on_exit = on_exit
+        self._fds: dict[str, int] = {}
+
+    def __contains__(self, lease_id: str) -> bool:
+        return lease_id in self._fds
+
+    def bind(self, lease_id: str, pid: int, start_time: int | None) -> bool:
+        """Start watching; False when the bound process is already gone."""
+        fd = open_pidfd(pid, start_time)
+        if fd is None:
+            return False
+        self._fds[lease_id] = fd
+        asyncio.get_running_loop().add_reader(fd, self._exited, lease_id)
+        return True
+
+    def unbind(self, lease_id: str) -> None:
+        fd = self._fds.pop(lease_id, None)
+        if fd is not None:
+            asyncio.get_running_loop().remove_reader(fd)
+            os.close(fd)
+
+    def close(self) -> None:
+        for lease_id in list(self._fds):
+            self.unbind(lease_id)
+
+    def _exited(self, lease_id: str) -> None:
+        self.unbind(lease_id)
+        self._on_exit(lease_id)
