@@ -35,7 +35,7 @@ def _daemon(request: Request) -> Daemon:
     return request.app.state.daemon  # type: ignore[no-any-return]
 
 
-def reader(request: Request) -> Caller:
+async def reader(request: Request) -> Caller:
     """Any caller that may read: Unix peers, valid tokens, and anonymous viewers where allowed."""
     daemon = _daemon(request)
     caller = caller_from_scope(request.scope, request.headers.get("authorization"),
@@ -45,7 +45,7 @@ def reader(request: Request) -> Caller:
     return caller
 
 
-def writer(request: Request) -> Caller:
+async def writer(request: Request) -> Caller:
     """A caller that may change leases: tenants (their own) and admins."""
     caller = caller_from_scope(request.scope, request.headers.get("authorization"),
                                request.app.state.identities, False)
