@@ -17,7 +17,7 @@ HEAVY = ("fastapi", "uvicorn", "pydantic", "starlette", "rich", "watchdog", "htt
 
 
 def parse(*argv: str):
-    return cli.build_parser().parse_args(argv)
+    return cli.parse_args(argv)
 
 
 def scratchd(*argv: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
