@@ -3,18 +3,18 @@
 ``scratchd run`` imports this on every CI job, so it uses the standard library
 only, and not ``http.client``: that costs ~25 ms to import (its email parser),
 the whole start-up budget of ``scratchd run``. The daemon speaks plain HTTP/1.1
-with JSON bodies, which the few lines of ``_Connection`` cover.
+with JSON bodies, which the few lines of ``_Connection`` cover, and only
+``scratchd run``'s own needs are imported at the module level.
 """
 
 from __future__ import annotations
 
-import contextlib
+import _socket  # not socket.py: 3 ms to import (enums for every constant, selectors)
 import json
 import os
-import socket
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 
-__all__ = ["Client", "DaemonUnreachable", "Lease", "Renewer", "ScratchdError", "lease"]
+__all__ = ["Client", "DaemonUnreachable", "Lease", "LeaseBlock", "Renewer", "ScratchdError", "lease"]
 
 _USER_AGENT = "scratchd-client"
 _MAX_HEADERS = 100
@@ -43,13 +43,12 @@ class DaemonUnreachable(ScratchdError):
 class _Connection:
     """One HTTP/1.1 keep-alive connection: requests out, ``(status, body)`` back."""
 
-    def __init__(self, sock: socket.socket) -> None:
+    def __init__(self, sock: _socket.socket) -> None:
         self.sock = sock
-        self.reader = sock.makefile("rb")
         self.reused = False
+        self._buffer = bytearray()
 
     def close(self) -> None:
-        self.reader.close()
         self.sock.close()
 
     def receive(self, method: str) -> tuple[int, bytes, bool]:
@@ -58,20 +57,19 @@ class _Connection:
         if "chunked" in headers.get("transfer-encoding", "").lower():
             body = self._read_chunked()
         elif "content-length" in headers:
-            length = int(headers["content-length"])
-            body = self.reader.read(length)
-            if len(body) < length:
-                raise ConnectionResetError("connection closed in the middle of an answer")
+            body = self._read_exactly(int(headers["content-length"]))
         elif status in (204, 304) or method == "HEAD":
             body = b""
-        else:
-            return status, self.reader.read(), False
+        else:  # the body ends when the connection does
+            while self._fill():
+                pass
+            return status, self._take(len(self._buffer)), False
         self.reused = True
         return status, body, headers.get("connection", "").lower() != "close"
 
     def _read_head(self) -> tuple[int, dict[str, str]]:
         while True:
-            line = self.reader.readline(_MAX_LINE)
+            line = self._readline()
             if not line:
                 # What a keep-alive connection the daemon closed looks like.
                 raise ConnectionResetError("connection closed before an answer")
@@ -81,7 +79,7 @@ class _Connection:
             status = int(status_text)
             headers: dict[str, str] = {}
             for _ in range(_MAX_HEADERS):
-                line = self.reader.readline(_MAX_LINE)
+                line = self._readline()
                 if line in (b"\r\n", b"\n", b""):
                     break
                 name, _, value = line.decode("latin-1").partition(":")
@@ -94,16 +92,38 @@ class _Connection:
     def _read_chunked(self) -> bytes:
         chunks = []
         while True:
-            size = int(self.reader.readline(_MAX_LINE).split(b";")[0], 16)
+            size = int(self._readline().split(b";")[0], 16)
             if size == 0:
-                while self.reader.readline(_MAX_LINE) not in (b"\r\n", b"\n", b""):
+                while self._readline() not in (b"\r\n", b"\n", b""):
                     pass  # trailers
                 return b"".join(chunks)
-            chunk = self.reader.read(size)
-            if len(chunk) < size:
+            chunks.append(self._read_exactly(size))
+            self._readline()
+
+    def _readline(self) -> bytes:
+        """Up to and with the next newline; what is left at the end of the stream."""
+        while (end := self._buffer.find(b"\n")) < 0:
+            if len(self._buffer) > _MAX_LINE:
+                raise ValueError("header line too long")
+            if not self._fill():
+                return self._take(len(self._buffer))
+        return self._take(end + 1)
+
+    def _read_exactly(self, size: int) -> bytes:
+        while len(self._buffer) < size:
+            if not self._fill():
                 raise ConnectionResetError("connection closed in the middle of an answer")
-            chunks.append(chunk)
-            self.reader.readline(_MAX_LINE)
+        return self._take(size)
+
+    def _fill(self) -> bool:
+        chunk = self.sock.recv(65536)
+        self._buffer += chunk
+        return bool(chunk)
+
+    def _take(self, size: int) -> bytes:
+        data = bytes(self._buffer[:size])
+        del self._buffer[:size]
+        return data
 
 
 _UNRESERVED = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-._~")
@@ -247,7 +267,7 @@ class Client:
     def _connect(self) -> _Connection:
         try:
             if self._socket_path is not None:
-                sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+                sock = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM)
                 try:
                     sock.settimeout(self.timeout)
                     sock.connect(self._socket_path)
@@ -255,6 +275,8 @@ class Client:
                     sock.close()
                     raise
             else:
+                import socket
+
                 sock = socket.create_connection((self._hostname, self._port), self.timeout)
                 if self._tls:
                     import ssl
@@ -384,36 +406,61 @@ class Lease:
         return f"Lease(id={self.id!r}, path={self.path!r})"
 
 
-@contextlib.contextmanager
 def lease(
     near: str | None = ".",
     ttl_seconds: int | None = None,
     *,
     client: Client | None = None,
     **fields: object,
-) -> Iterator[Lease]:
+) -> LeaseBlock:
     """Hold a lease for a ``with`` block: renewed while it runs, released when it ends, even on errors.
 
     ``near`` defaults to the current directory, as the CLI does: the cache lands
     on the mount the build runs from when a pool is there. Other ``fields`` are
-    the API's LeaseRequest fields (pool, placement, max_bytes, labels, …).
+    the API's LeaseRequest fields (pool, placement, max_bytes, labels, …)::
+
+        with scratchd.lease(ttl_seconds=3600, labels={"job": "42"}) as held:
+            build(cache_dir=held.path)
     """
-    own_client = client is None
-    active = client if client is not None else Client()
     if near is not None:
         fields["near"] = os.path.abspath(near)
     if ttl_seconds is not None:
         fields["ttl_seconds"] = ttl_seconds
-    try:
-        data = active.create_lease(**fields)
+    return LeaseBlock(client, fields)
+
+
+class LeaseBlock:
+    """What ``lease()`` returns: the lease is taken on entering the block, released on leaving it.
+
+    A class rather than ``contextlib.contextmanager``, whose import costs ``scratchd run``.
+    """
+
+    def __init__(self, client: Client | None, fields: dict[str, object]) -> None:
+        self._own_client = client is None
+        self._client = client if client is not None else Client()
+        self._fields = fields
+        self._lease: Lease | None = None
+        self._renewer: Renewer | None = None
+
+    def __enter__(self) -> Lease:
         try:
-            with Renewer(active, data["id"], data["ttl_seconds"], on_error=_warn):
-                yield Lease(data)
+            self._lease = Lease(self._client.create_lease(**self._fields))
+            self._renewer = Renewer(self._client, self._lease.id, self._lease.data["ttl_seconds"], on_error=_warn)
+            self._renewer.__enter__()
+        except BaseException:
+            self.__exit__()
+            raise
+        return self._lease
+
+    def __exit__(self, *exc_info: object) -> None:
+        try:
+            if self._renewer is not None:
+                self._renewer.__exit__()
+            if self._lease is not None:
+                self._client.release(self._lease.id)
         finally:
-            active.release(data["id"])
-    finally:
-        if own_client:
-            active.close()
+            if self._own_client:
+                self._client.close()
 
 
 def _warn(error: ScratchdError) -> None:
