@@ -113,7 +113,8 @@ class Daemon:
 
     def client(self, **kwargs: Any) -> httpx.Client:
         transport = httpx.HTTPTransport(uds=self.socket)
-        return httpx.Client(transport=transport, base_url="http://scratchd", timeout=10, **kwargs)
+        kwargs.setdefault("timeout", 10)
+        return httpx.Client(transport=transport, base_url="http://scratchd", **kwargs)
 
     def request(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
         with self.client() as client:
