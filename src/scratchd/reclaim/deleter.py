@@ -1,0 +1,442 @@
+"""Deleting an ended lease's tree without ever leaving it (SPEC guarantee 3).
+
+A tenant controls every name inside its lease, and a process of its may still
+be in there renaming things. So below the top nothing is reached by a path
+string: each directory is opened relative to its parent's fd with O_NOFOLLOW,
+every entry is removed relative to that fd, and a symlink is only ever
+unlinked. Every directory entered must be on the top's mount; the mount id
+decides, because a bind mount of the same filesystem shares ``st_dev``. Mounts
+inside are detached lazily first where the daemon may, and otherwise left
+alone and reported.
+
+Runs in a worker thread or process: plain arguments in, a plain picklable
+result out, and problems inside the tree are recorded rather than raised.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import os
+import stat
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from scratchd.mounts import Mount, mounts_under, read_mounts
+
+# Open directory fds a walk holds at most, whatever the depth of the tree.
+MAX_OPEN_DIRS = 64
+# Entries between two calls of ``pace``.
+PACE_EVERY = 1000
+# Error lines kept in a result; a tree of a million immutable files says so in one more line.
+MAX_ERRORS = 100
+
+_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+_HANDLE_FLAGS = os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+_MNT_DETACH = 2
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+@dataclass(slots=True)
+class DeleteResult:
+    files: int = 0  # non-directories unlinked
+    dirs: int = 0  # directories removed, the top included
+    bytes: int = 0  # allocated bytes freed: files whose last link was ours
+    complete: bool = False  # the top no longer exists
+    left_mounts: list[str] = field(default_factory=list)  # mounts inside that could not be detached
+    errors: list[str] = field(default_factory=list)  # one line each, for a reclaim_failed event
+
+
+class ForeignMount(Exception):
+    """A directory on another mount than the top's: it is never entered."""
+
+
+class TreeChanged(Exception):
+    """A directory re-opened through ``..`` is not the one the walk left there."""
+
+
+def mount_id(fd: int) -> int:
+    """The id of the mount ``fd`` is on, from ``/proc/self/fdinfo`` (about 3 µs)."""
+    info = os.open(f"/proc/self/fdinfo/{fd}", os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        text = os.read(info, 4096)
+    finally:
+        os.close(info)
+    start = text.index(b"mnt_id:") + 7
+    return int(text[start : text.index(b"\n", start)])
+
+
+@dataclass(slots=True)
+class Frame:
+    """A directory on the walk's current path."""
+
+    name: str  # its entry in the parent
+    fd: int  # -1 while it is out of the window of open fds
+    stat: os.stat_result
+    subdirs: list[str] = field(default_factory=list)  # entries still to walk into
+    failed: bool = False  # something below stays, so this directory stays too
+    rescanned: bool = False
+
+
+class DirStack:
+    """The directories from the top down to the current one, for a depth-first walk without recursion.
+
+    At most MAX_OPEN_DIRS fds are held whatever the depth: going down, the
+    directory leaving the window of the deepest ones is closed; coming back up
+    to it, it is re-opened as ``..`` of its child and accepted only if it is
+    the very inode left there, so a tree rearranged meanwhile cannot lead the
+    walk outside. Re-opening costs one ``openat`` per level beyond the window,
+    where re-walking from the top by name would cost the whole depth.
+
+    Every directory entered, the top too, must be on the mount of the top's
+    parent; ``make_accessible`` chmods ones lacking owner rwx to 0700 (a
+    mode-000 one through an O_PATH handle, which needs no permission on it).
+    """
+
+    def __init__(self, parent_fd: int, name: str, *, make_accessible: bool = False) -> None:
+        self._device = os.fstat(parent_fd).st_dev
+        self._mount = mount_id(parent_fd)
+        self._parent_fd = parent_fd
+        self._make_accessible = make_accessible
+        self.frames = [self._enter(parent_fd, name)]
+
+    @property
+    def current(self) -> Frame:
+        return self.frames[-1]
+
+    def push(self, name: str) -> Frame:
+        """Enter the subdirectory ``name`` of the current directory."""
+        frame = self._enter(self.frames[-1].fd, name)
+        self.frames.append(frame)
+        leaving = len(self.frames) - 1 - MAX_OPEN_DIRS
+        if leaving > 0 and self.frames[leaving].fd >= 0:
+            os.close(self.frames[leaving].fd)
+            self.frames[leaving].fd = -1
+        return frame
+
+    def parent_fd(self) -> int:
+        """The current directory's parent, re-opened if it left the window."""
+        if len(self.frames) == 1:
+            return self._parent_fd
+        child, parent = self.frames[-1], self.frames[-2]
+        if parent.fd < 0:
+            fd = os.open("..", _DIR_FLAGS, dir_fd=child.fd)
+            found = os.fstat(fd)
+            if (found.st_dev, found.st_ino) != (parent.stat.st_dev, parent.stat.st_ino):
+                os.close(fd)
+                raise TreeChanged(self.relative())
+            parent.fd = fd
+        return parent.fd
+
+    def pop(self) -> Frame:
+        """Leave the current directory for its parent."""
+        self.parent_fd()
+        frame = self.frames.pop()
+        os.close(frame.fd)
+        frame.fd = -1
+        return frame
+
+    def close(self) -> None:
+        for frame in self.frames:
+            if frame.fd >= 0:
+                os.close(frame.fd)
+                frame.fd = -1
+        self.frames.clear()
+
+    def relative(self, name: str = "") -> str:
+        """``a/b/name``: where the current directory (or ``name`` in it) is, for messages."""
+        return "/".join([frame.name for frame in self.frames[1:]] + ([name] if name else []))
+
+    def _enter(self, dir_fd: int, name: str) -> Frame:
+        try:
+            fd = os.open(name, _DIR_FLAGS, dir_fd=dir_fd)
+        except PermissionError:
+            if not self._make_accessible:
+                raise
+            fd = self._open_locked(dir_fd, name)
+        try:
+            found = self._on_our_mount(fd, name)
+            if self._make_accessible and found.st_mode & 0o700 != 0o700:
+                try:
+                    os.fchmod(fd, stat.S_IMODE(found.st_mode) | 0o700)
+                except OSError:
+                    pass  # immutable, or not ours: removing its entries will say so
+        except BaseException:
+            os.close(fd)
+            raise
+        return Frame(name, fd, found)
+
+    def _open_locked(self, dir_fd: int, name: str) -> int:
+        """Open a directory whose mode keeps even its owner out, by making it 0700 first."""
+        handle = os.open(name, _HANDLE_FLAGS, dir_fd=dir_fd)
+        try:
+            self._on_our_mount(handle, name)
+            os.chmod(f"/proc/self/fd/{handle}", 0o700)
+            return os.open(".", _DIR_FLAGS, dir_fd=handle)
+        finally:
+            os.close(handle)
+
+    def _on_our_mount(self, fd: int, name: str) -> os.stat_result:
+        found = os.fstat(fd)
+        if found.st_dev != self._device or mount_id(fd) != self._mount:
+            raise ForeignMount(name)
+        return found
+
+
+def delete_tree(
+    path: str, pace: Callable[[int], None] | None = None, *, count_bytes: bool = True
+) -> DeleteResult:
+    """Delete ``path`` and everything below it on its mount; call again to resume after any interruption.
+
+    ``pace`` is called every PACE_EVERY entries with the count removed so far,
+    so the caller can throttle. ``count_bytes=False`` skips the one ``lstat``
+    per file that ``bytes`` costs (about a third of the time on tmpfs).
+    """
+    path = os.path.abspath(path)
+    parent_path, name = os.path.split(path)
+    if not name:
+        raise ValueError(f"refusing to delete {path!r}")
+    deleter = _Deleter(path, pace or _no_pace, count_bytes)
+    try:
+        parent_fd = os.open(parent_path, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        deleter.result.complete = True
+        return deleter.result
+    try:
+        deleter.run(parent_fd, name)
+    finally:
+        os.close(parent_fd)
+    return deleter.finish()
+
+
+def _no_pace(_count: int) -> None:
+    pass
+
+
+class _Deleter:
+    def __init__(self, path: str, pace: Callable[[int], None], count_bytes: bool) -> None:
+        self.path = path
+        self.pace = pace
+        self.count_bytes = count_bytes
+        self.result = DeleteResult()
+        self.until_pace = PACE_EVERY
+        self.dropped_errors = 0
+
+    def run(self, parent_fd: int, name: str) -> None:
+        real_top = os.path.join(os.path.realpath(os.path.dirname(self.path)), name)
+        try:
+            mounts = read_mounts()
+        except OSError as exc:
+            self.error(self.path, "cannot read the mount table, so deleting nothing", exc)
+            return
+        self.detach_mounts(parent_fd, real_top, mounts)
+        try:
+            tree = DirStack(parent_fd, name, make_accessible=True)
+        except FileNotFoundError:
+            self.result.complete = True
+            return
+        except ForeignMount:
+            self.left_mount(real_top)
+            return
+        except OSError as exc:
+            if exc.errno in (errno.ENOTDIR, errno.ELOOP):
+                self.unlink_top(parent_fd, name)  # an orphan file or symlink in the pool
+            else:
+                self.error(self.path, "cannot open", exc)
+            return
+        try:
+            self.walk(tree, real_top)
+        except (TreeChanged, OSError) as exc:
+            # Only re-opening a parent gets here: someone is rearranging the tree.
+            # Stop; the next attempt starts over from the top.
+            reason = exc if isinstance(exc, OSError) else OSError(errno.ESTALE, "moved during deletion")
+            self.error(os.path.join(self.path, tree.relative()), "cannot go back up", reason)
+        finally:
+            tree.close()
+
+    def finish(self) -> DeleteResult:
+        if self.dropped_errors:
+            self.result.errors.append(f"... and {self.dropped_errors} more errors")
+        return self.result
+
+    def detach_mounts(self, parent_fd: int, real_top: str, mounts: list[Mount]) -> None:
+        """Lazily detach every mount at or below the top; the ones that stay are reported.
+
+        Deepest first, and again while any pass makes progress: a mount can be
+        stacked on, or hidden under, another one.
+        """
+        pending = [mount for mount in mounts if mount.mount_point == real_top]
+        pending += mounts_under(real_top, mounts)
+        pending.sort(key=lambda mount: (mount.mount_point.count("/"), mount.mount_id), reverse=True)
+        base = os.path.dirname(real_top)
+        while pending:
+            left = [m for m in pending if not _detach(parent_fd, os.path.relpath(m.mount_point, base), m)]
+            if len(left) == len(pending):
+                break
+            pending = left
+        for mount in pending:
+            self.left_mount(mount.mount_point)
+
+    def walk(self, tree: DirStack, real_top: str) -> None:
+        self.empty(tree, tree.current)
+        while True:
+            frame = tree.current
+            if frame.subdirs:
+                name = frame.subdirs.pop()
+                try:
+                    child = tree.push(name)
+                except ForeignMount:
+                    self.left_mount(os.path.join(real_top, tree.relative(name)))
+                    frame.failed = True
+                except FileNotFoundError:
+                    pass
+                except OSError as exc:
+                    if exc.errno in (errno.ENOTDIR, errno.ELOOP):
+                        self.unlink(tree, frame, name)  # replaced by a non-directory since listed
+                    else:
+                        self.error(os.path.join(self.path, tree.relative(name)), "cannot open", exc)
+                        frame.failed = True
+                else:
+                    self.empty(tree, child)
+                continue
+            parent_fd = tree.parent_fd()
+            if not frame.failed:
+                try:
+                    os.rmdir(frame.name, dir_fd=parent_fd)
+                    self.result.dirs += 1
+                    self.progress(1)
+                except FileNotFoundError:
+                    pass
+                except OSError as exc:
+                    if exc.errno == errno.ENOTEMPTY and not frame.rescanned:
+                        frame.rescanned = True  # something was added meanwhile: once more
+                        self.empty(tree, frame)
+                        continue
+                    self.error(os.path.join(self.path, tree.relative()), "cannot remove", exc)
+                    frame.failed = True
+            tree.pop()
+            if not tree.frames:
+                self.result.complete = not frame.failed
+                return
+            if frame.failed:
+                tree.current.failed = True
+
+    def empty(self, tree: DirStack, frame: Frame) -> None:
+        """Unlink every non-directory in ``frame``, queueing its subdirectories on it."""
+        fd, subdirs, count_bytes = frame.fd, frame.subdirs, self.count_bytes
+        unlink = os.unlink
+        files = blocks = 0
+        until_pace = self.until_pace
+        try:
+            with os.scandir(fd) as entries:
+                for entry in entries:
+                    if entry.is_dir(follow_symlinks=False):
+                        subdirs.append(entry.name)
+                        continue
+                    try:
+                        if count_bytes and (entry.is_file(follow_symlinks=False) or entry.is_symlink()):
+                            found = entry.stat(follow_symlinks=False)
+                            unlink(entry.name, dir_fd=fd)
+                            if found.st_nlink == 1:
+                                blocks += found.st_blocks
+                        else:
+                            unlink(entry.name, dir_fd=fd)
+                    except FileNotFoundError:
+                        continue
+                    except IsADirectoryError:
+                        subdirs.append(entry.name)
+                        continue
+                    except OSError as exc:
+                        self.error(os.path.join(self.path, tree.relative(entry.name)), "cannot remove", exc)
+                        frame.failed = True
+                        continue
+                    files += 1
+                    until_pace -= 1
+                    if not until_pace:
+                        self.pace(self.result.files + self.result.dirs + files)
+                        until_pace = PACE_EVERY
+        except OSError as exc:
+            self.error(os.path.join(self.path, tree.relative()), "cannot list", exc)
+            frame.failed = True
+        finally:
+            self.until_pace = until_pace
+            self.result.files += files
+            self.result.bytes += blocks * 512
+
+    def unlink(self, tree: DirStack, frame: Frame, name: str) -> None:
+        try:
+            unlinked = os.stat(name, dir_fd=frame.fd, follow_symlinks=False)
+            os.unlink(name, dir_fd=frame.fd)
+        except FileNotFoundError:
+            return
+        except OSError as exc:
+            self.error(os.path.join(self.path, tree.relative(name)), "cannot remove", exc)
+            frame.failed = True
+            return
+        self.count_unlinked(unlinked)
+
+    def unlink_top(self, parent_fd: int, name: str) -> None:
+        try:
+            unlinked = os.stat(name, dir_fd=parent_fd, follow_symlinks=False)
+            os.unlink(name, dir_fd=parent_fd)
+        except FileNotFoundError:
+            pass
+        except OSError as exc:
+            self.error(self.path, "cannot remove", exc)
+            return
+        else:
+            self.count_unlinked(unlinked)
+        self.result.complete = True
+
+    def count_unlinked(self, unlinked: os.stat_result) -> None:
+        self.result.files += 1
+        if self.count_bytes and unlinked.st_nlink == 1:
+            self.result.bytes += unlinked.st_blocks * 512
+        self.progress(1)
+
+    def progress(self, entries: int) -> None:
+        self.until_pace -= entries
+        if self.until_pace <= 0:
+            self.pace(self.result.files + self.result.dirs)
+            self.until_pace = PACE_EVERY
+
+    def left_mount(self, mount_point: str) -> None:
+        if mount_point not in self.result.left_mounts:
+            self.result.left_mounts.append(mount_point)
+
+    def error(self, where: str, action: str, exc: OSError) -> None:
+        if len(self.result.errors) < MAX_ERRORS:
+            self.result.errors.append(f"{where}: {action}: {exc.strerror or exc}")
+        else:
+            self.dropped_errors += 1
+
+
+def _detach(parent_fd: int, relative: str, mount: Mount) -> bool:
+    """Detach ``mount`` if walking to it from ``parent_fd`` without following symlinks lands on exactly it.
+
+    Never by its path string: a tenant could have swapped a directory on the
+    way for a symlink to some other mount point.
+    """
+    fd = parent_fd
+    try:
+        for part in relative.split("/"):
+            step = os.open(part, _HANDLE_FLAGS, dir_fd=fd)
+            if fd != parent_fd:
+                os.close(fd)
+            fd = step
+        if fd == parent_fd or mount_id(fd) != mount.mount_id:
+            return False
+        umount_lazily(f"/proc/self/fd/{fd}")
+        return True
+    except OSError:
+        return False
+    finally:
+        if fd != parent_fd:
+            os.close(fd)
+
+
+def umount_lazily(target: str) -> None:
+    """``umount2(target, MNT_DETACH)``: the mount leaves the tree now and goes away once idle. Root only."""
+    if _libc.umount2(os.fsencode(target), _MNT_DETACH) != 0:
+        code = ctypes.get_errno()
+        raise OSError(code, os.strerror(code), target)
