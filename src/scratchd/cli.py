@@ -20,9 +20,9 @@ TYPE_CHECKING = False  # `import typing` costs 4 ms
 if TYPE_CHECKING:
     from typing import NoReturn
 
+# Exit codes (SPEC §6); 2, a usage error, is argparse's own.
 EXIT_OK = 0
 EXIT_REFUSED = 1  # the daemon said no
-EXIT_USAGE = 2
 EXIT_UNREACHABLE = 3
 
 PLACEMENTS = ("prefer-same-filesystem", "same-filesystem", "any")
@@ -437,7 +437,7 @@ def cmd_ls(args: argparse.Namespace, client: Client) -> int:
             _labels(lease.get("labels")),
         ]
         rows.append(row)
-    _table(header, rows, fold=["LABELS"])
+    _table(header, rows)
     return EXIT_OK
 
 
@@ -488,7 +488,7 @@ def cmd_pools(args: argparse.Namespace, client: Client) -> int:
         ]
         for pool in data["pools"]
     ]
-    _table(["POOL", "STATE", "FS", "SIZE", "FREE", "LEASED", "LEASES", "PATH"], rows, fold=["PATH"])
+    _table(["POOL", "STATE", "FS", "SIZE", "FREE", "LEASED", "LEASES", "PATH"], rows)
     return EXIT_OK
 
 
@@ -576,15 +576,15 @@ def _print_json(data: object) -> None:
     print(json.dumps(data))
 
 
-def _table(header: Sequence[str], rows: Iterable[Sequence[str]], fold: Sequence[str] = ()) -> None:
+def _table(header: Sequence[str], rows: Iterable[Sequence[str]]) -> None:
     """An aligned table for people, as wide as the terminal (80 columns when not a terminal)."""
     from rich.console import Console
     from rich.table import Table
 
     table = Table(box=None, pad_edge=False, header_style="bold", show_edge=False)
     for name in header:
-        # Ids and sizes stay whole (people copy them); long free text folds.
-        table.add_column(name, no_wrap=name not in fold, overflow="fold")
+        # Folded, never cropped: a cropped id would be a wrong one.
+        table.add_column(name, overflow="fold", min_width=len(name))
     for row in rows:
         table.add_row(*row)
     Console(highlight=False).print(table)
