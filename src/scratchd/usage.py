@@ -13,7 +13,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from scratchd.reclaim.deleter import PACE_EVERY, DirStack, ForeignMount, Frame
+from scratchd.reclaim.deleter import PACE_EVERY, DirStack, DirStat, ForeignMount, Frame
 
 
 @dataclass(frozen=True, slots=True)
@@ -53,7 +53,7 @@ class _Scan:
         self.blocks = 0
         self.files = 0
         self.newest = 0.0
-        self.linked: set[int] = set()  # inodes with more than one link, once seen
+        self.linked: set[tuple[int, int]] = set()  # inodes with more than one link, once seen
 
     def run(self, tree: DirStack) -> UsageSample:
         top = tree.current
@@ -78,32 +78,33 @@ class _Scan:
             self.scan_dir(child)
         return UsageSample(self.blocks * 512, self.files, self.newest, time.time())
 
-    def count_dir(self, found: os.stat_result) -> None:
-        self.blocks += found.st_blocks
-        if found.st_ctime > self.newest:
-            self.newest = found.st_ctime
+    def count_dir(self, found: DirStat) -> None:
+        self.blocks += found.blocks
+        if found.ctime > self.newest:
+            self.newest = found.ctime
 
     def count_unreadable(self, dir_fd: int, name: str) -> None:
         try:
-            self.count_dir(os.stat(name, dir_fd=dir_fd, follow_symlinks=False))
+            found = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
         except OSError:
-            pass
+            return
+        self.blocks += found.st_blocks
+        self.newest = max(self.newest, found.st_ctime)
 
     def scan_dir(self, frame: Frame) -> None:
         """Count the non-directories in ``frame``, queueing its subdirectories on it."""
-        subdirs, linked, device = frame.subdirs, self.linked, frame.stat.st_dev
+        subdirs, linked, device = frame.subdirs, self.linked, frame.stat.dev
         blocks = files = entries = 0
         newest = self.newest
-        until_pace = self.until_pace
+        pace_at = self.until_pace
         try:
             with os.scandir(frame.fd) as listing:
                 for entry in listing:
                     entries += 1
-                    until_pace -= 1
-                    if not until_pace:
+                    if entries == pace_at:
                         if self.pace is not None:
                             self.pace(self.entries + entries)
-                        until_pace = PACE_EVERY
+                        pace_at += PACE_EVERY
                     if entry.is_dir(follow_symlinks=False):
                         subdirs.append(entry.name)
                         continue
@@ -114,9 +115,10 @@ class _Scan:
                     if found.st_dev != device:
                         continue  # a file bind-mounted over an entry
                     if found.st_nlink > 1:
-                        if found.st_ino in linked:
+                        inode = (device, found.st_ino)  # btrfs subvolumes each number their own inodes
+                        if inode in linked:
                             continue
-                        linked.add(found.st_ino)
+                        linked.add(inode)
                     blocks += found.st_blocks
                     files += 1
                     if found.st_ctime > newest:
@@ -124,7 +126,7 @@ class _Scan:
         except OSError:
             pass  # what was listed until then counts
         finally:
-            self.until_pace = until_pace
+            self.until_pace = pace_at - entries
             self.entries += entries
             self.blocks += blocks
             self.files += files

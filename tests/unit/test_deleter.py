@@ -116,6 +116,14 @@ def hostile(tmp_path: Path, outside: Path) -> Iterator[Path]:
         delete_tree(str(tree))
 
 
+@pytest.fixture(params=["statx", "fdinfo"])
+def mount_ids(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Both ways a walk learns mount ids: statx (Linux 5.8+) and /proc/self/fdinfo before that."""
+    if request.param == "fdinfo":
+        monkeypatch.setattr(deleter, "_statx", None)
+    return str(request.param)
+
+
 def test_hostile_tree_goes_and_nothing_outside_changes(hostile: Path, outside: Path) -> None:
     deep_chain(hostile, DEPTH)
     before = snapshot(outside)
@@ -133,6 +141,19 @@ def test_hostile_tree_goes_and_nothing_outside_changes(hostile: Path, outside: P
     assert result.files == 14 + IS_ROOT  # every non-directory, the device node only as root
     assert result.bytes >= 10_000  # locked/inner/file; the hard-linked file freed nothing
     assert open_fds() == baseline
+
+
+def test_mount_ids_from_fdinfo_where_statx_has_none(
+    hostile: Path, outside: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(deleter, "_statx", None)
+    before = snapshot(outside)
+
+    result = delete_tree(str(hostile))
+
+    assert result.complete and result.errors == []
+    assert not os.path.lexists(hostile)
+    assert snapshot(outside) == before
 
 
 def test_top_missing_is_complete(tmp_path: Path) -> None:
@@ -153,7 +174,7 @@ def test_top_symlink_is_unlinked_not_followed(tmp_path: Path, outside: Path) -> 
 
 def test_pace_sees_progress_and_an_interrupted_run_resumes(tmp_path: Path) -> None:
     tree = tmp_path / "tree"
-    for group in range(5):
+    for group in range(3):
         (tree / f"g{group}").mkdir(parents=True)
         for i in range(1000):
             (tree / f"g{group}" / f"f{i}").touch()
@@ -164,14 +185,14 @@ def test_pace_sees_progress_and_an_interrupted_run_resumes(tmp_path: Path) -> No
 
     def killed_midway(count: int) -> None:
         counts.append(count)
-        if count >= 2500:
+        if count >= 1500:
             raise Killed
 
     with pytest.raises(Killed):
         delete_tree(str(tree), killed_midway)
     assert counts == sorted(counts) and 0 < counts[0] <= 1100
     left = sum(1 for path in tree.rglob("*") if path.is_file())
-    assert 0 < left <= 5000 - 2500 + 5
+    assert 0 < left <= 3000 - 1500 + 3
 
     result = delete_tree(str(tree))
 
@@ -276,6 +297,7 @@ def test_mount_that_cannot_be_detached_is_left_alone(
 
 
 @needs_root
+@pytest.mark.usefixtures("mount_ids")
 def test_mount_missing_from_the_table_is_still_never_entered(
     tmp_path: Path, outside: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -96,7 +96,7 @@ def test_newest_change_reflects_a_write_deep_down(tmp_path: Path) -> None:
 
 
 def test_deep_chain_with_bounded_fds(tmp_path: Path) -> None:
-    deep_chain(tmp_path, 10_000)
+    deep_chain(tmp_path, 20 * MAX_OPEN_DIRS)
     try:
         with fd_limit(open_fds() + MAX_OPEN_DIRS + 8):
             sample = scan_tree(str(tmp_path))

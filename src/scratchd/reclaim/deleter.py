@@ -34,7 +34,49 @@ MAX_ERRORS = 100
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _HANDLE_FLAGS = os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _MNT_DETACH = 2
+_AT_EMPTY_PATH = 0x1000
+_STATX_BASIC_STATS = 0x7FF
+_STATX_MNT_ID = 0x1000
 _libc = ctypes.CDLL(None, use_errno=True)
+
+
+class _StatxTimestamp(ctypes.Structure):
+    _fields_ = [("sec", ctypes.c_int64), ("nsec", ctypes.c_uint32), ("_reserved", ctypes.c_int32)]
+
+
+class _Statx(ctypes.Structure):
+    """``struct statx`` (linux/stat.h), the same on every architecture."""
+
+    _fields_ = [
+        ("mask", ctypes.c_uint32),
+        ("blksize", ctypes.c_uint32),
+        ("attributes", ctypes.c_uint64),
+        ("nlink", ctypes.c_uint32),
+        ("uid", ctypes.c_uint32),
+        ("gid", ctypes.c_uint32),
+        ("mode", ctypes.c_uint16),
+        ("_spare0", ctypes.c_uint16),
+        ("ino", ctypes.c_uint64),
+        ("size", ctypes.c_uint64),
+        ("blocks", ctypes.c_uint64),
+        ("attributes_mask", ctypes.c_uint64),
+        ("atime", _StatxTimestamp),
+        ("btime", _StatxTimestamp),
+        ("ctime", _StatxTimestamp),
+        ("mtime", _StatxTimestamp),
+        ("rdev_major", ctypes.c_uint32),
+        ("rdev_minor", ctypes.c_uint32),
+        ("dev_major", ctypes.c_uint32),
+        ("dev_minor", ctypes.c_uint32),
+        ("mnt_id", ctypes.c_uint64),
+        ("_spare", ctypes.c_uint64 * 13),
+    ]
+
+
+_statx: Callable[..., int] | None = getattr(_libc, "statx", None)  # glibc 2.28+
+if _statx is not None:
+    _statx.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_uint, ctypes.POINTER(_Statx)]
+    _statx.restype = ctypes.c_int
 
 
 @dataclass(slots=True)
@@ -56,7 +98,7 @@ class TreeChanged(Exception):
 
 
 def mount_id(fd: int) -> int:
-    """The id of the mount ``fd`` is on, from ``/proc/self/fdinfo`` (about 3 µs)."""
+    """The id of the mount ``fd`` is on, from ``/proc/self/fdinfo``: for kernels before 5.8, without statx's."""
     info = os.open(f"/proc/self/fdinfo/{fd}", os.O_RDONLY | os.O_CLOEXEC)
     try:
         text = os.read(info, 4096)
@@ -66,13 +108,25 @@ def mount_id(fd: int) -> int:
     return int(text[start : text.index(b"\n", start)])
 
 
+@dataclass(frozen=True, slots=True)
+class DirStat:
+    """What a walk needs to know of a directory it opened."""
+
+    mode: int
+    dev: int
+    ino: int
+    mount: int  # mount id: unlike ``dev`` it tells bind mounts of one filesystem apart
+    blocks: int
+    ctime: float
+
+
 @dataclass(slots=True)
 class Frame:
     """A directory on the walk's current path."""
 
     name: str  # its entry in the parent
     fd: int  # -1 while it is out of the window of open fds
-    stat: os.stat_result
+    stat: DirStat
     subdirs: list[str] = field(default_factory=list)  # entries still to walk into
     failed: bool = False  # something below stays, so this directory stays too
     rescanned: bool = False
@@ -89,13 +143,16 @@ class DirStack:
     where re-walking from the top by name would cost the whole depth.
 
     Every directory entered, the top too, must be on the mount of the top's
-    parent; ``make_accessible`` chmods ones lacking owner rwx to 0700 (a
-    mode-000 one through an O_PATH handle, which needs no permission on it).
+    parent: one ``statx`` tells (1.5 µs where ``fstat`` plus reading
+    ``/proc/self/fdinfo`` take 5). ``make_accessible`` chmods directories
+    lacking owner rwx to 0700, a mode-000 one through an O_PATH handle,
+    which needs no permission on it.
     """
 
     def __init__(self, parent_fd: int, name: str, *, make_accessible: bool = False) -> None:
-        self._device = os.fstat(parent_fd).st_dev
-        self._mount = mount_id(parent_fd)
+        # Its own statx buffer: threads may walk at once.
+        self._statx = (_statx, _Statx()) if _statx is not None else None
+        self._mount = self._identify(parent_fd).mount
         self._parent_fd = parent_fd
         self._make_accessible = make_accessible
         self.frames = [self._enter(parent_fd, name)]
@@ -122,7 +179,7 @@ class DirStack:
         if parent.fd < 0:
             fd = os.open("..", _DIR_FLAGS, dir_fd=child.fd)
             found = os.fstat(fd)
-            if (found.st_dev, found.st_ino) != (parent.stat.st_dev, parent.stat.st_ino):
+            if (found.st_dev, found.st_ino) != (parent.stat.dev, parent.stat.ino):
                 os.close(fd)
                 raise TreeChanged(self.relative())
             parent.fd = fd
@@ -156,9 +213,9 @@ class DirStack:
             fd = self._open_locked(dir_fd, name)
         try:
             found = self._on_our_mount(fd, name)
-            if self._make_accessible and found.st_mode & 0o700 != 0o700:
+            if self._make_accessible and found.mode & 0o700 != 0o700:
                 try:
-                    os.fchmod(fd, stat.S_IMODE(found.st_mode) | 0o700)
+                    os.fchmod(fd, stat.S_IMODE(found.mode) | 0o700)
                 except OSError:
                     pass  # immutable, or not ours: removing its entries will say so
         except BaseException:
@@ -176,11 +233,23 @@ class DirStack:
         finally:
             os.close(handle)
 
-    def _on_our_mount(self, fd: int, name: str) -> os.stat_result:
-        found = os.fstat(fd)
-        if found.st_dev != self._device or mount_id(fd) != self._mount:
+    def _on_our_mount(self, fd: int, name: str) -> DirStat:
+        found = self._identify(fd)
+        if found.mount != self._mount:
             raise ForeignMount(name)
         return found
+
+    def _identify(self, fd: int) -> DirStat:
+        if self._statx is not None:
+            statx, found = self._statx
+            if statx(fd, b"", _AT_EMPTY_PATH, _STATX_BASIC_STATS | _STATX_MNT_ID, found) == 0 and (
+                found.mask & _STATX_MNT_ID
+            ):
+                ctime = found.ctime.sec + found.ctime.nsec * 1e-9  # as os.stat computes st_ctime
+                device = os.makedev(found.dev_major, found.dev_minor)
+                return DirStat(found.mode, device, found.ino, found.mnt_id, found.blocks, ctime)
+        st = os.fstat(fd)
+        return DirStat(st.st_mode, st.st_dev, st.st_ino, mount_id(fd), st.st_blocks, st.st_ctime)
 
 
 def delete_tree(
@@ -202,6 +271,9 @@ def delete_tree(
     except FileNotFoundError:
         deleter.result.complete = True
         return deleter.result
+    except OSError as exc:
+        deleter.error(parent_path, "cannot open", exc)
+        return deleter.finish()
     try:
         deleter.run(parent_fd, name)
     finally:
@@ -226,8 +298,8 @@ class _Deleter:
         real_top = os.path.join(os.path.realpath(os.path.dirname(self.path)), name)
         try:
             mounts = read_mounts()
-        except OSError as exc:
-            self.error(self.path, "cannot read the mount table, so deleting nothing", exc)
+        except (OSError, ValueError) as exc:
+            self.error(self.path, f"deleting nothing without the mount table: {exc}")
             return
         self.detach_mounts(parent_fd, real_top, mounts)
         try:
@@ -246,11 +318,11 @@ class _Deleter:
             return
         try:
             self.walk(tree, real_top)
-        except (TreeChanged, OSError) as exc:
-            # Only re-opening a parent gets here: someone is rearranging the tree.
-            # Stop; the next attempt starts over from the top.
-            reason = exc if isinstance(exc, OSError) else OSError(errno.ESTALE, "moved during deletion")
-            self.error(os.path.join(self.path, tree.relative()), "cannot go back up", reason)
+        except TreeChanged:
+            # Someone is rearranging the tree: stop, and start over from the top next time.
+            self.error(os.path.join(self.path, tree.relative()), "moved while being deleted")
+        except OSError as exc:  # only re-opening a parent gets here
+            self.error(os.path.join(self.path, tree.relative()), "cannot go back up", exc)
         finally:
             tree.close()
 
@@ -322,44 +394,48 @@ class _Deleter:
                 tree.current.failed = True
 
     def empty(self, tree: DirStack, frame: Frame) -> None:
-        """Unlink every non-directory in ``frame``, queueing its subdirectories on it."""
+        """Unlink every non-directory in ``frame``, queueing its subdirectories on it.
+
+        The hot loop: d_type from the listing says what is a directory, and
+        the one ``lstat`` per file is only for ``bytes``.
+        """
         fd, subdirs, count_bytes = frame.fd, frame.subdirs, self.count_bytes
         unlink = os.unlink
         files = blocks = 0
-        until_pace = self.until_pace
+        pace_at = self.until_pace
         try:
             with os.scandir(fd) as entries:
                 for entry in entries:
                     if entry.is_dir(follow_symlinks=False):
                         subdirs.append(entry.name)
                         continue
+                    name = entry.name
                     try:
-                        if count_bytes and (entry.is_file(follow_symlinks=False) or entry.is_symlink()):
+                        if count_bytes:
                             found = entry.stat(follow_symlinks=False)
-                            unlink(entry.name, dir_fd=fd)
+                            unlink(name, dir_fd=fd)
                             if found.st_nlink == 1:
                                 blocks += found.st_blocks
                         else:
-                            unlink(entry.name, dir_fd=fd)
+                            unlink(name, dir_fd=fd)
                     except FileNotFoundError:
                         continue
                     except IsADirectoryError:
-                        subdirs.append(entry.name)
+                        subdirs.append(name)
                         continue
                     except OSError as exc:
-                        self.error(os.path.join(self.path, tree.relative(entry.name)), "cannot remove", exc)
+                        self.error(os.path.join(self.path, tree.relative(name)), "cannot remove", exc)
                         frame.failed = True
                         continue
                     files += 1
-                    until_pace -= 1
-                    if not until_pace:
+                    if files == pace_at:
                         self.pace(self.result.files + self.result.dirs + files)
-                        until_pace = PACE_EVERY
+                        pace_at += PACE_EVERY
         except OSError as exc:
             self.error(os.path.join(self.path, tree.relative()), "cannot list", exc)
             frame.failed = True
         finally:
-            self.until_pace = until_pace
+            self.until_pace = pace_at - files
             self.result.files += files
             self.result.bytes += blocks * 512
 
@@ -404,9 +480,9 @@ class _Deleter:
         if mount_point not in self.result.left_mounts:
             self.result.left_mounts.append(mount_point)
 
-    def error(self, where: str, action: str, exc: OSError) -> None:
+    def error(self, where: str, what: str, exc: OSError | None = None) -> None:
         if len(self.result.errors) < MAX_ERRORS:
-            self.result.errors.append(f"{where}: {action}: {exc.strerror or exc}")
+            self.result.errors.append(f"{where}: {what}: {exc.strerror or exc}" if exc else f"{where}: {what}")
         else:
             self.dropped_errors += 1
 

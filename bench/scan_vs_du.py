@@ -1,0 +1,82 @@
+"""Time of ``scan_tree`` against ``du -s`` on one tree, in one run, and whether their bytes agree.
+
+    .venv/bin/python bench/scan_vs_du.py --dir /dev/shm             # tmpfs
+    .venv/bin/python bench/scan_vs_du.py --dir /var/tmp --cold      # regular disk, caches dropped (root)
+
+The two alternate, after one warm-up each; the ratio printed is the median of
+the rounds' ratios (below 1: faster than du).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import statistics
+import subprocess
+import tempfile
+import time
+
+from delete_vs_rm import build_tree
+
+from scratchd.mounts import mount_of, read_mounts
+from scratchd.usage import scan_tree
+
+
+def du_bytes(path: str) -> int:
+    out = subprocess.run(["du", "-s", "-B1", path], capture_output=True, text=True, check=True).stdout
+    return int(out.split()[0])
+
+
+def drop_caches() -> None:
+    os.sync()
+    with open("/proc/sys/vm/drop_caches", "w") as control:
+        control.write("3\n")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--dir", default=tempfile.gettempdir(), help="where to build the tree (default: %(default)s)")
+    parser.add_argument("--files", type=int, default=100_000)
+    parser.add_argument("--per-dir", type=int, default=100, help="files per directory (default: %(default)s)")
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--cold", action="store_true", help="drop the page, dentry and inode caches before each run (root)")
+    args = parser.parse_args()
+
+    work = tempfile.mkdtemp(prefix="scratchd-bench-", dir=args.dir)
+    tree = os.path.join(work, "tree")
+    try:
+        dirs = build_tree(tree, args.files, args.per_dir)
+        # Hard links (counted once by both) and a sparse file (allocated blocks only).
+        for i in range(0, args.files, 1000):
+            directory = os.path.join(tree, f"g{i // args.per_dir // 100}", f"d{i // args.per_dir}")
+            os.link(os.path.join(directory, f"f{i}"), os.path.join(directory, f"link{i}"))
+        with open(os.path.join(tree, "sparse"), "wb") as sparse:
+            sparse.truncate(1 << 30)
+            sparse.write(b"head")
+        os.sync()
+        fstype = mount_of(os.path.realpath(work), read_mounts()).fstype
+        du_times, scan_times = [], []
+        du_total = du_bytes(tree)
+        sample = scan_tree(tree)
+        for _ in range(args.rounds):
+            for times, action in ((du_times, lambda: du_bytes(tree)), (scan_times, lambda: scan_tree(tree))):
+                if args.cold:
+                    drop_caches()
+                start = time.perf_counter()
+                action()
+                times.append(time.perf_counter() - start)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+    ratio = statistics.median(scan / du for scan, du in zip(scan_times, du_times))
+    caches = "cold" if args.cold else "warm"
+    print(f"{args.files} files in {dirs} directories under {args.dir} ({fstype}), {caches} caches, median of {args.rounds} rounds")
+    print(f"  du -s -B1    {statistics.median(du_times):7.3f} s  {du_total:>14,} bytes")
+    print(f"  scan_tree    {statistics.median(scan_times):7.3f} s  {sample.bytes:>14,} bytes  {ratio:5.2f}x du's time")
+    agree = "agree" if sample.bytes == du_total else f"differ by {sample.bytes - du_total:+,}"
+    print(f"  bytes {agree}; scan_tree counted {sample.files:,} files")
+
+
+if __name__ == "__main__":
+    main()
