@@ -287,8 +287,8 @@ def cmd_run(args: argparse.Namespace, client: Client) -> int:
     lease = client.create_lease(**_lease_request(args), pid=os.getpid())
     try:
         env = _lease_env(lease, args.tool or (), args.env or (), verbose=args.verbose)
-        with Renewer(client, lease["id"], lease["ttl_seconds"], on_error=_renew_failed):
-            status = _run_child(command, {**os.environ, **env})
+        renewer = Renewer(client, lease["id"], lease["ttl_seconds"], on_error=_renew_failed)
+        status = _run_child(command, {**os.environ, **env}, renewer)
     except BaseException:
         client.release(lease["id"])
         raise
@@ -330,8 +330,14 @@ def _lease_env(
     return env
 
 
-def _run_child(command: Sequence[str], env: Mapping[str, str]) -> int:
-    """Run ``command``, forwarding signals to it; its exit status, 128+N if signal N killed it."""
+def _run_child(command: Sequence[str], env: Mapping[str, str], renewer: Renewer) -> int:
+    """Run ``command`` and renew the lease until it ends; its exit status, 128+N if signal N killed it.
+
+    Signals meant for us are forwarded to it. Renewals come from SIGALRM in this,
+    the only thread, while ``os.waitpid`` waits: no thread to start (``import
+    threading`` alone is 1 ms of every CI job's start-up), and every signal
+    interrupts the wait.
+    """
     import signal
 
     forwarded = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT)
@@ -341,7 +347,12 @@ def _run_child(command: Sequence[str], env: Mapping[str, str]) -> int:
         if child and not _sent_by_terminal(signum):
             os.kill(child, signum)
 
-    previous = {signum: signal.signal(signum, forward) for signum in forwarded}
+    def renew(signum: int, frame: object) -> None:
+        # One-shot timer, re-armed after each renewal: two never overlap.
+        signal.setitimer(signal.ITIMER_REAL, renewer.renew())
+
+    handlers = {**dict.fromkeys(forwarded, forward), signal.SIGALRM: renew}
+    previous = {signum: signal.signal(signum, handler) for signum, handler in handlers.items()}
     try:
         # Blocked until `child` is known, so none is lost in between.
         mask = signal.pthread_sigmask(signal.SIG_BLOCK, forwarded)
@@ -359,8 +370,10 @@ def _run_child(command: Sequence[str], env: Mapping[str, str]) -> int:
             return 127 if isinstance(error, FileNotFoundError) else 126
         finally:
             signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+        signal.setitimer(signal.ITIMER_REAL, renewer.interval)
         _, status = os.waitpid(child, 0)
     finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
         for signum, handler in previous.items():
             signal.signal(signum, handler)
     code = os.waitstatus_to_exitcode(status)

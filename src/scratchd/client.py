@@ -329,10 +329,10 @@ def _decode(status: int, content: bytes) -> dict:
 
 
 class Renewer:
-    """Renews a lease every third of its TTL from a background thread, while in a ``with`` block.
+    """Keeps a lease alive: ``renew()`` once, or every third of its TTL from a thread in a ``with`` block.
 
-    It borrows the owner's ``Client``: the owner must not use it until the block
-    ends. Failures go to ``on_error``; after one, it tries again sooner.
+    It borrows the owner's ``Client``: the owner must not use it meanwhile.
+    Failures go to ``on_error``; after one, the next try comes sooner.
     """
 
     def __init__(
@@ -342,20 +342,32 @@ class Renewer:
         ttl_seconds: float,
         on_error: Callable[[ScratchdError], None] | None = None,
     ) -> None:
-        import threading
-
+        self.interval = ttl_seconds / 3
         self._client = client
         self._lease_id = lease_id
         self._ttl = int(ttl_seconds)
         self._on_error = on_error
-        self._stopped = threading.Event()
-        self._thread = threading.Thread(target=self._run, name=f"scratchd-renew-{lease_id}", daemon=True)
+
+    def renew(self) -> float:
+        """Renew once; the seconds until the next renewal, 0 once the lease has ended."""
+        try:
+            self._client.renew(self._lease_id, self._ttl)
+        except ScratchdError as error:
+            if self._on_error is not None:
+                self._on_error(error)
+            if error.code in ("lease_ended", "lease_not_found"):
+                return 0
+            return min(self.interval, 5.0)
+        return self.interval
 
     def __enter__(self) -> Renewer:
         import signal
+        import threading
 
-        # Signals belong to the main thread: start this one with them blocked, so that
-        # a blocking call there (os.waitpid in `scratchd run`) is what they interrupt.
+        self._stopped = threading.Event()
+        self._thread = threading.Thread(target=self._run, name=f"scratchd-renew-{self._lease_id}", daemon=True)
+        # Signals belong to the main thread: start this one with them blocked, so
+        # that they interrupt what the main thread is blocked in, not this one.
         mask = signal.pthread_sigmask(signal.SIG_BLOCK, signal.valid_signals())
         try:
             self._thread.start()
@@ -368,19 +380,9 @@ class Renewer:
         self._thread.join()
 
     def _run(self) -> None:
-        interval = self._ttl / 3
-        delay = interval
-        while not self._stopped.wait(delay):
-            try:
-                self._client.renew(self._lease_id, self._ttl)
-            except ScratchdError as error:
-                if self._on_error is not None:
-                    self._on_error(error)
-                if error.code in ("lease_ended", "lease_not_found"):
-                    return
-                delay = min(interval, 5.0)
-            else:
-                delay = interval
+        delay = self.interval
+        while delay and not self._stopped.wait(delay):
+            delay = self.renew()
 
 
 class Lease:
