@@ -9,7 +9,8 @@ from importlib.metadata import version
 from fastapi import FastAPI
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from scratchd.api import errors, routes
+from scratchd import metrics
+from scratchd.api import errors, pages, routes
 from scratchd.api.identity import Identities
 from scratchd.daemon import Daemon
 
@@ -76,6 +77,8 @@ def create_app(daemon: Daemon) -> FastAPI:
     app.state.daemon = daemon
     app.state.identities = Identities(daemon.config)
     app.include_router(routes.router)
+    app.include_router(pages.router)
     errors.install(app)
     app.add_middleware(BodyLimit)
+    app.add_middleware(metrics.RequestTimer, metrics=metrics.attach(app))
     return app

@@ -1,0 +1,171 @@
+"""Prometheus metrics (SPEC §5): the daemon's state read at scrape time, and request timing.
+
+Gauges are not updated as things change: a collector reads the daemon when Prometheus
+asks, so a metric can never drift from what ``/v1/pools`` and ``/v1/usage`` answer.
+Only lease starts and ends need memory (an ended lease leaves the active set), so they
+are counted as they happen, from the manager's listeners, starting at 0 in each process.
+No label names a lease or a raw path: series stay bounded by pools × tenants × reasons
+and by route templates.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from collections.abc import Iterable, Iterator, Mapping
+
+from prometheus_client import CollectorRegistry, Histogram
+from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+from starlette.applications import Starlette
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from scratchd.api.routes import pools_json
+from scratchd.daemon import Daemon
+from scratchd.lease import EndReason, Lease
+
+# Most answers take well under a millisecond; the top buckets catch a slow disk or SQLite.
+REQUEST_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
+METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
+OTHER = "other"
+
+# Pool JSON key (SPEC §5 Pool) -> help; each becomes ``scratchd_pool_<key>{pool}``.
+POOL_GAUGES = {
+    "capacity_bytes": "Size of the filesystem the pool is on.",
+    "free_bytes": "Free space on the pool's filesystem.",
+    "reserve_bytes": "Free space the pool keeps back (config 'reserve'); below it, evictable leases go.",
+    "reserved_bytes": "Space promised to active leases (expected_bytes) and not yet written.",
+    "leased_bytes": "Allocated bytes measured in the pool's active leases.",
+}
+
+
+class LeaseCounts:
+    """Leases started and ended per pool, told by the manager after every create, renew and end.
+
+    A lease is counted as started the first time it is seen active; the leases that were
+    already active when the process started are known from the outset, so a renew after a
+    restart is not mistaken for a start.
+    """
+
+    def __init__(self, active: Iterable[str]) -> None:
+        self._live = set(active)
+        self.created: Counter[str] = Counter()
+        self.ended: Counter[tuple[str, str]] = Counter()
+
+    def __call__(self, lease: Lease) -> None:
+        if lease.active:
+            if lease.id not in self._live:
+                self._live.add(lease.id)
+                self.created[lease.pool] += 1
+        else:
+            self._live.discard(lease.id)
+            self.ended[lease.pool, str(lease.end_reason)] += 1
+
+
+class DaemonCollector(Collector):
+    """Reads pools, leases and the trash at scrape time; runs on the event loop like the routes."""
+
+    def __init__(self, daemon: Daemon) -> None:
+        self._daemon = daemon
+        self.counts = LeaseCounts(daemon.manager.active)
+        # First in line: a listener before it may end the lease it is told about (a bound
+        # process already gone), and the counts must see the start before that end.
+        daemon.manager.listeners.insert(0, self.counts)
+
+    def collect(self) -> Iterator[Metric]:
+        pools = pools_json(self._daemon)
+        names = sorted({p["name"] for p in pools} | set(self.counts.created) | {p for p, _ in self.counts.ended})
+        for key, text in POOL_GAUGES.items():
+            yield _family(GaugeMetricFamily(f"scratchd_pool_{key}", text, labels=["pool"]),
+                          {(p["name"],): p[key] for p in pools})
+        yield _family(GaugeMetricFamily("scratchd_pool_up", "1 when the pool takes leases (state ok), else 0.",
+                                        labels=["pool"]),
+                      {(p["name"],): int(p["state"] == "ok") for p in pools})
+
+        active = Counter((lease.pool, lease.tenant) for lease in self._daemon.manager.active.values())
+        yield _family(GaugeMetricFamily("scratchd_leases_active", "Active leases.", labels=["pool", "tenant"]),
+                      active)
+        yield _family(CounterMetricFamily("scratchd_leases_created", "Leases started since the daemon started.",
+                                          labels=["pool"]),
+                      {(pool,): self.counts.created[pool] for pool in names})
+        # Every (pool, reason) from 0, so rate() sees an end's first occurrence.
+        ended = {(pool, reason.value): self.counts.ended[pool, reason.value] for pool in names for reason in EndReason}
+        yield _family(CounterMetricFamily("scratchd_leases_ended", "Leases ended since the daemon started.",
+                                          labels=["pool", "reason"]),
+                      ended)
+
+        trash = self._daemon.trash
+        yield GaugeMetricFamily("scratchd_reclaim_pending", "Ended leases' trees waiting to be deleted.",
+                                value=trash.pending)
+        yield GaugeMetricFamily("scratchd_reclaim_pending_bytes", "Estimated bytes waiting to be deleted.",
+                                value=trash.pending_bytes)
+        yield CounterMetricFamily("scratchd_reclaimed", "Trees deleted completely since the daemon started.",
+                                  value=trash.reclaimed_total)
+        yield CounterMetricFamily("scratchd_reclaimed_bytes", "Bytes freed by deletion since the daemon started.",
+                                  value=trash.reclaimed_bytes_total)
+
+
+def _family(family: GaugeMetricFamily | CounterMetricFamily, samples: Mapping[tuple[str, ...], int]) -> Metric:
+    for labels, value in samples.items():
+        family.add_metric(list(labels), value)
+    return family
+
+
+class Metrics:
+    """One app's metrics in a registry of its own, so two apps in one process never mix."""
+
+    def __init__(self, daemon: Daemon) -> None:
+        self.registry = CollectorRegistry()
+        self.registry.register(DaemonCollector(daemon))
+        self.request_duration = Histogram(
+            "scratchd_request_duration_seconds", "Time to answer an HTTP request, by route template.",
+            ["route", "method", "status"], buckets=REQUEST_BUCKETS, registry=self.registry,
+        )
+
+
+def attach(app: Starlette) -> Metrics:
+    """Give ``app`` its metrics as ``app.state.metrics`` (read by ``/metrics``) and return them."""
+    app.state.metrics = Metrics(app.state.daemon)
+    return app.state.metrics  # type: ignore[no-any-return]
+
+
+class RequestTimer:
+    """Times every HTTP request into ``scratchd_request_duration_seconds``.
+
+    Pure ASGI (not ``BaseHTTPMiddleware``, which adds a task and a stream per request):
+    it is on every request's path. The route is the matched template (the router puts
+    it in the scope), so ``/v1/leases/abc`` counts as ``/v1/leases/{lease_id}``; no
+    match is ``other``. Histogram children are cached: ``labels()`` takes a lock.
+    """
+
+    def __init__(self, app: ASGIApp, metrics: Metrics) -> None:
+        self.app = app
+        self._histogram = metrics.request_duration
+        self._children: dict[tuple[str, str, int], Histogram] = {}
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        status = 500  # what the server answers if the app raises before starting a response
+
+        async def send_with_status(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        start = time.perf_counter()
+        try:
+            await self.app(scope, receive, send_with_status)
+        finally:
+            self._child(scope, status).observe(time.perf_counter() - start)
+
+    def _child(self, scope: Scope, status: int) -> Histogram:
+        route = getattr(scope.get("route"), "path", OTHER)
+        method = scope["method"] if scope["method"] in METHODS else OTHER
+        key = (route, method, status)
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = self._histogram.labels(route, method, str(status))
+        return child
