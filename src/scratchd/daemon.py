@@ -9,10 +9,12 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import signal
 import time
 from collections.abc import Callable
 
-from scratchd.config import Config
+from scratchd import sdnotify
+from scratchd.config import Config, ConfigError, load_config
 from scratchd.errors import Refused
 from scratchd.lease import EndReason, Lease
 from scratchd.manager import LeaseManager
@@ -30,9 +32,12 @@ log = logging.getLogger("scratchd")
 
 
 class Daemon:
-    def __init__(self, config: Config, clock: Callable[[], float] = time.time) -> None:
+    def __init__(self, config: Config, config_path: str | None = None,
+                 clock: Callable[[], float] = time.time) -> None:
         self.config = config
+        self.config_path = config_path
         self.clock = clock
+        self.reload_listeners: list[Callable[[Config], None]] = []
         self.store = Store(config.server.state_dir)
         self.mounts = MountTable()
         self.pools = PoolSet(config.pool)
@@ -44,6 +49,7 @@ class Daemon:
         self.usage = UsageMonitor(self, clock)
         self._watched: set[str] = set()
         self._gc_task: asyncio.Task[None] | None = None
+        self._watchdog_task: asyncio.Task[None] | None = None
         self.ready = False
 
     # -- lifecycle --------------------------------------------------------------------------
@@ -54,17 +60,25 @@ class Daemon:
         self._reconcile()
         self.trash.start()
         self.usage.start()
-        self._gc_task = asyncio.get_running_loop().create_task(self._gc_loop(), name="scratchd-gc")
+        loop = asyncio.get_running_loop()
+        self._gc_task = loop.create_task(self._gc_loop(), name="scratchd-gc")
+        self._watchdog_task = loop.create_task(sdnotify.watchdog_loop(), name="scratchd-watchdog")
+        loop.add_signal_handler(signal.SIGHUP, self.reload)
         self.ready = True
+        sdnotify.ready(f"{len(self.manager.active)} active leases")
 
     async def stop(self) -> None:
+        """Stop background work; every active lease and its directory stay as they are."""
+        sdnotify.stopping()
         self.ready = False
-        if self._gc_task is not None:
-            self._gc_task.cancel()
-            try:
-                await self._gc_task
-            except asyncio.CancelledError:
-                pass
+        asyncio.get_running_loop().remove_signal_handler(signal.SIGHUP)
+        for task in (self._gc_task, self._watchdog_task):
+            if task is not None:
+                task.cancel()
+                try:
+                    await task
+                except asyncio.CancelledError:
+                    pass
         await self.usage.stop()
         await self.trash.stop()
         self.pids.close()
@@ -88,6 +102,44 @@ class Daemon:
                 self.end_lease(lease, EndReason.DIRECTORY_REMOVED)
             elif lease.pid is not None and not self.pids.bind(lease.id, lease.pid, lease.pid_start_time):
                 self.end_lease(lease, EndReason.PROCESS_EXITED, pid=lease.pid)
+
+    def reload(self) -> bool:
+        """SIGHUP: take the config file again (SPEC §7); a bad one is refused and changes nothing.
+
+        New pools start taking leases; a dropped pool takes no new ones, and its active
+        leases live on until they end. ``server.*`` settings need a restart (logged).
+        """
+        if self.config_path is None:
+            log.warning("reload: running on the embedded default, there is no config file to read")
+            return False
+        sdnotify.reloading()
+        try:
+            config = load_config(self.config_path)
+        except ConfigError as exc:
+            log.error("reload refused: bad config; keeping the running one", extra={"error": str(exc)})
+            sdnotify.ready("reload refused: bad config")
+            return False
+        if config.server != self.config.server:
+            log.warning("reload: [server] changes take effect at the next restart")
+            config = config.model_copy(update={"server": self.config.server})
+        old_pools = {p.name for p in self.config.pool}
+        self.config = self.manager.config = config
+        self.pools.replace_configs(config.pool)
+        for name in old_pools - {p.name for p in config.pool}:
+            self.watcher.unwatch(name)
+            self._watched.discard(name)
+        self._watched &= {p.name for p in config.pool}
+        for listener in self.reload_listeners:
+            listener(config)
+        self._refresh_pools()
+        try:
+            self.store.append_events([NewEvent("config_reloaded", details={
+                "pools": [p.name for p in config.pool]})], self.clock())
+        except StoreError as exc:
+            log.warning("cannot record reload", extra={"error": str(exc)})
+        log.info("config reloaded", extra={"pools": [p.name for p in config.pool]})
+        sdnotify.ready(f"{len(self.manager.active)} active leases")
+        return True
 
     # -- the GC loop ------------------------------------------------------------------------
 

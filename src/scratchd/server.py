@@ -11,6 +11,7 @@ import asyncio
 import errno
 import logging
 import os
+import signal
 import socket
 import stat
 import struct
@@ -119,7 +120,7 @@ def serve(config_path: str | None) -> int:
         print(f"scratchd: {exc}", file=sys.stderr)
         return EXIT_START
 
-    daemon = Daemon(config)
+    daemon = Daemon(config, config_path)
     app = create_app(daemon)
     server = uvicorn.Server(uvicorn.Config(
         app, http=PeerCredProtocol, loop="uvloop", lifespan="on", access_log=False, log_config=None,
@@ -127,6 +128,9 @@ def serve(config_path: str | None) -> int:
     ))
     log.info("serving", extra={"socket": config.server.socket, "listen": config.server.listen or None,
                                "pools": [p.name for p in config.pool]})
+    # uvicorn re-raises the stop signal once it has shut down; a graceful stop exits 0.
+    signal.signal(signal.SIGTERM, lambda *_: None)
+    signal.signal(signal.SIGINT, lambda *_: None)
     try:
         server.run(sockets=sockets)
     finally:

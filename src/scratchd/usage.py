@@ -8,12 +8,24 @@ counted themselves but not entered.
 
 from __future__ import annotations
 
+import asyncio
+import heapq
+import logging
 import os
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-from scratchd.reclaim.deleter import PACE_EVERY, DirStack, DirStat, ForeignMount, Frame
+from scratchd.lease import Lease, Usage
+from scratchd.reclaim.deleter import PACE_EVERY, DirStack, DirStat, ForeignMount, Frame, TreeChanged
+from scratchd.store import StoreError
+
+if TYPE_CHECKING:
+    from scratchd.daemon import Daemon
+
+log = logging.getLogger("scratchd.usage")
 
 
 @dataclass(frozen=True, slots=True)
@@ -131,3 +143,126 @@ class _Scan:
             self.blocks += blocks
             self.files += files
             self.newest = newest
+
+
+# -- keeping usage fresh ------------------------------------------------------------------
+
+# A scan may use at most this share of wall time (the rest it sleeps), so a host full
+# of huge leases costs a bounded slice of one core and the event loop keeps the GIL.
+SCAN_DUTY_CYCLE = 0.5
+# Leases whose figures drive a decision (idle timeout, byte limit, reservation) are
+# rescanned every gc.interval; the rest at most this often.
+BACKGROUND_PERIOD_SECONDS = 60.0
+FLUSH_SECONDS = 1.0
+
+
+class UsageMonitor:
+    """Scans active leases one at a time in a worker thread, most overdue first.
+
+    Results go to the in-memory leases at once (the GC loop decides on them) and to
+    the store in batches: a lost batch costs one rescan, not correctness.
+    """
+
+    def __init__(self, daemon: Daemon, clock: Callable[[], float]) -> None:
+        self._daemon = daemon
+        self._clock = clock
+        self._due: list[tuple[float, str]] = []
+        self._queued: set[str] = set()
+        self._dirty: dict[str, Lease] = {}
+        self._wakeup = asyncio.Event()
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="scratchd-usage")
+        self._task: asyncio.Task[None] | None = None
+        daemon.manager.listeners.append(self._lease_changed)
+
+    def start(self) -> None:
+        now = self._clock()
+        for lease in self._daemon.manager.active.values():
+            self._schedule(lease.id, now)
+        self._task = asyncio.get_running_loop().create_task(self._run(), name="scratchd-usage")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            try:
+                await self._task
+            except asyncio.CancelledError:
+                pass
+        self._executor.shutdown(wait=True, cancel_futures=True)
+        self._flush()
+
+    def _period(self, lease: Lease) -> float:
+        interval = self._daemon.config.gc.interval
+        if lease.idle_timeout_seconds or lease.max_bytes or lease.expected_bytes or lease.evictable:
+            return interval
+        return max(interval, BACKGROUND_PERIOD_SECONDS)
+
+    def _schedule(self, lease_id: str, when: float) -> None:
+        if lease_id not in self._queued:
+            self._queued.add(lease_id)
+            heapq.heappush(self._due, (when, lease_id))
+            self._wakeup.set()
+
+    def _lease_changed(self, lease: Lease) -> None:
+        if lease.active:  # a new lease is empty: its first scan can wait a period
+            self._schedule(lease.id, self._clock() + self._period(lease))
+
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        last_flush = time.monotonic()
+        while True:
+            if time.monotonic() - last_flush >= FLUSH_SECONDS:
+                self._flush()
+                last_flush = time.monotonic()
+            if not self._due:
+                self._wakeup.clear()
+                await self._wakeup.wait()
+                continue
+            when, lease_id = self._due[0]
+            wait = when - self._clock()
+            if wait > 0:
+                self._wakeup.clear()
+                try:
+                    await asyncio.wait_for(self._wakeup.wait(), timeout=min(wait, FLUSH_SECONDS))
+                except TimeoutError:
+                    pass
+                continue
+            heapq.heappop(self._due)
+            self._queued.discard(lease_id)
+            lease = self._daemon.manager.active.get(lease_id)
+            if lease is None:
+                continue
+            started = time.monotonic()
+            try:
+                sample = await loop.run_in_executor(self._executor, scan_tree, lease.path)
+            except FileNotFoundError:
+                sample = None
+            except (OSError, TreeChanged) as exc:
+                log.warning("usage scan failed; will retry", extra={"lease": lease_id, "error": str(exc)})
+                self._schedule(lease_id, self._clock() + self._period(lease))
+                continue
+            elapsed = time.monotonic() - started
+            self._apply(lease_id, sample)
+            await asyncio.sleep(elapsed * (1 / SCAN_DUTY_CYCLE - 1))
+
+    def _apply(self, lease_id: str, sample: UsageSample | None) -> None:
+        lease = self._daemon.manager.active.get(lease_id)
+        if lease is None:
+            return
+        if sample is None or not os.path.lexists(lease.path):
+            self._daemon.lease_directory_gone(lease)
+            return
+        lease.usage = Usage(bytes=sample.bytes, files=sample.files, measured_at=sample.measured_at)
+        newest = min(sample.newest_mtime, sample.measured_at)
+        if lease.last_activity_at is None or newest > lease.last_activity_at:
+            lease.last_activity_at = newest
+        self._dirty[lease.id] = lease
+        self._schedule(lease.id, sample.measured_at + self._period(lease))
+
+    def _flush(self) -> None:
+        if not self._dirty:
+            return
+        leases, self._dirty = list(self._dirty.values()), {}
+        try:
+            self._daemon.store.save_usage(leases)
+        except StoreError as exc:
+            log.warning("cannot save usage", extra={"error": str(exc)})
