@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from importlib.metadata import version
@@ -12,7 +13,10 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from scratchd import metrics
 from scratchd.api import errors, pages, routes
 from scratchd.api.identity import Identities
+from scratchd.config import Config
 from scratchd.daemon import Daemon
+
+log = logging.getLogger("scratchd")
 
 MAX_BODY_BYTES = 64 * 1024
 
@@ -58,6 +62,14 @@ class _TooLarge(Exception):
     pass
 
 
+def _identities(config: Config) -> Identities:
+    identities = Identities(config)
+    missing = identities.unknown_admins()
+    if missing:  # one config often serves many hosts: a warning, not an error (SPEC §7)
+        log.warning("admins not known on this host", extra={"admins": missing})
+    return identities
+
+
 def create_app(daemon: Daemon) -> FastAPI:
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -75,7 +87,8 @@ def create_app(daemon: Daemon) -> FastAPI:
         openapi_url="/openapi.json",
     )
     app.state.daemon = daemon
-    app.state.identities = Identities(daemon.config)
+    app.state.identities = _identities(daemon.config)
+    daemon.reload_listeners.append(lambda config: setattr(app.state, "identities", _identities(config)))
     app.include_router(routes.router)
     app.include_router(pages.router)
     errors.install(app)
