@@ -3,7 +3,8 @@
 - systemd: ``systemd-analyze verify`` accepts the unit, and the daemon does its
   whole job (chown a lease to another uid, watch another uid's process, delete
   another uid's mode-000 tree, detach a mount) with exactly the unit's
-  CapabilityBoundingSet, and degrades as documented with the DaemonSet's.
+  CapabilityBoundingSet, and degrades as documented with the DaemonSet's; the
+  daemon speaks the notify protocol (READY, RELOADING, WATCHDOG, STOPPING).
 - container: the Dockerfile cannot be built here (no engine), so its
   instructions are checked, its baked config parsed and its HEALTHCHECK run.
 - Kubernetes: every object validates offline against the bundled schemas.
@@ -17,6 +18,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -445,3 +447,32 @@ def test_ci_pod_sees_pool_and_socket_at_the_daemons_paths() -> None:
     (pool_mount,) = [path for path in ci if config.pool[0].path.startswith(path + "/")]
     assert env["WORKSPACE"].startswith(pool_mount + "/") and daemon[pool_mount] == ci[pool_mount]
     assert "scratchd run --near \"$WORKSPACE\" --tool uv -- uv pip install" in pod["spec"]["containers"][0]["args"][0]
+
+
+def test_daemon_speaks_the_notify_protocol_the_unit_expects(make_daemon: Any, tmp_path: Path,
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """Type=notify + ExecReload=kill -HUP + WatchdogSec=, against the real daemon process."""
+    notify_path = tmp_path / "notify.sock"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as notify:
+        notify.bind(str(notify_path))
+        notify.settimeout(10)
+        monkeypatch.setenv("NOTIFY_SOCKET", str(notify_path))
+        monkeypatch.setenv("WATCHDOG_USEC", "400000")
+        daemon = make_daemon(start=False)
+        daemon.start()
+
+        def next_message(prefix: str) -> str:
+            while not (message := notify.recv(4096).decode()).startswith(prefix):
+                pass
+            return message
+
+        assert next_message("READY=1")
+        assert next_message("WATCHDOG=1") and next_message("WATCHDOG=1")
+        assert daemon.process is not None
+        daemon.process.send_signal(signal.SIGHUP)
+        reloading = dict(line.split("=", 1) for line in next_message("RELOADING=1").splitlines())
+        assert int(reloading["MONOTONIC_USEC"]) > 0
+        assert next_message("READY=1")
+        daemon.process.send_signal(signal.SIGTERM)
+        assert next_message("STOPPING=1")
+        assert daemon.stop() == 0
