@@ -437,19 +437,17 @@ def cmd_ls(args: argparse.Namespace, client: Client) -> int:
     if args.json:
         _print_json(data)
         return EXIT_OK
-    header = ["ID", "POOL", "TENANT", *(["STATE"] if args.all else []), "USED", "EXPIRES", "LABELS"]
+    # With --all, STATE (active, or why it ended) takes the place of EXPIRES: both do not fit 80 columns.
+    header = ["ID", "POOL", "TENANT", "USED", "STATE" if args.all else "EXPIRES", "LABELS"]
     rows = []
     for lease in data["leases"]:
         active = lease["state"] == "active"
-        row = [lease["id"], lease["pool"], str(lease["tenant"])]
         if args.all:
-            row.append("active" if active else str(lease["end_reason"]))
-        row += [
-            format_size((lease.get("usage") or {}).get("bytes")),
-            _relative(lease["expires_at"]) if active else "-",
-            _labels(lease.get("labels")),
-        ]
-        rows.append(row)
+            state = "active" if active else str(lease["end_reason"])
+        else:
+            state = _relative(lease["expires_at"])
+        used = format_size((lease.get("usage") or {}).get("bytes"))
+        rows.append([lease["id"], lease["pool"], str(lease["tenant"]), used, state, _labels(lease.get("labels"))])
     _table(header, rows)
     return EXIT_OK
 
@@ -590,13 +588,18 @@ def _print_json(data: object) -> None:
 
 
 def _table(header: Sequence[str], rows: Iterable[Sequence[str]]) -> None:
-    """An aligned table for people, as wide as the terminal (80 columns when not a terminal)."""
+    """An aligned table for people, as wide as the terminal (80 columns when not a terminal).
+
+    The first column, an id or a name people copy, is kept whole; the others fold.
+    """
     from rich.console import Console
     from rich.table import Table
 
+    rows = list(rows)
     table = Table(box=None, pad_edge=False, header_style="bold", show_edge=False)
-    for name in header:
-        # Folded, never cropped: a cropped id would be a wrong one.
+    first = max((len(row[0]) for row in rows), default=0)
+    table.add_column(header[0], no_wrap=True, min_width=max(first, len(header[0])))
+    for name in header[1:]:
         table.add_column(name, overflow="fold", min_width=len(name))
     for row in rows:
         table.add_row(*row)

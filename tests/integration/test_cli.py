@@ -1,0 +1,267 @@
+"""The ``scratchd`` command and the Python client against a real daemon process."""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import signal
+import subprocess
+import sys
+
+import pytest
+
+import scratchd
+from conftest import wait_for
+
+SCRATCHD = [sys.executable, "-m", "scratchd"]
+HEAVY = ("fastapi", "uvicorn", "pydantic", "starlette", "rich", "watchdog", "http", "typing")
+
+
+def cli(daemon, *argv: str, env: dict[str, str] | None = None, **kwargs) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [*SCRATCHD, *argv],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "SCRATCHD_SOCKET": daemon.socket, **(env or {})},
+        **kwargs,
+    )
+
+
+def lease_state(daemon, lease_id: str) -> dict:
+    response = daemon.request("GET", f"/v1/leases/{lease_id}")
+    assert response.status_code == 200, response.text
+    return response.json()
+
+
+def test_lease_show_ls_renew_release(daemon, tmp_path) -> None:
+    created = cli(daemon, "lease", "--json", "--ttl", "10m", "--label", "job=42", "--near", str(tmp_path))
+    assert created.returncode == 0, created.stderr
+    lease = json.loads(created.stdout)
+    assert lease["state"] == "active" and lease["ttl_seconds"] == 600 and lease["labels"] == {"job": "42"}
+    assert os.path.isdir(lease["path"])
+
+    shown = cli(daemon, "show", lease["id"], "--json")
+    assert shown.returncode == 0, shown.stderr
+    assert json.loads(shown.stdout)["id"] == lease["id"]
+    human = cli(daemon, "show", lease["id"])
+    assert human.returncode == 0, human.stderr
+    assert lease["path"] in human.stdout and "job=42" in human.stdout
+
+    listed = cli(daemon, "ls", "--json")
+    assert lease["id"] in [item["id"] for item in json.loads(listed.stdout)["leases"]]
+    assert lease["id"] in cli(daemon, "ls").stdout
+
+    renewed = cli(daemon, "renew", lease["id"], "--ttl", "2h")
+    assert renewed.returncode == 0, renewed.stderr
+    assert lease_state(daemon, lease["id"])["expires_at"] > lease["expires_at"]
+
+    released = cli(daemon, "release", lease["id"])
+    assert released.returncode == 0, released.stderr
+    ended = lease_state(daemon, lease["id"])
+    assert (ended["state"], ended["end_reason"]) == ("ended", "released")
+    assert not os.path.exists(lease["path"])
+    assert lease["id"] not in cli(daemon, "ls").stdout
+    assert lease["id"] in cli(daemon, "ls", "--all").stdout
+
+
+def test_lease_prints_its_path_and_sends_the_current_directory(daemon, tmp_path) -> None:
+    result = cli(daemon, "lease", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    path = result.stdout.strip()
+    assert os.path.isdir(path)
+    lease = lease_state(daemon, os.path.basename(path))
+    assert lease["same_filesystem"] is not None  # `near` was sent
+
+
+def test_lease_shell_is_eval_able(daemon) -> None:
+    lease_cmd = shlex.join([*SCRATCHD, "lease", "--shell", "--tool", "uv", "--tool", "go"])
+    script = (
+        f'eval "$({lease_cmd})" || exit 10\n'
+        'test -d "$SCRATCHD_LEASE_PATH" || exit 11\n'
+        'test "$UV_CACHE_DIR" = "$SCRATCHD_LEASE_PATH/uv" && test -d "$UV_CACHE_DIR" || exit 12\n'
+        'test -d "$GOTMPDIR" && test "$GOFLAGS" = -modcacherw || exit 13\n'
+        'echo "$SCRATCHD_LEASE_ID"\n'
+    )
+    env = {**os.environ, "SCRATCHD_SOCKET": daemon.socket, "GOFLAGS": ""}
+    result = subprocess.run(["sh", "-c", script], capture_output=True, text=True, timeout=60, env=env)
+    assert result.returncode == 0, result.stderr
+    assert lease_state(daemon, result.stdout.strip())["state"] == "active"
+
+
+def test_run_gives_the_command_a_lease_and_releases_it(daemon) -> None:
+    script = 'test -d "$SCRATCHD_LEASE_PATH" && test -d "$OUT" && test -d "$UV_CACHE_DIR" && echo "$SCRATCHD_LEASE_ID"'
+    result = cli(daemon, "run", "--tool", "uv", "--env", "OUT=build/out", "--", "sh", "-c", script)
+    assert result.returncode == 0, result.stderr
+    lease = lease_state(daemon, result.stdout.strip())
+    assert (lease["state"], lease["end_reason"]) == ("ended", "released")
+    assert lease["pid"] is not None
+    assert not os.path.exists(lease["path"])
+
+
+def test_run_exits_with_the_commands_status(daemon) -> None:
+    assert cli(daemon, "run", "--", "sh", "-c", "exit 7").returncode == 7
+
+
+def test_run_reports_a_signal_as_128_plus_n(daemon) -> None:
+    assert cli(daemon, "run", "--", "sh", "-c", "kill -KILL $$").returncode == 128 + signal.SIGKILL
+
+
+def test_run_of_a_missing_command_is_127_and_releases(daemon) -> None:
+    result = cli(daemon, "run", "--", "no-such-command-scratchd")
+    assert result.returncode == 127
+    assert "no-such-command-scratchd" in result.stderr
+    assert daemon.request("GET", "/v1/leases").json()["leases"] == []
+
+
+def test_sigterm_is_forwarded_to_the_command(daemon) -> None:
+    process = subprocess.Popen(
+        [*SCRATCHD, "run", "--", "sh", "-c", 'echo "$SCRATCHD_LEASE_ID"; exec sleep 60'],
+        stdout=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "SCRATCHD_SOCKET": daemon.socket},
+    )
+    try:
+        lease_id = process.stdout.readline().strip()  # the command is running
+        assert lease_id
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=30) == 128 + signal.SIGTERM
+    finally:
+        process.kill()
+        process.wait()
+    assert lease_state(daemon, lease_id)["end_reason"] == "released"
+
+
+def test_run_renews_the_lease_while_the_command_runs(daemon) -> None:
+    # A 3 s lease outlives 5 s of work only if it is renewed (every second here).
+    script = 'sleep 5; test -d "$SCRATCHD_LEASE_PATH" && echo "$SCRATCHD_LEASE_ID"'
+    result = cli(daemon, "run", "--ttl", "3s", "--", "sh", "-c", script)
+    assert result.returncode == 0, result.stderr
+    assert lease_state(daemon, result.stdout.strip())["end_reason"] == "released"
+
+
+@pytest.mark.parametrize("command", [["lease"], ["run", "--", "true"]])
+def test_a_refusal_is_exit_1_with_the_code(daemon, command: list[str]) -> None:
+    result = cli(daemon, command[0], "--pool", "nope", *command[1:])
+    assert result.returncode == 1
+    assert "pool_not_found" in result.stderr
+    assert result.stderr.startswith("scratchd: pool_not_found: ")
+
+
+def test_unknown_lease_is_exit_1(daemon) -> None:
+    result = cli(daemon, "show", "nosuchlease0000000000")
+    assert result.returncode == 1
+    assert "lease_not_found" in result.stderr
+
+
+def test_tables_fit_80_columns(daemon) -> None:
+    for n in range(3):
+        daemon.lease(labels={"job": f"build-{n}", "branch": "feature/a-rather-long-branch-name-here"})
+    ended = daemon.lease()
+    daemon.request("DELETE", f"/v1/leases/{ended['id']}")
+    for command in (["ls"], ["ls", "--all"], ["pools"], ["usage"]):
+        result = cli(daemon, *command, env={"COLUMNS": "80"})
+        assert result.returncode == 0, result.stderr
+        lines = result.stdout.splitlines()
+        assert lines, command
+        too_long = [line for line in lines if len(line) > 80]
+        assert not too_long, (command, too_long)
+    assert ended["id"] in cli(daemon, "ls", "--all", env={"COLUMNS": "80"}).stdout
+
+
+def test_pools_json_is_the_api_body(daemon) -> None:
+    result = cli(daemon, "pools", "--json")
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout) == daemon.request("GET", "/v1/pools").json()
+
+
+def test_events_and_follow(daemon) -> None:
+    lease = daemon.lease()
+    events = json.loads(cli(daemon, "events", "--json").stdout)["events"]
+    assert any(e["kind"] == "lease_created" and e["lease_id"] == lease["id"] for e in events)
+
+    follower = subprocess.Popen(
+        [*SCRATCHD, "events", "--follow", "--json", "--since", str(events[-1]["seq"])],
+        stdout=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "SCRATCHD_SOCKET": daemon.socket},
+    )
+    try:
+        daemon.request("DELETE", f"/v1/leases/{lease['id']}")
+        seen = []
+        while not any(e["kind"] == "lease_ended" and e["lease_id"] == lease["id"] for e in seen):
+            line = follower.stdout.readline()
+            assert line, "follower stopped"
+            seen.append(json.loads(line))
+        follower.send_signal(signal.SIGINT)
+        assert follower.wait(timeout=30) == 0
+    finally:
+        follower.kill()
+        follower.wait()
+
+
+def test_run_path_imports_nothing_heavy(daemon) -> None:
+    result = subprocess.run(
+        [sys.executable, "-X", "importtime", "-m", "scratchd", "run", "--tool", "uv", "--", "true"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "SCRATCHD_SOCKET": daemon.socket},
+    )
+    assert result.returncode == 0, result.stderr
+    imported = {line.rsplit("|", 1)[-1].strip() for line in result.stderr.splitlines() if "|" in line}
+    assert "scratchd.client" in imported
+    assert not [name for name in imported if name.split(".")[0] in HEAVY]
+
+
+# -- the Python client ---------------------------------------------------------------
+
+
+def test_lease_context_manager_renews_and_releases(daemon, tmp_path) -> None:
+    client = scratchd.Client(socket=daemon.socket)
+    with scratchd.lease(near=str(tmp_path), ttl_seconds=60, client=client, labels={"tool": "py"}) as held:
+        assert os.path.isdir(held) and held.data["labels"] == {"tool": "py"}
+        assert client.get_lease(held.id)["state"] == "active"
+    assert not os.path.exists(held.path)
+    assert client.get_lease(held.id)["end_reason"] == "released"
+
+
+def test_lease_context_manager_releases_on_errors(daemon, monkeypatch) -> None:
+    monkeypatch.setenv("SCRATCHD_SOCKET", daemon.socket)
+    with pytest.raises(RuntimeError), scratchd.lease() as held:
+        raise RuntimeError("build failed")
+    assert lease_state(daemon, held.id)["end_reason"] == "released"
+
+
+def test_client_errors_carry_the_envelope(daemon) -> None:
+    with scratchd.Client(socket=daemon.socket) as client:
+        with pytest.raises(scratchd.ScratchdError) as caught:
+            client.create_lease(ttl_seconds="60")
+        assert (caught.value.status, caught.value.code) == (422, "invalid_request")
+        assert caught.value.message and caught.value.details
+
+
+def test_client_reconnects_after_the_daemon_restarts(daemon) -> None:
+    with scratchd.Client(socket=daemon.socket) as client:
+        assert client.health()["status"]
+        daemon.restart()
+        assert client.health()["status"]  # the kept-alive connection was closed
+        daemon.restart()
+        lease = client.create_lease(ttl_seconds=60)  # a POST, not sent on the dead connection
+        assert client.get_lease(lease["id"])["state"] == "active"
+
+
+def test_client_unreachable(tmp_path) -> None:
+    client = scratchd.Client(socket=str(tmp_path / "none.sock"))
+    with pytest.raises(scratchd.DaemonUnreachable) as caught:
+        client.health()
+    assert caught.value.code == "unreachable"
+    assert str(tmp_path / "none.sock") in caught.value.message
+
+
+def test_renewal_keeps_a_short_lease_alive(daemon) -> None:
+    with scratchd.lease(ttl_seconds=2, client=scratchd.Client(socket=daemon.socket)) as held:
+        first = held.data["expires_at"]
+        wait_for(lambda: lease_state(daemon, held.id)["expires_at"] > first, timeout=10, what="a renewal")
+        assert lease_state(daemon, held.id)["state"] == "active"
