@@ -471,7 +471,7 @@ def cmd_show(args: argparse.Namespace, client: Client) -> int:
         ("idle timeout", format_duration(lease.get("idle_timeout_seconds"))),
         ("last activity", _relative(lease.get("last_activity_at"))),
         ("pid", str(lease["pid"]) if lease.get("pid") is not None else "-"),
-        ("used", f"{format_size(usage.get('bytes'))} in {usage.get('files', '-')} files ({_relative(usage.get('measured_at'))})"),
+        ("used", f"{format_size(usage.get('bytes'))} in {usage.get('files', '-')} files (measured {_relative(usage.get('measured_at'))})"),
         ("max size", format_size(lease.get("max_bytes"))),
         ("expected", format_size(lease.get("expected_bytes"))),
         ("evictable", "yes" if lease.get("evictable") else "no"),
