@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shlex
 import signal
+import socket
 import subprocess
 import sys
 
@@ -213,6 +215,26 @@ def test_run_path_imports_nothing_heavy(daemon) -> None:
     imported = {line.rsplit("|", 1)[-1].strip() for line in result.stderr.splitlines() if "|" in line}
     assert "scratchd.client" in imported
     assert not [name for name in imported if name.split(".")[0] in HEAVY]
+
+
+def test_over_tcp_with_a_token(make_daemon) -> None:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    secret = "ci-secret"
+    make_daemon(
+        server={"listen": f"127.0.0.1:{port}"},
+        token=[{"name": "ci", "sha256": hashlib.sha256(secret.encode()).hexdigest(), "role": "tenant", "tenant": "ci"}],
+    )
+    url = f"http://127.0.0.1:{port}"
+    env = {**os.environ, "SCRATCHD_SOCKET": "", "SCRATCHD_URL": url}
+    run = [*SCRATCHD, "lease", "--json", "--near", "/"]
+    refused = subprocess.run(run, capture_output=True, text=True, timeout=60, env=env)
+    assert refused.returncode == 1
+    assert "unauthenticated" in refused.stderr
+    leased = subprocess.run(run, capture_output=True, text=True, timeout=60, env={**env, "SCRATCHD_TOKEN": secret})
+    assert leased.returncode == 0, leased.stderr
+    assert json.loads(leased.stdout)["tenant"] == "ci"
 
 
 # -- the Python client ---------------------------------------------------------------
