@@ -41,9 +41,10 @@ class UsageSample:
 def scan_tree(path: str, *, pace: Callable[[int], None] | None = None) -> UsageSample:
     """Measure the tree at ``path`` (a directory) the way ``du -s`` would, without leaving its mount.
 
-    Raises OSError if ``path`` itself cannot be opened (it is gone: the
-    caller's cue), and TreeChanged if the tree is rearranged under a deep
-    walk; problems further down only leave things uncounted.
+    Raises OSError if ``path`` itself cannot be opened (gone: the caller's
+    cue), is a mount of its own (ForeignMount), or is rearranged under a
+    deep walk (TreeChanged); problems further down only leave things
+    uncounted.
     """
     parent_path, name = os.path.split(os.path.abspath(path))
     parent_fd = os.open(parent_path, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)

@@ -13,7 +13,7 @@ import pytest
 from conftest import bind_mount, needs_root, tmpfs
 from test_deleter import MAX_OPEN_DIRS, NOBODY, deep_chain, fd_limit, open_fds, run_as
 
-from scratchd.reclaim.deleter import delete_tree
+from scratchd.reclaim.deleter import ForeignMount, delete_tree
 from scratchd.usage import UsageSample, scan_tree
 
 MiB = 1 << 20
@@ -155,3 +155,11 @@ def test_unreadable_directory_is_skipped() -> None:
         assert isinstance(sample, UsageSample)
         assert sample.files == 1
         assert sample.bytes == own_bytes(tree) + own_bytes(tree / "locked") + own_bytes(tree / "open")
+
+
+@needs_root
+def test_directory_that_is_a_mount_of_its_own_is_refused(tmp_path: Path) -> None:
+    with tmpfs(tmp_path / "lease") as lease:
+        (lease / "big").write_bytes(b"x" * MiB)
+        with pytest.raises(ForeignMount):
+            scan_tree(str(lease))

@@ -89,12 +89,18 @@ class DeleteResult:
     errors: list[str] = field(default_factory=list)  # one line each, for a reclaim_failed event
 
 
-class ForeignMount(Exception):
+class ForeignMount(OSError):
     """A directory on another mount than the top's: it is never entered."""
 
+    def __init__(self, name: str) -> None:
+        super().__init__(errno.EXDEV, "on another mount", name)
 
-class TreeChanged(Exception):
+
+class TreeChanged(OSError):
     """A directory re-opened through ``..`` is not the one the walk left there."""
+
+    def __init__(self, where: str) -> None:
+        super().__init__(errno.ESTALE, "moved during the walk", where)
 
 
 def mount_id(fd: int) -> int:
