@@ -32,8 +32,8 @@ log = logging.getLogger("scratchd.usage")
 class UsageSample:
     bytes: int  # allocated (st_blocks * 512), each inode once, directories included, like ``du -s``
     files: int  # non-directory inodes
-    # Newest ctime of anything in the tree, directories included: every write sets it
-    # as well as mtime, and unlike mtime nobody can set it to the future. 0.0 if empty.
+    # Newest ctime of anything in the tree, the top directory included: every write sets
+    # it as well as mtime, and unlike mtime nobody can set it to the future.
     newest_mtime: float
     measured_at: float  # time.time() when the scan ended
 
