@@ -24,7 +24,7 @@ from scratchd.reclaim import policy
 from scratchd.reclaim.deleter import DeleteResult
 from scratchd.reclaim.procs import PidWatch
 from scratchd.reclaim.trash import Trash, TrashItem
-from scratchd.reclaim.watcher import PoolWatcher
+from scratchd.reclaim.watcher import ActivityWatch, PoolWatcher
 from scratchd.store import NewEvent, Store, StoreError
 from scratchd.usage import UsageMonitor
 
@@ -46,6 +46,7 @@ class Daemon:
         self.manager.listeners.append(self._lease_changed)
         self.pids = PidWatch(self._process_exited)
         self.watcher = PoolWatcher(self._entry_gone)
+        self.activity = ActivityWatch(self._activity)
         self.usage = UsageMonitor(self, clock)
         self._watched: set[str] = set()
         self._gc_task: asyncio.Task[None] | None = None
@@ -82,6 +83,7 @@ class Daemon:
         await self.usage.stop()
         await self.trash.stop()
         self.pids.close()
+        self.activity.close()
         self.watcher.stop()
         self.mounts.close()
         self.store.close()
@@ -102,6 +104,8 @@ class Daemon:
                 self.end_lease(lease, EndReason.DIRECTORY_REMOVED)
             elif lease.pid is not None and not self.pids.bind(lease.id, lease.pid, lease.pid_start_time):
                 self.end_lease(lease, EndReason.PROCESS_EXITED, pid=lease.pid)
+            elif lease.idle_timeout_seconds is not None:
+                self.activity.bind(lease.id, lease.path)
 
     def reload(self) -> bool:
         """SIGHUP: take the config file again (SPEC §7); a bad one is refused and changes nothing.
@@ -255,10 +259,19 @@ class Daemon:
     def _lease_changed(self, lease: Lease) -> None:
         if not lease.active:
             self.pids.unbind(lease.id)
-        elif lease.pid is not None and lease.id not in self.pids:
+            self.activity.unbind(lease.id)
+            return
+        if lease.idle_timeout_seconds is not None and lease.id not in self.activity:
+            self.activity.bind(lease.id, lease.path)
+        if lease.pid is not None and lease.id not in self.pids:
             if not self.pids.bind(lease.id, lease.pid, lease.pid_start_time):
                 # Exited between the request's check and now.
                 asyncio.get_running_loop().call_soon(self._process_exited, lease.id)
+
+    def _activity(self, lease_id: str, at: float) -> None:
+        lease = self.manager.active.get(lease_id)
+        if lease is not None and (lease.last_activity_at is None or at > lease.last_activity_at):
+            lease.last_activity_at = at
 
     def _process_exited(self, lease_id: str) -> None:
         lease = self.manager.active.get(lease_id)
