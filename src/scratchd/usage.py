@@ -14,11 +14,12 @@ import logging
 import os
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from scratchd.lease import Lease, Usage
+from scratchd.offload import disk_worker
 from scratchd.reclaim.deleter import PACE_EVERY, DirStack, DirStat, ForeignMount, Frame, TreeChanged
 from scratchd.store import StoreError
 
@@ -148,8 +149,8 @@ class _Scan:
 
 # -- keeping usage fresh ------------------------------------------------------------------
 
-# A scan may use at most this share of wall time (the rest it sleeps), so a host full
-# of huge leases costs a bounded slice of one core and the event loop keeps the GIL.
+# A scan may use at most this share of wall time (the rest the worker idles), so a host
+# full of huge leases costs a bounded slice of one core.
 SCAN_DUTY_CYCLE = 0.5
 # Leases whose figures drive a decision (idle timeout, byte limit, reservation) are
 # rescanned every gc.interval; the rest at most this often.
@@ -158,7 +159,7 @@ FLUSH_SECONDS = 1.0
 
 
 class UsageMonitor:
-    """Scans active leases one at a time in a worker thread, most overdue first.
+    """Scans active leases one at a time in a worker process, most overdue first.
 
     Results go to the in-memory leases at once (the GC loop decides on them) and to
     the store in batches: a lost batch costs one rescan, not correctness.
@@ -171,7 +172,7 @@ class UsageMonitor:
         self._queued: set[str] = set()
         self._dirty: dict[str, Lease] = {}
         self._wakeup = asyncio.Event()
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="scratchd-usage")
+        self._executor = disk_worker()
         self._task: asyncio.Task[None] | None = None
         daemon.manager.listeners.append(self._lease_changed)
 
@@ -188,7 +189,7 @@ class UsageMonitor:
                 await self._task
             except asyncio.CancelledError:
                 pass
-        self._executor.shutdown(wait=True, cancel_futures=True)
+        self._executor.shutdown(wait=False, cancel_futures=True)
         self._flush()
 
     def _period(self, lease: Lease) -> float:
@@ -237,6 +238,10 @@ class UsageMonitor:
                 sample = await loop.run_in_executor(self._executor, scan_tree, lease.path)
             except FileNotFoundError:
                 sample = None
+            except BrokenProcessPool:
+                self._executor = disk_worker()
+                self._schedule(lease_id, self._clock())
+                continue
             except (OSError, TreeChanged) as exc:
                 log.warning("usage scan failed; will retry", extra={"lease": lease_id, "error": str(exc)})
                 self._schedule(lease_id, self._clock() + self._period(lease))

@@ -1,22 +1,24 @@
-"""Draining the trash: deleting ended leases' trees off the event loop, one at a time.
+"""Draining the trash: deleting ended leases' trees in a worker process, one at a time.
 
 The trash is on disk (``<pool>/.trash``), so the queue is too: a daemon killed
 mid-deletion finds the half-deleted tree there on start and finishes it. Failures
 are retried with exponential backoff and reported as ``reclaim_failed`` events; they
-never stop the queue.
+never stop the queue. Bytes reclaimed are the lease's last measured usage: counting
+them again while deleting would cost a stat per file.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import os
-import time
 from collections import Counter, deque
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 
+from scratchd.offload import disk_worker
 from scratchd.pools import TRASH_DIR
 from scratchd.reclaim.deleter import DeleteResult, delete_tree
 
@@ -24,9 +26,7 @@ log = logging.getLogger("scratchd.reclaim")
 
 RETRY_BASE_SECONDS = 1.0
 RETRY_MAX_SECONDS = 300.0
-# Every PACE_EVERY entries the deleting thread sleeps PACE_SECONDS, so the event loop
-# gets the interpreter back promptly even while a huge tree is being deleted.
-PACE_SECONDS = 0.0005
+_delete = functools.partial(delete_tree, count_bytes=False)
 
 
 @dataclass(slots=True)
@@ -39,16 +39,12 @@ class TrashItem:
     attempts: int = 0
 
 
-def _pace(_count: int) -> None:
-    time.sleep(PACE_SECONDS)
-
-
 class Trash:
     def __init__(self, report_failure: Callable[[TrashItem, DeleteResult | BaseException], None]) -> None:
         self._report_failure = report_failure
         self._queue: deque[TrashItem] = deque()
         self._wakeup = asyncio.Event()
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="scratchd-delete")
+        self._executor = disk_worker()
         self._task: asyncio.Task[None] | None = None
         self.pending_bytes = 0
         self.reclaimed_total = 0
@@ -87,7 +83,9 @@ class Trash:
                 await self._task
             except asyncio.CancelledError:
                 pass
-        self._executor.shutdown(wait=True, cancel_futures=True)
+        # A tree being deleted is left to the worker, which dies with the daemon;
+        # the next start resumes it from the trash.
+        self._executor.shutdown(wait=False, cancel_futures=True)
 
     async def idle(self) -> None:
         """Wait until the queue is empty (tests and shutdown use it)."""
@@ -103,18 +101,21 @@ class Trash:
                 continue
             item = self._busy = self._queue.popleft()
             try:
-                result = await loop.run_in_executor(self._executor, delete_tree, item.path, _pace)
+                result = await loop.run_in_executor(self._executor, _delete, item.path)
             except asyncio.CancelledError:
                 self._queue.appendleft(item)
                 self._busy = None
                 raise
+            except BrokenProcessPool as exc:  # the worker died (killed, out of memory): a new one
+                self._executor = disk_worker()
+                result = exc
             except Exception as exc:  # noqa: BLE001 - a crash here must not stop reclaiming
                 result = exc
             self._busy = None
             self.pending_bytes = max(0, self.pending_bytes - item.estimated_bytes)
             if isinstance(result, DeleteResult) and result.complete:
                 self.reclaimed_total += 1
-                self.reclaimed_bytes_total += result.bytes
+                self.reclaimed_bytes_total += item.estimated_bytes
                 continue
             self._report_failure(item, result)
             if isinstance(result, DeleteResult) and result.left_mounts and not result.errors:
