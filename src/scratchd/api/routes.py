@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import re
 import time
 from typing import Annotated, Any, Literal
@@ -10,13 +11,14 @@ from typing import Annotated, Any, Literal
 from fastapi import APIRouter, Body, Depends, Query, Request
 from starlette.responses import Response
 
-from scratchd.api import models
-from scratchd.api.identity import Caller, Role, caller_from_scope
+from scratchd.api import errors, models
+from scratchd.api.identity import Caller, Role, authenticate
 from scratchd.daemon import Daemon
 from scratchd.errors import Refused
 from scratchd.lease import EndReason, Lease
 from scratchd.manager import LeaseFilter, LeaseSpec, Tenant
 from scratchd.placement import Placement
+from scratchd.ratelimit import CREATE_BURST, CREATE_RATE, RateLimiter
 
 ERRORS: dict[int | str, dict[str, Any]] = {
     status: {"model": models.ErrorBody, "description": text}
@@ -37,23 +39,23 @@ def _daemon(request: Request) -> Daemon:
 
 async def reader(request: Request) -> Caller:
     """Any caller that may read: Unix peers, valid tokens, and anonymous viewers where allowed."""
-    daemon = _daemon(request)
-    caller = caller_from_scope(request.scope, request.headers.get("authorization"),
-                               request.app.state.identities, daemon.config.server.anonymous == "viewer")
-    if caller is None:
-        raise Refused(401, "unauthenticated", "Send 'Authorization: Bearer <token>'.")
-    return caller
+    return authenticate(request, anonymous_ok=True)
 
 
 async def writer(request: Request) -> Caller:
     """A caller that may change leases: tenants (their own) and admins."""
-    caller = caller_from_scope(request.scope, request.headers.get("authorization"),
-                               request.app.state.identities, False)
-    if caller is None:
-        raise Refused(401, "unauthenticated", "Send 'Authorization: Bearer <token>'.")
+    caller = authenticate(request, anonymous_ok=False)
     if caller.role is Role.VIEWER:
         raise Refused(403, "forbidden", "A viewer may read but not change leases.")
     return caller
+
+
+def _create_rate(request: Request) -> RateLimiter:
+    """The app's per-tenant create buckets, made on first use."""
+    state = request.app.state
+    if not hasattr(state, "create_rate"):
+        state.create_rate = RateLimiter(CREATE_BURST, CREATE_RATE)
+    return state.create_rate  # type: ignore[no-any-return]
 
 
 Reader = Annotated[Caller, Depends(reader)]
@@ -81,6 +83,11 @@ async def create_lease(request: Request, caller: Writer,
     """Lease a new directory. Over the Unix socket it belongs to the caller's Unix user."""
     if caller.tenant is None:
         raise Refused(403, "forbidden", "Only a tenant can hold leases; use a tenant's socket or token.")
+    if wait := _create_rate(request).take(caller.tenant.name):
+        return errors.error_response(
+            429, "quota_exceeded", f"Tenant {caller.tenant.name} creates leases too fast; retry shortly.",
+            {"limit": "create_rate", "burst": CREATE_BURST, "per_second": CREATE_RATE, "retry_after_seconds": wait},
+            {"Retry-After": str(math.ceil(wait))})
     body = body or models.LeaseRequest()
     spec = LeaseSpec(
         near=body.near, pool=body.pool, placement=Placement(body.placement), ttl_seconds=body.ttl_seconds,
