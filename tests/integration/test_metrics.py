@@ -31,6 +31,9 @@ def test_lease_counters_follow_leases(daemon):
     assert daemon.request("DELETE", f"/v1/leases/{first['id']}").status_code == 200
     daemon.request("POST", f"/v1/leases/{second['id']}/renew", json={"ttl_seconds": 60})  # not a start
 
+    # Compare with /v1/pools once the lease's usage is measured, so neither moves in between.
+    wait_for(lambda: daemon.request("GET", f"/v1/leases/{second['id']}").json()["usage"]["measured_at"],
+             what="the lease's first usage scan")
     [pool] = daemon.request("GET", "/v1/pools").json()["pools"]
     samples = scrape(daemon)
     assert value(samples, "scratchd_leases_created_total", pool="main") == 2
