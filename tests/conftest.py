@@ -68,6 +68,7 @@ class Daemon:
         self.config_path = root / "config.toml"
         server = {"socket": self.socket, "state_dir": str(self.state_dir), "listen": "", "admins": ["root"]}
         server.update(config.pop("server", {}))
+        self.socket = server["socket"]
         gc = {"interval": "0.2s", "orphan_grace": "10m"}
         gc.update(config.pop("gc", {}))
         self.config: dict[str, Any] = {"server": server, "gc": gc, **config}

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import json
 import logging
 import os
 import signal
@@ -46,6 +47,16 @@ class PeerCredProtocol(HttpToolsProtocol):
         super().on_message_begin()
         if self.peer is not None:
             self.scope[PEER_KEY] = self.peer  # type: ignore[literal-required]
+
+    def send_400_response(self, msg: str) -> None:
+        """Bad HTTP framing gets the same error envelope as everything else (SPEC §5)."""
+        body = json.dumps({"error": {"code": "invalid_request", "message": f"Malformed HTTP request: {msg}",
+                                     "details": None}}).encode()
+        self.transport.write(b"".join([
+            b"HTTP/1.1 400 Bad Request\r\ncontent-type: application/json\r\n",
+            b"content-length: %d\r\nconnection: close\r\n\r\n" % len(body), body,
+        ]))
+        self.transport.close()
 
 
 class StartError(Exception):

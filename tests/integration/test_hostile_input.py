@@ -176,15 +176,10 @@ def test_malformed_labels_are_refused(refuses, labels):
     assert any(field.startswith("labels") for field in error["details"]["fields"]), error
 
 
-@pytest.mark.xfail(strict=True, reason="bug in api/models.py: LABEL_KEY.match lets '$' match before a final "
-                                       "newline, so the key 'k\\n' passes; use fullmatch (or \\Z)")
 def test_a_label_key_with_a_trailing_newline_is_refused(refuses):
     refuses({422}, "POST", "/v1/leases", json={"labels": {"k\n": "v"}})
 
 
-@pytest.mark.xfail(strict=True, reason="bug in api/models.py _labels: label values may hold control characters "
-                                       "(terminal escapes reach an admin's `scratchd ls`) and lone surrogates "
-                                       "(not Unicode; strict JSON clients reject the answer)")
 @pytest.mark.parametrize("value", ["\x1b[2J\x1b]0;pwned\x07", "a\x00b", "line\nbreak", "\x7f", "\x9b31m",
                                    "\ud800"])
 def test_label_values_with_control_characters_or_lone_surrogates_are_refused(refuses, value):
@@ -210,8 +205,6 @@ def test_malformed_and_deep_json_is_refused(refuses, body, statuses):
     refuses(statuses, "POST", "/v1/leases", **raw_json(body))
 
 
-@pytest.mark.xfail(strict=True, reason="bug in api/routes.py ERRORS: the 400 FastAPI answers for a body it "
-                                       "cannot parse (not UTF-8, too deep, too long a number) is not documented")
 def test_the_400_for_an_unparsable_body_is_documented(daemon):
     assert_refused(daemon.request("POST", "/v1/leases", **raw_json(b"\xff")), {400})
     spec = daemon.request("GET", "/openapi.json").json()
@@ -235,9 +228,6 @@ def test_wrong_content_types_are_refused(refuses, content_type):
     refuses({400, 415, 422}, "POST", "/v1/leases", content=b'{"ttl_seconds": 60}', headers=headers)
 
 
-@pytest.mark.xfail(strict=True, reason="bug: JSON bodies are parsed with the last duplicate key winning "
-                                       "(api/app.py or api/models.py should refuse duplicates, so a proxy that "
-                                       "checks the first value cannot be bypassed)")
 @pytest.mark.parametrize("body", ['{"ttl_seconds": "x", "ttl_seconds": 60}', '{"pool": "x", "pool": null}'])
 def test_duplicate_keys_are_refused(refuses, body):
     refuses({400, 422}, "POST", "/v1/leases", **raw_json(body))
@@ -310,9 +300,6 @@ def test_an_oversized_chunked_body_is_refused_and_changes_nothing(daemon):
     assert state(daemon) == before
 
 
-@pytest.mark.xfail(strict=True, reason="bug in api/app.py BodyLimit: its _TooLarge, raised while FastAPI reads a "
-                                       "chunked body, becomes FastAPI's 400 'error parsing the body'; subclassing "
-                                       "starlette's HTTPException(413) would keep the 413")
 def test_an_oversized_chunked_body_is_413(daemon):
     status, _, body = raw_exchange(daemon.socket, CHUNKED_HEAD + chunked(b"[" + b" " * 100_000 + b"]"))
     assert status == 413 and json.loads(body)["error"]["code"] == "request_too_large"
@@ -335,9 +322,6 @@ def test_ambiguous_framing_is_refused_and_changes_nothing(daemon, framing):
     assert state(daemon) == before
 
 
-@pytest.mark.xfail(strict=True, reason="bug in server.py: uvicorn's own 400 for bad framing is text/plain "
-                                       "'Invalid HTTP request received.'; PeerCredProtocol could override "
-                                       "send_400_response to answer in the SPEC envelope")
 def test_ambiguous_framing_answers_in_the_envelope(daemon):
     _, headers, body = raw_exchange(daemon.socket, b"POST /v1/leases HTTP/1.1\r\nhost: scratchd\r\n" + SMUGGLING[0])
     assert headers["content-type"].startswith("application/json") and set(json.loads(body)) == {"error"}

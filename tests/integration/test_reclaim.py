@@ -419,3 +419,28 @@ def test_kill_9_at_random_points_never_loses_an_active_directory(make_daemon):
         return entries == active and trash_empty(daemon.pool_path)
 
     wait_for(no_leaks, timeout=15, what="no leaks: orphans and trash reclaimed")
+
+
+@needs_root
+def test_pid_binding_from_another_pid_namespace(make_daemon):
+    """``scratchd run`` in a container sends its own pid, numbered in the container's namespace."""
+    daemon = make_daemon(gc=SLOW_GC)
+    code = (
+        "import json, os, sys; sys.path.insert(0, %r);"
+        "from scratchd.client import Client;"
+        "lease = Client(socket=%r).create_lease(pid=os.getpid());"
+        "print(json.dumps({'lease': lease, 'ns_pid': os.getpid()}), flush=True); sys.stdin.read()"
+    ) % (str(Path(__file__).resolve().parents[2] / "src"), daemon.socket)
+    inner = subprocess.Popen(["unshare", "--pid", "--fork", sys.executable, "-c", code],
+                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        import json
+
+        answer = json.loads(inner.stdout.readline())
+        lease = answer["lease"]
+        assert answer["ns_pid"] == 1 and lease["pid"] != 1  # bound to the process, not to host pid 1
+        assert state_of(daemon, lease["id"])["state"] == "active"
+    finally:
+        inner.stdin.close()
+        inner.wait(10)
+    assert wait_ended(daemon, lease["id"], timeout=2.0)["end_reason"] == "process_exited"

@@ -8,6 +8,7 @@ from contextlib import asynccontextmanager
 from importlib.metadata import version
 
 from fastapi import FastAPI
+from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from scratchd import metrics
@@ -15,6 +16,7 @@ from scratchd.api import errors, pages, routes
 from scratchd.api.identity import Identities
 from scratchd.config import Config
 from scratchd.daemon import Daemon
+from scratchd.ratelimit import CREATE_BURST, CREATE_RATE, RateLimiter
 
 log = logging.getLogger("scratchd")
 
@@ -42,24 +44,17 @@ class BodyLimit:
             nonlocal received
             message = await receive()
             received += len(message.get("body", b""))
-            if received > self.limit:
-                raise _TooLarge
+            if received > self.limit:  # a chunked body: no content-length to refuse up front
+                raise HTTPException(413, f"The request body is larger than {self.limit} bytes.")
             return message
 
-        try:
-            await self.app(scope, limited, send)
-        except _TooLarge:
-            await self._refuse(scope, receive, send)
+        await self.app(scope, limited, send)
 
     async def _refuse(self, scope: Scope, receive: Receive, send: Send) -> None:
         response = errors.error_response(413, "request_too_large",
                                           f"The request body is larger than {self.limit} bytes.",
                                           {"limit_bytes": self.limit})
         await response(scope, receive, send)
-
-
-class _TooLarge(Exception):
-    pass
 
 
 def _identities(config: Config) -> Identities:
@@ -84,9 +79,14 @@ def create_app(daemon: Daemon) -> FastAPI:
         title="scratchd",
         version=version("scratchd"),
         description="Leases scratch and cache directories on the right mounted filesystem.",
-        openapi_url="/openapi.json",
+        # The schema is served by routes.openapi, behind the same authentication as every
+        # read; /docs and /redoc would load their scripts from a CDN, and hosts may be offline.
+        openapi_url=None,
+        docs_url=None,
+        redoc_url=None,
     )
     app.state.daemon = daemon
+    app.state.create_rate = RateLimiter(CREATE_BURST, CREATE_RATE)
     app.state.identities = _identities(daemon.config)
     daemon.reload_listeners.append(lambda config: setattr(app.state, "identities", _identities(config)))
     app.include_router(routes.router)

@@ -17,7 +17,8 @@ from scratchd.lease import Lease
 from scratchd.pools import PoolStatus
 
 MAX_LABELS = 32
-LABEL_KEY = re.compile(r"^[a-z0-9][a-z0-9_./-]{0,62}$")
+LABEL_KEY = re.compile(r"[a-z0-9][a-z0-9_./-]{0,62}")
+_UNPRINTABLE = re.compile("[\x00-\x1f\x7f-\x9f\ud800-\udfff]")
 MAX_PATH = 4096
 
 
@@ -33,10 +34,13 @@ def _labels(value: dict[str, str]) -> dict[str, str]:
     if len(value) > MAX_LABELS:
         raise ValueError(f"at most {MAX_LABELS} labels")
     for key, text in value.items():
-        if not LABEL_KEY.match(key):
+        if not LABEL_KEY.fullmatch(key):
             raise ValueError(f"label key {key[:80]!r} must match {LABEL_KEY.pattern}")
         if len(text) > 256:
             raise ValueError(f"label {key!r}: value longer than 256 characters")
+        if _UNPRINTABLE.search(text):
+            # They would reach admins' terminals through `scratchd ls` and the logs.
+            raise ValueError(f"label {key!r}: value holds control characters or lone surrogates")
     return value
 
 

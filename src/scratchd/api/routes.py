@@ -6,23 +6,27 @@ import json
 import math
 import re
 import time
+from collections.abc import Callable, Coroutine
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Body, Depends, Query, Request
+from fastapi.routing import APIRoute
 from starlette.responses import Response
 
 from scratchd.api import errors, models
-from scratchd.api.identity import Caller, Role, authenticate
+from scratchd.api.identity import PEER_KEY, Caller, Role, authenticate
 from scratchd.daemon import Daemon
 from scratchd.errors import Refused
 from scratchd.lease import EndReason, Lease
 from scratchd.manager import LeaseFilter, LeaseSpec, Tenant
 from scratchd.placement import Placement
-from scratchd.ratelimit import CREATE_BURST, CREATE_RATE, RateLimiter
+from scratchd.reclaim.procs import pid_in_daemon_namespace
+from scratchd.ratelimit import CREATE_BURST, CREATE_RATE
 
 ERRORS: dict[int | str, dict[str, Any]] = {
     status: {"model": models.ErrorBody, "description": text}
     for status, text in {
+        400: "invalid_request (a body that cannot be parsed at all)",
         401: "unauthenticated", 403: "forbidden", 404: "lease_not_found / pool_not_found / not_found",
         409: "lease_ended / no_pool_on_filesystem", 413: "request_too_large", 422: "invalid_request",
         429: "quota_exceeded", 503: "pool_unavailable", 507: "insufficient_storage",
@@ -30,7 +34,35 @@ ERRORS: dict[int | str, dict[str, Any]] = {
 }
 LEASE_ID = re.compile(r"^[a-z0-9-]{1,64}$")
 
-router = APIRouter()
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    found = dict(pairs)
+    if len(found) != len(pairs):
+        keys = [key for key, _ in pairs]
+        duplicate = next(key for key in keys if keys.count(key) > 1)
+        raise json.JSONDecodeError(f"duplicate key {duplicate[:80]!r}", "", 0)
+    return found
+
+
+class _StrictJsonRequest(Request):
+    """JSON bodies with a key twice are refused: which of the two counts is anybody's guess."""
+
+    async def json(self) -> Any:
+        if not hasattr(self, "_json"):
+            self._json = json.loads(await self.body(), object_pairs_hook=_unique_keys)
+        return self._json
+
+
+class _StrictJsonRoute(APIRoute):
+    def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
+        handler = super().get_route_handler()
+
+        async def strict(request: Request) -> Response:
+            return await handler(_StrictJsonRequest(request.scope, request.receive))
+
+        return strict
+
+
+router = APIRouter(route_class=_StrictJsonRoute)
 
 
 def _daemon(request: Request) -> Daemon:
@@ -48,14 +80,6 @@ async def writer(request: Request) -> Caller:
     if caller.role is Role.VIEWER:
         raise Refused(403, "forbidden", "A viewer may read but not change leases.")
     return caller
-
-
-def _create_rate(request: Request) -> RateLimiter:
-    """The app's per-tenant create buckets, made on first use."""
-    state = request.app.state
-    if not hasattr(state, "create_rate"):
-        state.create_rate = RateLimiter(CREATE_BURST, CREATE_RATE)
-    return state.create_rate  # type: ignore[no-any-return]
 
 
 Reader = Annotated[Caller, Depends(reader)]
@@ -83,7 +107,7 @@ async def create_lease(request: Request, caller: Writer,
     """Lease a new directory. Over the Unix socket it belongs to the caller's Unix user."""
     if caller.tenant is None:
         raise Refused(403, "forbidden", "Only a tenant can hold leases; use a tenant's socket or token.")
-    if wait := _create_rate(request).take(caller.tenant.name):
+    if wait := request.app.state.create_rate.take(caller.tenant.name):
         return errors.error_response(
             429, "quota_exceeded", f"Tenant {caller.tenant.name} creates leases too fast; retry shortly.",
             {"limit": "create_rate", "burst": CREATE_BURST, "per_second": CREATE_RATE, "retry_after_seconds": wait},
@@ -91,11 +115,23 @@ async def create_lease(request: Request, caller: Writer,
     body = body or models.LeaseRequest()
     spec = LeaseSpec(
         near=body.near, pool=body.pool, placement=Placement(body.placement), ttl_seconds=body.ttl_seconds,
-        idle_timeout_seconds=body.idle_timeout_seconds, pid=body.pid, max_bytes=body.max_bytes,
+        idle_timeout_seconds=body.idle_timeout_seconds, pid=_bound_pid(request, body.pid), max_bytes=body.max_bytes,
         expected_bytes=body.expected_bytes, evictable=body.evictable, labels=body.labels,
     )
     lease = _daemon(request).manager.create(caller.tenant, spec)
     return _json(models.lease_json(lease), 201)
+
+
+def _bound_pid(request: Request, pid: int | None) -> int | None:
+    """A pid as the daemon numbers it: a caller in a container sends its own namespace's pid."""
+    peer = request.scope.get(PEER_KEY)
+    if pid is None or peer is None:
+        return pid
+    translated = pid_in_daemon_namespace(pid, peer[0])
+    if translated is None:
+        raise Refused(422, "invalid_request", f"pid {pid} is not a live process.",
+                      {"fields": {"pid": "not a live process"}})
+    return translated
 
 
 @router.get("/v1/leases", response_model=models.LeaseList, responses=ERRORS, tags=["leases"])
@@ -126,7 +162,8 @@ async def renew_lease(request: Request, lease_id: str, caller: Writer,
     """Push the expiry to now + ttl_seconds (default: the lease's own TTL)."""
     daemon = _daemon(request)
     lease = _visible_lease(daemon, caller, lease_id)
-    tenant = caller.tenant or _owner(lease)
+    # An admin renewing someone's lease is held to that tenant's limits, not its own.
+    tenant = caller.tenant if caller.tenant and caller.tenant.name == lease.tenant else _owner(lease)
     renewed = daemon.manager.renew(lease, body.ttl_seconds if body else None, tenant)
     return _json(models.lease_json(renewed))
 
@@ -142,7 +179,6 @@ async def release_lease(request: Request, lease_id: str, caller: Writer) -> Resp
 
 
 def _owner(lease: Lease) -> Tenant:
-    """An admin renewing someone's lease is held to that tenant's limits."""
     return Tenant(name=lease.tenant, uid=lease.uid, gid=lease.gid)
 
 
@@ -211,6 +247,12 @@ async def events(
 
 
 # -- health ---------------------------------------------------------------------------------------
+
+
+@router.get("/openapi.json", include_in_schema=False)
+async def openapi(request: Request, caller: Reader) -> Response:
+    """The schema of every route: a read like any other, so TCP needs a token (or anonymous viewing)."""
+    return _json(request.app.openapi())
 
 
 @router.get("/healthz", response_model=models.Status, tags=["health"])

@@ -22,18 +22,62 @@ class ProcessIdentity:
 
 
 def identify(pid: int) -> ProcessIdentity | None:
-    """The live process ``pid`` as (real uid, start time), or None if there is none (zombies count as gone)."""
+    """The live process ``pid`` as (real uid, start time), or None if there is none (zombies count as gone).
+
+    The real uid, from /proc/PID/status: the owner of /proc/PID is the effective uid,
+    and root for non-dumpable processes (ssh-agent, setuid programs).
+    """
     try:
         with open(f"/proc/{pid}/stat", "rb") as file:
             stat = file.read()
-        uid = os.stat(f"/proc/{pid}").st_uid
-    except (FileNotFoundError, ProcessLookupError, NotADirectoryError):
+        with open(f"/proc/{pid}/status", "rb") as file:
+            uid = next(int(line.split()[1]) for line in file if line.startswith(b"Uid:"))
+    except (FileNotFoundError, ProcessLookupError, NotADirectoryError, StopIteration):
         return None
     # comm (field 2) may contain spaces and parentheses: split after the last ")".
     fields = stat[stat.rindex(b")") + 2 :].split()
     if fields[0] in (b"Z", b"X"):
         return None
     return ProcessIdentity(pid=pid, uid=uid, start_time=int(fields[19]))
+
+
+def pid_in_daemon_namespace(pid: int, peer_pid: int) -> int | None:
+    """The daemon's pid for ``pid`` as the caller (``peer_pid``, from SO_PEERCRED) numbers it.
+
+    A caller in a container sees its own pid namespace: ``scratchd run`` in a pod sends
+    ``os.getpid()``, which means another process (or none) out here. SO_PEERCRED's pid
+    is already translated by the kernel, and /proc/PID/status lists a process's pid in
+    each namespace it lives in (``NSpid:``, outermost first), so a pid the caller sent
+    is matched against the innermost column of processes in the caller's namespace.
+    None when no such process exists.
+    """
+    try:
+        caller_ns = os.stat(f"/proc/{peer_pid}/ns/pid").st_ino
+        if caller_ns == os.stat("/proc/self/ns/pid").st_ino:
+            return pid
+    except OSError:
+        return pid  # the caller is gone or /proc is opaque: take the pid as given
+    if _innermost_pid(peer_pid) == pid:
+        return peer_pid  # the common case: a process binding its own lease
+    for entry in os.scandir("/proc"):
+        if entry.name.isdigit() and _innermost_pid(int(entry.name)) == pid:
+            try:
+                if os.stat(f"/proc/{entry.name}/ns/pid").st_ino == caller_ns:
+                    return int(entry.name)
+            except OSError:
+                continue
+    return None
+
+
+def _innermost_pid(pid: int) -> int | None:
+    try:
+        with open(f"/proc/{pid}/status", "rb") as file:
+            for line in file:
+                if line.startswith(b"NSpid:"):
+                    return int(line.split()[-1])
+    except (OSError, ValueError):
+        pass
+    return None
 
 
 def open_pidfd(pid: int, start_time: int | None) -> int | None:
