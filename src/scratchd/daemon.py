@@ -16,7 +16,7 @@ from collections.abc import Callable
 from scratchd import sdnotify
 from scratchd.config import Config, ConfigError, load_config
 from scratchd.errors import Refused
-from scratchd.lease import EndReason, Lease
+from scratchd.leases import EndReason, Lease
 from scratchd.manager import LeaseManager
 from scratchd.mounts import MountTable
 from scratchd.pools import PoolSet, PoolState, PoolStatus, list_entries, move_to_trash, prepare_pool_dir

@@ -18,13 +18,13 @@ import errno
 import logging
 import os
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 
-from scratchd import lease as lease_sm
+from scratchd import leases as lease_sm
 from scratchd.config import Config
 from scratchd.errors import Refused
-from scratchd.lease import EndReason, Lease
+from scratchd.leases import EndReason, Lease
 from scratchd.mounts import MountTable, mount_of, resolve_near
 from scratchd.placement import Placement, PlacementError, place
 from scratchd.pools import PoolSet, make_lease_dir, move_to_trash
@@ -79,6 +79,60 @@ class LeaseFilter:
         )
 
 
+class ActiveLeases:
+    """The active leases by id, indexed by tenant and by reservation.
+
+    Quota and placement checks run on every create, on the event loop: with
+    10,000 leases they must not walk them all.
+    """
+
+    def __init__(self, leases: Iterable[Lease]) -> None:
+        self._by_id: dict[str, Lease] = {}
+        self._by_tenant: dict[str, set[str]] = {}
+        self._reserving: set[str] = set()
+        for lease in leases:
+            self.put(lease)
+
+    def put(self, lease: Lease) -> None:
+        self._by_id[lease.id] = lease
+        self._by_tenant.setdefault(lease.tenant, set()).add(lease.id)
+        if lease.expected_bytes:
+            self._reserving.add(lease.id)
+
+    def remove(self, lease_id: str) -> None:
+        lease = self._by_id.pop(lease_id, None)
+        if lease is not None:
+            mine = self._by_tenant[lease.tenant]
+            mine.discard(lease_id)
+            if not mine:
+                del self._by_tenant[lease.tenant]
+            self._reserving.discard(lease_id)
+
+    def get(self, lease_id: str) -> Lease | None:
+        return self._by_id.get(lease_id)
+
+    def values(self) -> Iterable[Lease]:
+        return self._by_id.values()
+
+    def __contains__(self, lease_id: object) -> bool:
+        return lease_id in self._by_id
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._by_id)
+
+    def __len__(self) -> int:
+        return len(self._by_id)
+
+    def of_tenant(self, tenant: str) -> list[Lease]:
+        return [self._by_id[i] for i in self._by_tenant.get(tenant, ())]
+
+    def count_of_tenant(self, tenant: str) -> int:
+        return len(self._by_tenant.get(tenant, ()))
+
+    def reserving(self) -> list[Lease]:
+        return [self._by_id[i] for i in self._reserving]
+
+
 def _unavailable(exc: StoreError) -> Refused:
     return Refused(503, "pool_unavailable", "The daemon cannot write its state database right now; nothing was changed.",
                    {"reason": str(exc)})
@@ -100,7 +154,7 @@ class LeaseManager:
         self.mounts = mounts
         self._on_trashed = on_trashed
         self._clock = clock
-        self.active: dict[str, Lease] = {lease.id: lease for lease in store.active_leases()}
+        self.active = ActiveLeases(store.active_leases())
         self.listeners: list[Callable[[Lease], None]] = []
 
     # -- queries --------------------------------------------------------------------------
@@ -123,7 +177,7 @@ class LeaseManager:
 
     def reserved_by_pool(self) -> dict[str, int]:
         reserved: dict[str, int] = {}
-        for lease in self.active.values():
+        for lease in self.active.reserving():
             reserved[lease.pool] = reserved.get(lease.pool, 0) + lease.reserved_bytes
         return reserved
 
@@ -183,7 +237,7 @@ class LeaseManager:
             except OSError:
                 pass
             raise _unavailable(exc) from None
-        self.active[lease.id] = lease
+        self.active.put(lease)
         log.info("lease started", extra={"lease": lease.id, "pool": lease.pool, "tenant": lease.tenant,
                                          "path": lease.path, "ttl_seconds": ttl})
         self._notify(lease)
@@ -200,7 +254,7 @@ class LeaseManager:
             self.store.save_lease(renewed, NewEvent.for_lease("lease_renewed", renewed, ttl_seconds=ttl), now)
         except StoreError as exc:
             raise _unavailable(exc) from None
-        self.active[renewed.id] = renewed
+        self.active.put(renewed)
         self._notify(renewed)
         return renewed
 
@@ -222,7 +276,7 @@ class LeaseManager:
             # The path is already gone; the record catches up on the next start
             # (an active record without a directory ends as directory_removed).
             log.error("cannot record end of lease", extra={"lease": lease.id, "error": str(exc)})
-        self.active.pop(lease.id, None)
+        self.active.remove(lease.id)
         log.info("lease ended", extra={"lease": lease.id, "pool": lease.pool, "tenant": lease.tenant,
                                        "reason": reason.value})
         self._notify(ended)
@@ -244,13 +298,13 @@ class LeaseManager:
 
     def _check_quota(self, tenant: Tenant, spec: LeaseSpec) -> None:
         own = self.config.tenant_limits(tenant.name)
-        mine = [lease for lease in self.active.values() if lease.tenant == tenant.name]
+        held_leases = self.active.count_of_tenant(tenant.name)
         max_leases = own.max_leases if own and own.max_leases is not None else DEFAULT_MAX_LEASES_PER_TENANT
-        if len(mine) >= max_leases:
-            raise Refused(429, "quota_exceeded", f"Tenant {tenant.name} already holds {len(mine)} active leases.",
-                          {"limit": "max_leases", "max_leases": max_leases, "active_leases": len(mine)})
+        if held_leases >= max_leases:
+            raise Refused(429, "quota_exceeded", f"Tenant {tenant.name} already holds {held_leases} active leases.",
+                          {"limit": "max_leases", "max_leases": max_leases, "active_leases": held_leases})
         if own is not None and own.max_bytes is not None:
-            held = sum(tenant_charge(lease) for lease in mine)
+            held = sum(tenant_charge(lease) for lease in self.active.of_tenant(tenant.name))
             asked = max(spec.max_bytes or 0, spec.expected_bytes or 0)
             if held + asked > own.max_bytes:
                 raise Refused(429, "quota_exceeded", f"Tenant {tenant.name} would exceed its byte quota.",

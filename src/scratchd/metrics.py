@@ -22,7 +22,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from scratchd.api.routes import pools_json
 from scratchd.daemon import Daemon
-from scratchd.lease import EndReason, Lease
+from scratchd.leases import EndReason, Lease
 
 # Most answers take well under a millisecond; the top buckets catch a slow disk or SQLite.
 REQUEST_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)

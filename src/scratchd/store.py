@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from scratchd.lease import EndReason, Lease, LeaseState, Usage
+from scratchd.leases import EndReason, Lease, LeaseState, Usage
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS leases (

@@ -13,12 +13,12 @@ import heapq
 import logging
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from scratchd.lease import Lease, Usage
+from scratchd.leases import Lease, Usage
 from scratchd.offload import disk_worker
 from scratchd.reclaim.deleter import PACE_EVERY, DirStack, DirStat, ForeignMount, Frame, TreeChanged
 from scratchd.store import StoreError
@@ -272,3 +272,48 @@ class UsageMonitor:
             self._daemon.store.save_usage(leases)
         except StoreError as exc:
             log.warning("cannot save usage", extra={"error": str(exc)})
+
+
+# -- accounting: totals by pool and by tenant, from what was measured ------------------------
+
+
+@dataclass(slots=True)
+class Totals:
+    active_leases: int = 0
+    bytes: int = 0
+    reserved_bytes: int = 0
+
+
+@dataclass(slots=True)
+class Accounts:
+    pools: dict[str, Totals]
+    tenants: dict[str, Totals]
+    largest: list[Lease]
+
+
+def account(leases: Iterable[Lease], largest: int = 10) -> Accounts:
+    """One pass over the active leases: what /v1/usage, /v1/pools and /metrics report.
+
+    Never scans a disk; with 10,000 leases it costs a few milliseconds on the loop.
+    """
+    pools: dict[str, Totals] = {}
+    tenants: dict[str, Totals] = {}
+    listed = []
+    for lease in leases:
+        listed.append(lease)
+        used = lease.usage.bytes
+        reserved = max(0, lease.expected_bytes - used) if lease.expected_bytes else 0
+        pool = pools.get(lease.pool)
+        if pool is None:
+            pool = pools[lease.pool] = Totals()
+        tenant = tenants.get(lease.tenant)
+        if tenant is None:
+            tenant = tenants[lease.tenant] = Totals()
+        pool.active_leases += 1
+        pool.bytes += used
+        pool.reserved_bytes += reserved
+        tenant.active_leases += 1
+        tenant.bytes += used
+        tenant.reserved_bytes += reserved
+    top = heapq.nlargest(largest, listed, key=lambda lease: lease.usage.bytes)
+    return Accounts(pools, tenants, top)

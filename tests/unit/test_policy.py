@@ -1,6 +1,6 @@
 """Reclaim decisions: signals -> thresholds -> ranking, all pure."""
 
-from scratchd.lease import EndReason, Lease, Usage
+from scratchd.leases import EndReason, Lease, Usage
 from scratchd.pools import PoolState, PoolStatus
 from scratchd.reclaim.policy import decide, evictions, lease_ending
 

@@ -13,7 +13,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
-from scratchd.lease import Lease
+from scratchd.leases import Lease
 from scratchd.pools import PoolStatus
 
 MAX_LABELS = 32

@@ -17,10 +17,11 @@ from scratchd.api import errors, models
 from scratchd.api.identity import PEER_KEY, Caller, Role, authenticate
 from scratchd.daemon import Daemon
 from scratchd.errors import Refused
-from scratchd.lease import EndReason, Lease
+from scratchd.leases import EndReason, Lease
 from scratchd.manager import LeaseFilter, LeaseSpec, Tenant
 from scratchd.placement import Placement
 from scratchd.reclaim.procs import pid_in_daemon_namespace
+from scratchd.usage import Accounts, Totals, account
 from scratchd.ratelimit import CREATE_BURST, CREATE_RATE
 
 ERRORS: dict[int | str, dict[str, Any]] = {
@@ -185,16 +186,12 @@ def _owner(lease: Lease) -> Tenant:
 # -- pools, usage, events -----------------------------------------------------------------------
 
 
-def pools_json(daemon: Daemon) -> list[dict[str, Any]]:
-    leased: dict[str, int] = {}
-    active: dict[str, int] = {}
-    for lease in daemon.manager.active.values():
-        leased[lease.pool] = leased.get(lease.pool, 0) + lease.usage.bytes
-        active[lease.pool] = active.get(lease.pool, 0) + 1
-    reserved = daemon.manager.reserved_by_pool()
+def pools_json(daemon: Daemon, accounts: Accounts | None = None) -> list[dict[str, Any]]:
+    accounts = accounts or account(daemon.manager.active.values(), largest=0)
+    empty = Totals()
     return [
-        models.pool_json(pool, reserved=reserved.get(pool.name, 0), leased=leased.get(pool.name, 0),
-                         active=active.get(pool.name, 0))
+        models.pool_json(pool, reserved=(t := accounts.pools.get(pool.name, empty)).reserved_bytes,
+                         leased=t.bytes, active=t.active_leases)
         for pool in daemon.pools.statuses()
     ]
 
@@ -208,21 +205,16 @@ async def list_pools(request: Request, caller: Reader) -> Response:
 async def usage(request: Request, caller: Reader) -> Response:
     """What is used, by whom, where: answered from what was already measured, never by scanning."""
     daemon = _daemon(request)
-    leases = [l for l in daemon.manager.active.values() if caller.sees_all() or l.tenant == caller.name]
-    tenants: dict[str, dict[str, Any]] = {}
-    for lease in leases:
-        row = tenants.setdefault(lease.tenant, {"tenant": lease.tenant, "active_leases": 0, "bytes": 0,
-                                                "reserved_bytes": 0})
-        row["active_leases"] += 1
-        row["bytes"] += lease.usage.bytes
-        row["reserved_bytes"] += lease.reserved_bytes
-    largest = sorted(leases, key=lambda l: l.usage.bytes, reverse=True)[:10]
+    everyone = account(daemon.manager.active.values())
+    mine = everyone if caller.sees_all() else account(
+        lease for lease in daemon.manager.active.values() if lease.tenant == caller.name)
     trash = daemon.trash
     return _json({
         "generated_at": models.timestamp(time.time()),
-        "pools": pools_json(daemon),
-        "tenants": sorted(tenants.values(), key=lambda t: t["tenant"]),
-        "largest_leases": [models.lease_json(lease) for lease in largest],
+        "pools": pools_json(daemon, everyone),
+        "tenants": [{"tenant": name, "active_leases": t.active_leases, "bytes": t.bytes,
+                     "reserved_bytes": t.reserved_bytes} for name, t in sorted(mine.tenants.items())],
+        "largest_leases": [models.lease_json(lease) for lease in mine.largest],
         "reclaim": {"pending": trash.pending, "pending_bytes": trash.pending_bytes,
                     "reclaimed_total": trash.reclaimed_total, "reclaimed_bytes_total": trash.reclaimed_bytes_total,
                     "by_reason": dict(trash.by_reason)},

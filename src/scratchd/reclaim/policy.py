@@ -12,7 +12,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from scratchd.lease import EndReason, Lease
+from scratchd.leases import EndReason, Lease
 from scratchd.pools import PoolState, PoolStatus
 
 

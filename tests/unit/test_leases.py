@@ -2,7 +2,7 @@ import re
 
 import pytest
 
-from scratchd.lease import EndReason, Lease, LeaseEnded, LeaseState, Usage, end, new_lease_id, renew
+from scratchd.leases import EndReason, Lease, LeaseEnded, LeaseState, Usage, end, new_lease_id, renew
 
 
 def make(**kw) -> Lease:
