@@ -56,7 +56,6 @@ class Daemon:
     # -- lifecycle --------------------------------------------------------------------------
 
     async def start(self) -> None:
-        self.watcher.start()
         self._refresh_pools()
         self._reconcile()
         self.trash.start()

@@ -36,6 +36,12 @@ class TextFormatter(logging.Formatter):
 
 
 def setup(level: int = logging.INFO) -> None:
+    # Lease starts and ends are logged on the event loop's hot path: skip the caller,
+    # thread and process lookups every record would otherwise pay for.
+    logging._srcfile = None  # type: ignore[attr-defined]
+    logging.logThreads = False
+    logging.logProcesses = False
+    logging.logMultiprocessing = False
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(TextFormatter() if sys.stderr.isatty() else JsonFormatter())
     root = logging.getLogger()

@@ -10,7 +10,6 @@ them again while deleting would cost a stat per file.
 from __future__ import annotations
 
 import asyncio
-import functools
 import logging
 import os
 from collections import Counter, deque
@@ -26,7 +25,7 @@ log = logging.getLogger("scratchd.reclaim")
 
 RETRY_BASE_SECONDS = 1.0
 RETRY_MAX_SECONDS = 300.0
-_delete = functools.partial(delete_tree, count_bytes=False)
+BATCH = 256
 
 
 @dataclass(slots=True)
@@ -50,11 +49,11 @@ class Trash:
         self.reclaimed_total = 0
         self.reclaimed_bytes_total = 0
         self.by_reason: Counter[str] = Counter()
-        self._busy: TrashItem | None = None
+        self._busy: list[TrashItem] = []
 
     @property
     def pending(self) -> int:
-        return len(self._queue) + (self._busy is not None)
+        return len(self._queue) + len(self._busy)
 
     def add(self, item: TrashItem) -> None:
         self._queue.append(item)
@@ -99,30 +98,45 @@ class Trash:
                 self._wakeup.clear()
                 await self._wakeup.wait()
                 continue
-            item = self._busy = self._queue.popleft()
+            # Everything queued goes in one round trip: under churn the trash fills with
+            # small trees, and a trip to the worker costs more than deleting one of them.
+            batch = self._busy = [self._queue.popleft() for _ in range(min(len(self._queue), BATCH))]
             try:
-                result = await loop.run_in_executor(self._executor, _delete, item.path)
+                results: list[DeleteResult | BaseException] = await loop.run_in_executor(
+                    self._executor, _delete_all, [item.path for item in batch])
             except asyncio.CancelledError:
-                self._queue.appendleft(item)
-                self._busy = None
+                self._queue.extendleft(reversed(batch))
+                self._busy = []
                 raise
             except BrokenProcessPool as exc:  # the worker died (killed, out of memory): a new one
                 self._executor = disk_worker()
-                result = exc
-            except Exception as exc:  # noqa: BLE001 - a crash here must not stop reclaiming
-                result = exc
-            self._busy = None
-            self.pending_bytes = max(0, self.pending_bytes - item.estimated_bytes)
-            if isinstance(result, DeleteResult) and result.complete:
-                self.reclaimed_total += 1
-                self.reclaimed_bytes_total += item.estimated_bytes
-                continue
-            self._report_failure(item, result)
-            if isinstance(result, DeleteResult) and result.left_mounts and not result.errors:
-                # A mount we may not detach stays where it is; retrying cannot change that.
-                continue
-            item.attempts += 1
-            delay = min(RETRY_MAX_SECONDS, RETRY_BASE_SECONDS * 2 ** (item.attempts - 1))
-            log.warning("reclaim failed, retrying", extra={"path": item.path, "attempts": item.attempts,
-                                                           "retry_in": delay})
-            loop.call_later(delay, self.add, item)
+                results = [exc] * len(batch)
+            self._busy = []
+            for item, result in zip(batch, results):
+                self._settle(item, result)
+
+    def _settle(self, item: TrashItem, result: DeleteResult | BaseException) -> None:
+        self.pending_bytes = max(0, self.pending_bytes - item.estimated_bytes)
+        if isinstance(result, DeleteResult) and result.complete:
+            self.reclaimed_total += 1
+            self.reclaimed_bytes_total += item.estimated_bytes
+            return
+        self._report_failure(item, result)
+        if isinstance(result, DeleteResult) and result.left_mounts and not result.errors:
+            return  # a mount we may not detach stays where it is; retrying cannot change that
+        item.attempts += 1
+        delay = min(RETRY_MAX_SECONDS, RETRY_BASE_SECONDS * 2 ** (item.attempts - 1))
+        log.warning("reclaim failed, retrying", extra={"path": item.path, "attempts": item.attempts,
+                                                       "retry_in": delay})
+        asyncio.get_running_loop().call_later(delay, self.add, item)
+
+
+def _delete_all(paths: list[str]) -> list[DeleteResult | BaseException]:
+    """Runs in the worker: each tree in turn; one failing tree does not stop the rest."""
+    results: list[DeleteResult | BaseException] = []
+    for path in paths:
+        try:
+            results.append(delete_tree(path, count_bytes=False))
+        except Exception as exc:  # noqa: BLE001 - reported as reclaim_failed, retried
+            results.append(exc)
+    return results

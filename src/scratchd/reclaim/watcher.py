@@ -1,11 +1,12 @@
 """Filesystem events: lease directories removed by their users, and activity inside leases.
 
-One non-recursive watchdog watch per pool directory: a pool's direct children are
-its leases, so deletions and renames of lease directories arrive as events on the
-pool's own inotify watch, whatever the number of leases. (watchdog runs an emitter
-thread per watch, so an observer watch per lease would not scale.) Activity inside
-leases with an idle timeout comes from ``ActivityWatch`` below, within a budget,
-and otherwise from the usage scan's newest ctime.
+Both use watchdog's shared inotify instance (one fd and one thread for any number of
+watches; an Observer would add an emitter thread per watch and two thread hand-offs
+per event). One watch per pool directory: a pool's direct children are its leases,
+so deletions and renames of lease directories arrive on the pool's own watch,
+whatever the number of leases. Activity inside leases with an idle timeout comes
+from ``ActivityWatch`` below, within a budget, and otherwise from the usage scan's
+newest ctime.
 
 Events are handed to the event loop; the handler there re-checks the disk, so a
 rename the daemon made itself (into the trash) is never mistaken for the user's.
@@ -20,9 +21,6 @@ import threading
 import time
 from collections.abc import Callable
 
-from watchdog.events import FileSystemEvent, FileSystemEventHandler
-from watchdog.observers import Observer
-from watchdog.observers.api import BaseObserver, ObservedWatch
 from watchdog.observers.inotify_c import InotifyConstants, InotifyEvent, InotifyFD
 
 log = logging.getLogger("scratchd.watcher")
@@ -30,59 +28,61 @@ log = logging.getLogger("scratchd.watcher")
 EntryGone = Callable[[str, str], None]  # (pool name, entry name)
 
 
-class _PoolHandler(FileSystemEventHandler):
-    def __init__(self, pool: str, path: str, loop: asyncio.AbstractEventLoop, on_gone: EntryGone) -> None:
+_POOL_MASK = (InotifyConstants.IN_DELETE | InotifyConstants.IN_MOVED_FROM | InotifyConstants.IN_ONLYDIR
+              | InotifyConstants.IN_DONT_FOLLOW)
+
+
+class _PoolCallback:
+    """watchdog's WatchCallback for one pool directory; runs on the inotify thread."""
+
+    def __init__(self, pool: str, loop: asyncio.AbstractEventLoop, on_gone: EntryGone) -> None:
         self._pool = pool
-        self._path = path
         self._loop = loop
         self._on_gone = on_gone
 
-    def on_any_event(self, event: FileSystemEvent) -> None:
-        if event.event_type not in ("deleted", "moved"):
-            return
-        source = os.fsdecode(event.src_path)
-        if os.path.dirname(source) != self._path:
-            return
-        name = os.path.basename(source)
-        if not name.startswith("."):
-            self._loop.call_soon_threadsafe(self._on_gone, self._pool, name)
+    def on_event(self, event: InotifyEvent) -> None:
+        if event.name and not event.name.startswith(b"."):
+            self._loop.call_soon_threadsafe(self._on_gone, self._pool, os.fsdecode(event.name))
+
+    def on_watch_deleted(self, wd: int) -> None:
+        """The pool directory itself went: the GC loop's pool checks take it from here."""
+
+    def on_queue_overflow(self) -> None:
+        """Events were lost; the GC loop checks lease directories of unwatched pools."""
 
 
 class PoolWatcher:
+    """Deletions and renames of a pool's entries, filtered by the kernel: creations never
+    reach user space, so a busy pool costs one event per lease end, not three."""
+
     def __init__(self, on_gone: EntryGone) -> None:
         self._on_gone = on_gone
-        self._observer: BaseObserver = Observer()
-        self._watches: dict[str, ObservedWatch] = {}
-
-    def start(self) -> None:
-        self._observer.daemon = True
-        self._observer.start()
+        self._watches: dict[str, tuple[int, _PoolCallback]] = {}
 
     def stop(self) -> None:
-        self._observer.stop()
-        self._observer.join(timeout=5)
+        for pool in list(self._watches):
+            self.unwatch(pool)
 
     def watch(self, pool: str, path: str) -> bool:
         """Watch a pool's directory; False (logged) when inotify refuses, and the GC scan covers for it."""
         if pool in self._watches:
             return True
-        real = os.path.realpath(path)
-        handler = _PoolHandler(pool, real, asyncio.get_running_loop(), self._on_gone)
+        callback = _PoolCallback(pool, asyncio.get_running_loop(), self._on_gone)
         try:
-            self._watches[pool] = self._observer.schedule(handler, real, recursive=False)
+            wd = InotifyFD.get_instance().add_callback(os.fsencode(os.path.realpath(path)), _POOL_MASK,
+                                                       callback, id(callback))
         except OSError as exc:
             log.warning("cannot watch pool; falling back to periodic checks",
                         extra={"pool": pool, "error": exc.strerror})
             return False
+        self._watches[pool] = (wd, callback)
         return True
 
     def unwatch(self, pool: str) -> None:
         watch = self._watches.pop(pool, None)
         if watch is not None:
-            try:
-                self._observer.unschedule(watch)
-            except (KeyError, OSError):
-                pass  # the directory is already gone, and its watch with it
+            wd, callback = watch
+            InotifyFD.get_instance().remove_callbacks([(wd, id(callback))])
 
 
 # Budget for activity watches: a lease with 100k subdirectories must not exhaust the
