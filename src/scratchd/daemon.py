@@ -19,6 +19,7 @@ from scratchd.errors import Refused
 from scratchd.leases import EndReason, Lease
 from scratchd.manager import LeaseManager
 from scratchd.mounts import MountTable
+from scratchd.offload import stop_task
 from scratchd.pools import PoolSet, PoolState, PoolStatus, list_entries, move_to_trash, prepare_pool_dir
 from scratchd.reclaim import policy
 from scratchd.reclaim.deleter import DeleteResult
@@ -73,12 +74,7 @@ class Daemon:
         self.ready = False
         asyncio.get_running_loop().remove_signal_handler(signal.SIGHUP)
         for task in (self._gc_task, self._watchdog_task):
-            if task is not None:
-                task.cancel()
-                try:
-                    await task
-                except asyncio.CancelledError:
-                    pass
+            await stop_task(task)
         await self.usage.stop()
         await self.trash.stop()
         self.pids.close()

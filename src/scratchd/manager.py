@@ -205,10 +205,9 @@ class LeaseManager:
                 expected_bytes=spec.expected_bytes or 0,
             )
         except PlacementError as exc:
-            details = dict(exc.details or {})
-            if near_mount is not None:
-                details.setdefault("near_mount_point", near_mount.mount_point)
-            raise Refused(exc.status, exc.code, exc.message, details) from None
+            if near_mount is not None:  # place() knows mount ids; people know mount points
+                exc.details = {**(exc.details or {}), "near_mount_point": near_mount.mount_point}
+            raise
 
         lease_id = lease_sm.new_lease_id()
         pool = placed.pool

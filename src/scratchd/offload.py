@@ -8,6 +8,8 @@ daemon killed with -9 leaves no deleter behind to race its successor over the tr
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import ctypes
 import multiprocessing
 import os
@@ -37,3 +39,11 @@ def disk_worker() -> ProcessPoolExecutor:
                                    initializer=_init_worker, initargs=(os.getpid(),))
     executor.submit(os.getpid)
     return executor
+
+
+async def stop_task(task: asyncio.Task[None] | None) -> None:
+    """Cancel a background task and wait until it has unwound."""
+    if task is not None:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task

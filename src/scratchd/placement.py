@@ -5,8 +5,8 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
-from typing import Any
 
+from scratchd.errors import Refused
 from scratchd.pools import PoolState, PoolStatus
 from scratchd.units import format_size
 
@@ -23,15 +23,8 @@ class Placed:
     same_filesystem: bool | None  # None when the request named no `near`
 
 
-class PlacementError(Exception):
+class PlacementError(Refused):
     """No pool can take the lease; ``code`` and ``status`` are the SPEC §5 error."""
-
-    def __init__(self, status: int, code: str, message: str, details: dict[str, Any] | None = None) -> None:
-        super().__init__(message)
-        self.status = status
-        self.code = code
-        self.message = message
-        self.details = details
 
 
 def place(

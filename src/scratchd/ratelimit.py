@@ -12,7 +12,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable
 
-# Lease creates per tenant (SPEC §5 is silent; docs/security.md gives the measurements).
+# Lease creates per tenant (SPEC §5 is silent; README.md, "Limits against abuse", gives the measurements).
 # The burst lets a tenant claim its whole default allowance of active leases at once;
 # the sustained rate is above what the whole daemon managed for one tenant in
 # bench/lease_cycle.py, yet bounds the mkdir + commit + delete churn of a runaway loop.

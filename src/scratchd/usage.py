@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from scratchd.leases import Lease, Usage
-from scratchd.offload import disk_worker
+from scratchd.offload import disk_worker, stop_task
 from scratchd.reclaim.deleter import PACE_EVERY, DirStack, DirStat, ForeignMount, Frame, TreeChanged
 from scratchd.store import StoreError
 
@@ -183,12 +183,7 @@ class UsageMonitor:
         self._task = asyncio.get_running_loop().create_task(self._run(), name="scratchd-usage")
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            try:
-                await self._task
-            except asyncio.CancelledError:
-                pass
+        await stop_task(self._task)
         self._executor.shutdown(wait=False, cancel_futures=True)
         self._flush()
 

@@ -17,7 +17,7 @@ from collections.abc import Callable
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 
-from scratchd.offload import disk_worker
+from scratchd.offload import disk_worker, stop_task
 from scratchd.pools import TRASH_DIR
 from scratchd.reclaim.deleter import DeleteResult, delete_tree
 
@@ -76,20 +76,10 @@ class Trash:
 
     async def stop(self) -> None:
         """Stop after the current tree; what is left stays in the trash for the next start."""
-        if self._task is not None:
-            self._task.cancel()
-            try:
-                await self._task
-            except asyncio.CancelledError:
-                pass
+        await stop_task(self._task)
         # A tree being deleted is left to the worker, which dies with the daemon;
         # the next start resumes it from the trash.
         self._executor.shutdown(wait=False, cancel_futures=True)
-
-    async def idle(self) -> None:
-        """Wait until the queue is empty (tests and shutdown use it)."""
-        while self.pending:
-            await asyncio.sleep(0.05)
 
     async def _drain(self) -> None:
         loop = asyncio.get_running_loop()
