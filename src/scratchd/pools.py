@@ -244,14 +244,15 @@ def list_entries(pool_path: str) -> list[str]:
 
 def _open_trash(pool_fd: int) -> int:
     """The trash, created if missing: the rename into it must not fail on a cleaned-up pool."""
+    flags = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
     try:
+        return os.open(TRASH_DIR, flags, dir_fd=pool_fd)  # the common case: one syscall
+    except FileNotFoundError:
+        pass
+    with contextlib.suppress(FileExistsError):
         os.mkdir(TRASH_DIR, 0o700, dir_fd=pool_fd)
-        created = True
-    except FileExistsError:
-        created = False
-    fd = os.open(TRASH_DIR, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=pool_fd)
-    if created:
-        os.fchmod(fd, 0o700)  # mkdir's mode went through the umask
+    fd = os.open(TRASH_DIR, flags, dir_fd=pool_fd)
+    os.fchmod(fd, 0o700)  # mkdir's mode went through the umask
     return fd
 
 

@@ -180,9 +180,14 @@ class Store:
     def insert_lease(self, lease: Lease, event: NewEvent, now: float) -> None:
         self._write([(f"INSERT INTO leases ({_COLUMNS}) VALUES ({_PLACEHOLDERS})", _row(lease))], [event], now)
 
-    def save_lease(self, lease: Lease, event: NewEvent | None, now: float) -> None:
-        sql = f"INSERT OR REPLACE INTO leases ({_COLUMNS}) VALUES ({_PLACEHOLDERS})"
-        self._write([(sql, _row(lease))], [event] if event else [], now)
+    def save_lease(self, lease: Lease, event: NewEvent, now: float) -> None:
+        """Record a renew or an end: only what those change (an UPDATE, not a row rewrite)."""
+        sql = ("UPDATE leases SET state=?, end_reason=?, ended_at=?, expires_at=?, ttl_seconds=?, "
+               "usage_bytes=?, usage_files=?, usage_measured_at=?, last_activity_at=? WHERE id=?")
+        params = (lease.state.value, lease.end_reason.value if lease.end_reason else None, lease.ended_at,
+                  lease.expires_at, lease.ttl_seconds, lease.usage.bytes, lease.usage.files,
+                  lease.usage.measured_at, lease.last_activity_at, lease.id)
+        self._write([(sql, params)], [event], now)
 
     def save_usage(self, leases: Iterable[Lease]) -> None:
         """Usage samples are soft state: batched, and losing the last batch costs one rescan."""
