@@ -78,3 +78,51 @@ def test_systemd_notifications(make_daemon, tmp_path, monkeypatch):
         assert "STOPPING=1" in listener.recv(4096).decode()
     finally:
         listener.close()
+
+
+def test_event_paging_is_gap_free_across_restarts(daemon):
+    def page_all(since: int) -> list[dict]:
+        seen = []
+        while True:
+            page = daemon.request("GET", "/v1/events", params={"since": since, "limit": 2}).json()["events"]
+            if not page:
+                return seen
+            seen += page
+            since = page[-1]["seq"]
+
+    for _ in range(3):
+        daemon.request("DELETE", f"/v1/leases/{daemon.lease()['id']}")
+    before = page_all(0)
+    daemon.kill()  # kill -9: nothing flushed on purpose
+    daemon.start()
+    daemon.lease()
+    after = page_all(before[-1]["seq"])
+    everything = daemon.request("GET", "/v1/events", params={"limit": 1000}).json()["events"]
+    assert [e["seq"] for e in before + after] == [e["seq"] for e in everything]
+    assert all(b["seq"] > a["seq"] for a, b in zip(everything, everything[1:]))
+    assert after and after[-1]["kind"] == "lease_created"
+
+
+def test_logs_one_json_line_per_start_and_end_and_never_a_token(make_daemon):
+    import hashlib
+    import json
+
+    from users import free_port
+
+    token = "s3cret-token-" + "z" * 30
+    port = free_port()
+    daemon = make_daemon(server={"listen": f"127.0.0.1:{port}"},
+                         token=[{"name": "ci", "sha256": hashlib.sha256(token.encode()).hexdigest(),
+                                 "role": "tenant", "tenant": "ci"}])
+    import httpx
+
+    with httpx.Client(base_url=f"http://127.0.0.1:{port}") as tcp:
+        created = tcp.post("/v1/leases", json={}, headers={"authorization": f"Bearer {token}"}).json()
+        tcp.delete(f"/v1/leases/{created['id']}", headers={"authorization": f"Bearer {token}"})
+        assert tcp.get("/v1/leases", headers={"authorization": f"Bearer {token}x"}).status_code == 401
+    daemon.stop()
+    lines = [json.loads(line) for line in daemon.log().splitlines() if line.startswith("{")]
+    mine = [line for line in lines if line.get("lease") == created["id"]]
+    assert [line["msg"] for line in mine] == ["lease started", "lease ended"]
+    assert mine[1]["reason"] == "released" and mine[0]["tenant"] == "ci"
+    assert token not in daemon.log()
