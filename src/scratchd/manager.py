@@ -17,6 +17,7 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import stat
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
@@ -46,6 +47,17 @@ class Tenant:
     uid: int
     gid: int
     may_bind_any_pid: bool = False
+    groups: frozenset[int] = frozenset()
+
+    def may_search(self, directory: os.stat_result) -> bool:
+        """Could this tenant look up names in ``directory``? (mode bits; ACLs are not consulted)"""
+        if self.uid == 0:
+            return True
+        if directory.st_uid == self.uid:
+            return bool(directory.st_mode & stat.S_IXUSR)
+        if directory.st_gid == self.gid or directory.st_gid in self.groups:
+            return bool(directory.st_mode & stat.S_IXGRP)
+        return bool(directory.st_mode & stat.S_IXOTH)
 
 
 @dataclass(frozen=True, slots=True)
@@ -191,7 +203,9 @@ class LeaseManager:
         near_mount = None
         if spec.near is not None:
             try:
-                near_real = resolve_near(spec.near)
+                # Resolved with the tenant's permissions when the daemon has more than it.
+                as_tenant = tenant.may_search if tenant.uid != os.geteuid() else None
+                near_real = resolve_near(spec.near, as_tenant)
             except ValueError as exc:
                 raise Refused(422, "invalid_request", f"near: {exc}", {"near": spec.near}) from None
             near_mount = mount_of(near_real, self.mounts.current())

@@ -10,8 +10,9 @@ from __future__ import annotations
 import os
 import re
 import select
+import stat
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from types import TracebackType
 
@@ -131,20 +132,59 @@ def _is_within(path: str, directory: str) -> bool:
     return directory == "/" or path == directory or path.startswith(directory.rstrip("/") + "/")
 
 
-def resolve_near(path: str) -> str:
+def resolve_near(path: str, may_search: Callable[[os.stat_result], bool] | None = None) -> str:
     """The real path of ``path``, or of its nearest existing ancestor.
 
     A venv about to be created does not exist yet; the directory it will be
-    created in decides which mount it lands on.
+    created in decides which mount it lands on. With ``may_search`` (the caller's
+    permission to look up names in a directory), the walk stops at the last
+    directory the caller could pass through itself: a privileged daemon must not
+    tell a tenant which mount lies behind a directory the tenant cannot enter.
     """
     if "\0" in path:
         raise ValueError("path contains a NUL byte")
     if not os.path.isabs(path):
         raise ValueError(f"path must be absolute: {path!r}")
-    real = os.path.realpath(path)
-    while not os.path.exists(real):
-        real = os.path.dirname(real)
-    return real
+    if may_search is None:
+        real = os.path.realpath(path)
+        while not os.path.exists(real):
+            real = os.path.dirname(real)
+        return real
+    return _walk_as_caller(path, may_search)
+
+
+_MAX_SYMLINKS = 40  # as the kernel's path walk (ELOOP)
+
+
+def _walk_as_caller(path: str, may_search: Callable[[os.stat_result], bool]) -> str:
+    """realpath, one component at a time, stopping where the caller could not go on."""
+    pending = [part for part in reversed(path.split("/")) if part not in ("", ".")]
+    current = "/"
+    links = 0
+    while pending:
+        name = pending.pop()
+        if name == "..":
+            current = os.path.dirname(current)
+            continue
+        try:
+            if not may_search(os.stat(current)):
+                return current
+            found = os.lstat(os.path.join(current, name))
+        except OSError:  # gone, or not a directory: the nearest existing ancestor decides
+            return current
+        if stat.S_ISLNK(found.st_mode):
+            links += 1
+            if links > _MAX_SYMLINKS:
+                return current
+            target = os.readlink(os.path.join(current, name))
+            if target.startswith("/"):
+                current = "/"
+            pending.extend(part for part in reversed(target.split("/")) if part not in ("", "."))
+        elif stat.S_ISDIR(found.st_mode):
+            current = os.path.join(current, name)
+        else:
+            return current  # a file: the directory it is in decides
+    return current
 
 
 class MountTable:
