@@ -96,9 +96,9 @@ class Daemon:
             if pool is not None and pool.state is PoolState.UNAVAILABLE:
                 continue
             if not os.path.lexists(lease.path):
-                self.end_lease(lease, EndReason.DIRECTORY_REMOVED)
+                self.manager.end(lease, EndReason.DIRECTORY_REMOVED)
             elif lease.pid is not None and not self.pids.bind(lease.id, lease.pid, lease.pid_start_time):
-                self.end_lease(lease, EndReason.PROCESS_EXITED, pid=lease.pid)
+                self.manager.end(lease, EndReason.PROCESS_EXITED, pid=lease.pid)
             elif lease.idle_timeout_seconds is not None:
                 self.activity.bind(lease.id, lease.path)
 
@@ -168,16 +168,11 @@ class Daemon:
         except StoreError as exc:
             log.warning("cannot prune history", extra={"error": str(exc)})
 
-    def end_lease(self, lease: Lease, reason: EndReason, **details: object) -> Lease:
-        ended = self.manager.end(lease, reason, **details)
-        self.trash.by_reason[reason.value] += 1
-        return ended
-
     def _try_end(self, lease: Lease, reason: EndReason, **details: object) -> None:
         """End a lease from a background decision; if its directory cannot be moved
         (a read-only pool), it stays active and the next cycle tries again."""
         try:
-            self.end_lease(lease, reason, **details)
+            self.manager.end(lease, reason, **details)
         except Refused as exc:
             log.warning("cannot end lease yet", extra={"lease": lease.id, "reason": reason.value,
                                                         "error": exc.message})
@@ -253,6 +248,8 @@ class Daemon:
 
     def _lease_changed(self, lease: Lease) -> None:
         if not lease.active:
+            if lease.end_reason is not None:
+                self.trash.by_reason[lease.end_reason.value] += 1
             self.pids.unbind(lease.id)
             self.activity.unbind(lease.id)
             return
@@ -271,7 +268,7 @@ class Daemon:
     def _process_exited(self, lease_id: str) -> None:
         lease = self.manager.active.get(lease_id)
         if lease is not None:
-            self.end_lease(lease, EndReason.PROCESS_EXITED, pid=lease.pid)
+            self.manager.end(lease, EndReason.PROCESS_EXITED, pid=lease.pid)
 
     def _entry_gone(self, pool: str, name: str) -> None:
         lease = self.manager.active.get(name)

@@ -30,7 +30,7 @@ from scratchd.mounts import MountTable, mount_of, resolve_near
 from scratchd.placement import Placement, PlacementError, place
 from scratchd.pools import PoolSet, make_lease_dir, move_to_trash
 from scratchd.reclaim import procs
-from scratchd.store import NewEvent, Store, StoreError
+from scratchd.store import NewEvent, Store, StoreError, lease_inserted, lease_updated
 
 log = logging.getLogger("scratchd.lease")
 
@@ -167,12 +167,13 @@ class LeaseManager:
         self._on_trashed = on_trashed
         self._clock = clock
         self.active = ActiveLeases(store.active_leases())
+        self._ending: dict[str, Lease] = {}
         self.listeners: list[Callable[[Lease], None]] = []
 
     # -- queries --------------------------------------------------------------------------
 
     def get(self, lease_id: str) -> Lease | None:
-        return self.active.get(lease_id) or self.store.get_lease(lease_id)
+        return self.active.get(lease_id) or self._ending.get(lease_id) or self.store.get_lease(lease_id)
 
     def find(self, which: LeaseFilter) -> list[Lease]:
         leases: Iterable[Lease]
@@ -195,7 +196,7 @@ class LeaseManager:
 
     # -- changes --------------------------------------------------------------------------
 
-    def create(self, tenant: Tenant, spec: LeaseSpec) -> Lease:
+    async def create(self, tenant: Tenant, spec: LeaseSpec) -> Lease:
         now = self._clock()
         ttl = self._ttl(tenant, spec.ttl_seconds)
         self._check_quota(tenant, spec)
@@ -240,23 +241,25 @@ class LeaseManager:
             expected_bytes=spec.expected_bytes, evictable=spec.evictable, labels=dict(spec.labels),
             last_activity_at=now,
         )
+        self.active.put(lease)  # holds its place in the tenant's quota while the commit is in flight
         try:
-            self.store.insert_lease(lease, NewEvent.for_lease("lease_created", lease), now)
+            await self.store.write_grouped([lease_inserted(lease)], [NewEvent.for_lease("lease_created", lease)],
+                                           now)
         except StoreError as exc:
             # Undo the mkdir so a refused request changes nothing; if even that fails
             # the directory is an orphan and is reclaimed after grace.
+            self.active.remove(lease.id)
             try:
                 os.rmdir(path)
             except OSError:
                 pass
             raise _unavailable(exc) from None
-        self.active.put(lease)
         log.info("lease started", extra={"lease": lease.id, "pool": lease.pool, "tenant": lease.tenant,
                                          "path": lease.path, "ttl_seconds": ttl})
         self._notify(lease)
         return lease
 
-    def renew(self, lease: Lease, ttl_seconds: int | None, tenant: Tenant) -> Lease:
+    async def renew(self, lease: Lease, ttl_seconds: int | None, tenant: Tenant) -> Lease:
         if not lease.active:
             raise Refused(409, "lease_ended", f"Lease {lease.id} has already ended ({lease.end_reason}).",
                           {"end_reason": lease.end_reason})
@@ -264,17 +267,35 @@ class LeaseManager:
         now = self._clock()
         renewed = lease_sm.renew(lease, ttl, now)
         try:
-            self.store.save_lease(renewed, NewEvent.for_lease("lease_renewed", renewed, ttl_seconds=ttl), now)
+            await self.store.write_grouped([lease_updated(renewed)],
+                                           [NewEvent.for_lease("lease_renewed", renewed, ttl_seconds=ttl)], now)
         except StoreError as exc:
             raise _unavailable(exc) from None
-        self.active.put(renewed)
-        self._notify(renewed)
+        if renewed.id in self.active:  # not ended while the commit was in flight
+            self.active.put(renewed)
+            self._notify(renewed)
         return renewed
 
     def end(self, lease: Lease, reason: EndReason, **details: object) -> Lease:
         """End an active lease: its path is gone (or, for ``pool_lost``, left alone) before this returns."""
-        now = self._clock()
-        ended = lease_sm.end(lease, reason, now)
+        ended, event = self._begin_end(lease, reason, details)
+        try:
+            self.store.save_lease(ended, event, ended.ended_at or self._clock())
+        except StoreError as exc:
+            self._record_lost(ended, exc)
+        return self._finish_end(ended)
+
+    async def release(self, lease: Lease) -> Lease:
+        """``end(lease, released)`` for a request: the same effects, its commit grouped with others."""
+        ended, event = self._begin_end(lease, EndReason.RELEASED, {})
+        try:
+            await self.store.write_grouped([lease_updated(ended)], [event], ended.ended_at or self._clock())
+        except StoreError as exc:
+            self._record_lost(ended, exc)
+        return self._finish_end(ended)
+
+    def _begin_end(self, lease: Lease, reason: EndReason, details: dict[str, object]) -> tuple[Lease, NewEvent]:
+        ended = lease_sm.end(lease, reason, self._clock())
         if reason is not EndReason.POOL_LOST:
             try:
                 trashed = move_to_trash(self._pool_path(lease), lease.id)
@@ -283,15 +304,19 @@ class LeaseManager:
                               {"reason": exc.strerror}) from None
             if trashed is not None:
                 self._on_trashed(trashed, ended)
-        try:
-            self.store.save_lease(ended, NewEvent.for_lease("lease_ended", ended, **details), now)
-        except StoreError as exc:
-            # The path is already gone; the record catches up on the next start
-            # (an active record without a directory ends as directory_removed).
-            log.error("cannot record end of lease", extra={"lease": lease.id, "error": str(exc)})
         self.active.remove(lease.id)
-        log.info("lease ended", extra={"lease": lease.id, "pool": lease.pool, "tenant": lease.tenant,
-                                       "reason": reason.value})
+        self._ending[lease.id] = ended  # what get() answers until the record says so too
+        return ended, NewEvent.for_lease("lease_ended", ended, **details)
+
+    def _record_lost(self, ended: Lease, exc: StoreError) -> None:
+        # The path is already gone; the record catches up on the next start
+        # (an active record without a directory ends as directory_removed).
+        log.error("cannot record end of lease", extra={"lease": ended.id, "error": str(exc)})
+
+    def _finish_end(self, ended: Lease) -> Lease:
+        self._ending.pop(ended.id, None)
+        log.info("lease ended", extra={"lease": ended.id, "pool": ended.pool, "tenant": ended.tenant,
+                                       "reason": ended.end_reason.value if ended.end_reason else None})
         self._notify(ended)
         return ended
 

@@ -10,6 +10,7 @@ active lease whose directory is deleted.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import sqlite3
 from collections.abc import Iterable, Iterator
@@ -105,6 +106,22 @@ class NewEvent:
         return cls(kind, lease.id, lease.pool, lease.tenant, reason, details or None)
 
 
+Statement = tuple[str, tuple[Any, ...]]
+
+
+def lease_inserted(lease: Lease) -> Statement:
+    return f"INSERT INTO leases ({_COLUMNS}) VALUES ({_PLACEHOLDERS})", _row(lease)
+
+
+def lease_updated(lease: Lease) -> Statement:
+    """A renew or an end: only what those change (an UPDATE, not a row rewrite)."""
+    return ("UPDATE leases SET state=?, end_reason=?, ended_at=?, expires_at=?, ttl_seconds=?, "
+            "usage_bytes=?, usage_files=?, usage_measured_at=?, last_activity_at=? WHERE id=?",
+            (lease.state.value, lease.end_reason.value if lease.end_reason else None, lease.ended_at,
+             lease.expires_at, lease.ttl_seconds, lease.usage.bytes, lease.usage.files, lease.usage.measured_at,
+             lease.last_activity_at, lease.id))
+
+
 class StoreError(Exception):
     """The state database cannot be written (full disk, locked, read-only)."""
 
@@ -144,14 +161,18 @@ class Store:
         self._db.execute("PRAGMA synchronous=NORMAL")
         self._db.execute("PRAGMA busy_timeout=2000")
         self._db.executescript(SCHEMA)
+        self._staged: list[tuple[list[Statement], list[NewEvent], float, asyncio.Future[None]]] = []
 
     def close(self) -> None:
+        self._commit_staged()
         self._db.close()
 
     # -- writes: each one transaction, lease change and its event together --------------
 
     @contextmanager
     def _transaction(self) -> Iterator[sqlite3.Connection]:
+        if self._staged:
+            self._commit_staged()  # what is staged was asked for first: keep the order
         try:
             self._db.execute("BEGIN IMMEDIATE")
             try:
@@ -163,11 +184,46 @@ class Store:
         except sqlite3.Error as exc:
             raise StoreError(str(exc)) from exc
 
-    def _write(self, statements: Iterable[tuple[str, tuple[Any, ...]]], events: Iterable[NewEvent], now: float) -> list[int]:
+    def _write(self, statements: Iterable[Statement], events: Iterable[NewEvent], now: float) -> None:
         with self._transaction() as db:
             for sql, params in statements:
                 db.execute(sql, params)
-            return [self._insert_event(event, now) for event in events]
+            for event in events:
+                self._insert_event(event, now)
+
+    async def write_grouped(self, statements: list[Statement], events: list[NewEvent], now: float) -> None:
+        """Durable when this returns, like ``_write``, but in one transaction with every other
+        change asked for in the same turn of the event loop (group commit): under concurrent
+        requests a commit's cost is shared instead of paid by each."""
+        loop = asyncio.get_running_loop()
+        waiter = loop.create_future()
+        self._staged.append((statements, events, now, waiter))
+        if len(self._staged) == 1:
+            loop.call_soon(self._commit_staged)
+        await waiter
+
+    def _commit_staged(self) -> None:
+        staged, self._staged = self._staged, []
+        if not staged:
+            return
+        try:
+            with self._transaction() as db:
+                for statements, events, now, _ in staged:
+                    for sql, params in statements:
+                        db.execute(sql, params)
+                    for event in events:
+                        self._insert_event(event, now)
+        except StoreError as exc:
+            outcome: StoreError | None = exc
+        else:
+            outcome = None
+        for *_, waiter in staged:
+            if waiter.done():
+                continue  # its request was cancelled; the change is committed (or not) all the same
+            if outcome is None:
+                waiter.set_result(None)
+            else:
+                waiter.set_exception(outcome)
 
     def _insert_event(self, event: NewEvent, now: float) -> int:
         cursor = self._db.execute(
@@ -177,17 +233,8 @@ class Store:
         )
         return int(cursor.lastrowid or 0)
 
-    def insert_lease(self, lease: Lease, event: NewEvent, now: float) -> None:
-        self._write([(f"INSERT INTO leases ({_COLUMNS}) VALUES ({_PLACEHOLDERS})", _row(lease))], [event], now)
-
     def save_lease(self, lease: Lease, event: NewEvent, now: float) -> None:
-        """Record a renew or an end: only what those change (an UPDATE, not a row rewrite)."""
-        sql = ("UPDATE leases SET state=?, end_reason=?, ended_at=?, expires_at=?, ttl_seconds=?, "
-               "usage_bytes=?, usage_files=?, usage_measured_at=?, last_activity_at=? WHERE id=?")
-        params = (lease.state.value, lease.end_reason.value if lease.end_reason else None, lease.ended_at,
-                  lease.expires_at, lease.ttl_seconds, lease.usage.bytes, lease.usage.files,
-                  lease.usage.measured_at, lease.last_activity_at, lease.id)
-        self._write([(sql, params)], [event], now)
+        self._write([lease_updated(lease)], [event], now)
 
     def save_usage(self, leases: Iterable[Lease]) -> None:
         """Usage samples are soft state: batched, and losing the last batch costs one rescan."""
@@ -196,8 +243,8 @@ class Store:
         with self._transaction() as db:
             db.executemany(sql, rows)
 
-    def append_events(self, events: Iterable[NewEvent], now: float) -> list[int]:
-        return self._write([], events, now)
+    def append_events(self, events: Iterable[NewEvent], now: float) -> None:
+        self._write([], events, now)
 
     def prune(self, before: float) -> None:
         """Drop ended records and events older than ``gc.history_retention``."""

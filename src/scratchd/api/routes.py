@@ -17,7 +17,7 @@ from scratchd.api import errors, models
 from scratchd.api.identity import PEER_KEY, Caller, Role, authenticate
 from scratchd.daemon import Daemon
 from scratchd.errors import Refused
-from scratchd.leases import EndReason, Lease
+from scratchd.leases import Lease
 from scratchd.manager import LeaseFilter, LeaseSpec, Tenant
 from scratchd.placement import Placement
 from scratchd.reclaim.procs import pid_in_daemon_namespace
@@ -119,7 +119,7 @@ async def create_lease(request: Request, caller: Writer,
         idle_timeout_seconds=body.idle_timeout_seconds, pid=_bound_pid(request, body.pid), max_bytes=body.max_bytes,
         expected_bytes=body.expected_bytes, evictable=body.evictable, labels=body.labels,
     )
-    lease = _daemon(request).manager.create(caller.tenant, spec)
+    lease = await _daemon(request).manager.create(caller.tenant, spec)
     return _json(models.lease_json(lease), 201)
 
 
@@ -165,7 +165,7 @@ async def renew_lease(request: Request, lease_id: str, caller: Writer,
     lease = _visible_lease(daemon, caller, lease_id)
     # An admin renewing someone's lease is held to that tenant's limits, not its own.
     tenant = caller.tenant if caller.tenant and caller.tenant.name == lease.tenant else _owner(lease)
-    renewed = daemon.manager.renew(lease, body.ttl_seconds if body else None, tenant)
+    renewed = await daemon.manager.renew(lease, body.ttl_seconds if body else None, tenant)
     return _json(models.lease_json(renewed))
 
 
@@ -175,7 +175,7 @@ async def release_lease(request: Request, lease_id: str, caller: Writer) -> Resp
     daemon = _daemon(request)
     lease = _visible_lease(daemon, caller, lease_id)
     if lease.active:
-        lease = daemon.end_lease(lease, EndReason.RELEASED)
+        lease = await daemon.manager.release(lease)
     return _json(models.lease_json(lease))
 
 
