@@ -1,0 +1,82 @@
+"""The SQLite store on a real database file: records with their events, and group commit."""
+
+import asyncio
+import sqlite3
+
+import pytest
+
+from scratchd.leases import EndReason, Lease, end
+from scratchd.store import NewEvent, Store, StoreError, lease_inserted, lease_updated
+
+
+def lease(i: int) -> Lease:
+    return Lease(id=f"l{i}", path=f"/p/l{i}", pool="p", tenant="t", uid=1, gid=1, created_at=1.0,
+                 expires_at=2.0, ttl_seconds=1, labels={"n": str(i)})
+
+
+def test_a_record_and_its_event_survive_a_reopen(tmp_path):
+    store = Store(str(tmp_path))
+    store._write([lease_inserted(lease(1))], [NewEvent.for_lease("lease_created", lease(1))], 5.0)
+    ended = end(lease(1), EndReason.EXPIRED, 6.0)
+    store.save_lease(ended, NewEvent.for_lease("lease_ended", ended), 6.0)
+    store.close()
+    reopened = Store(str(tmp_path))
+    assert reopened.get_lease("l1") == ended
+    assert [(e.kind, e.reason) for e in reopened.events(0, 10)] == [("lease_created", None),
+                                                                     ("lease_ended", "expired")]
+
+
+def test_writes_in_one_loop_turn_share_one_transaction(tmp_path):
+    store = Store(str(tmp_path))
+    transactions = []
+    store._db.set_trace_callback(lambda sql: transactions.append(sql) if sql.startswith("BEGIN") else None)
+
+    async def many() -> None:
+        await asyncio.gather(*(store.write_grouped([lease_inserted(lease(i))],
+                                                   [NewEvent.for_lease("lease_created", lease(i))], 1.0)
+                               for i in range(20)))
+
+    asyncio.run(many())
+    assert len(transactions) == 1
+    assert len(store.active_leases()) == 20 and len(store.events(0, 100)) == 20
+
+
+def test_a_failed_group_fails_every_waiter_and_commits_nothing(tmp_path):
+    store = Store(str(tmp_path))
+    store._write([lease_inserted(lease(1))], [], 1.0)
+
+    async def clash() -> list:
+        return await asyncio.gather(
+            store.write_grouped([lease_inserted(lease(2))], [], 1.0),
+            store.write_grouped([lease_inserted(lease(1))], [], 1.0),  # the same id again
+            return_exceptions=True)
+
+    results = asyncio.run(clash())
+    assert all(isinstance(r, StoreError) for r in results)
+    assert [l.id for l in store.active_leases()] == ["l1"]
+
+
+def test_a_direct_write_commits_what_was_staged_first(tmp_path):
+    store = Store(str(tmp_path))
+
+    async def staged_then_direct() -> None:
+        waiter = asyncio.ensure_future(store.write_grouped([lease_inserted(lease(1))], [], 1.0))
+        await asyncio.sleep(0)  # staged, not yet committed
+        ended = end(lease(1), EndReason.EXPIRED, 2.0)
+        store.save_lease(ended, NewEvent.for_lease("lease_ended", ended), 2.0)  # must land after the insert
+        await waiter
+
+    asyncio.run(staged_then_direct())
+    assert store.get_lease("l1").end_reason is EndReason.EXPIRED
+
+
+def test_a_locked_database_is_a_store_error(tmp_path):
+    store = Store(str(tmp_path))
+    store._db.execute("PRAGMA busy_timeout=50")
+    holder = sqlite3.connect(store.path, isolation_level=None)
+    holder.execute("BEGIN EXCLUSIVE")
+    try:
+        with pytest.raises(StoreError):
+            store._write([lease_updated(lease(1))], [], 1.0)
+    finally:
+        holder.execute("ROLLBACK")
