@@ -217,6 +217,7 @@ def embedded_default() -> Config:
     state_dir = paths.default_state_dir()
     pool_dir = Path(state_dir) / "pool"
     pool_dir.mkdir(parents=True, exist_ok=True)
+    os.chmod(state_dir, 0o711)  # tenants pass through to the pool, but cannot list or read the state
     return parse_config(
         {
             "server": {"state_dir": state_dir, "listen": "127.0.0.1:8787", "anonymous": "viewer"},

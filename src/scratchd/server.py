@@ -65,7 +65,10 @@ class StartError(Exception):
 
 def unix_listener(path: str, mode: int) -> socket.socket:
     """Bind the Unix socket, replacing a stale socket file but never a live one."""
-    os.makedirs(os.path.dirname(path) or ".", mode=0o755, exist_ok=True)
+    parent = os.path.dirname(path) or "."
+    if not os.path.isdir(parent):
+        os.makedirs(parent, exist_ok=True)
+        os.chmod(parent, 0o755)  # every local user must reach the socket; the umask says 0700
     try:
         existing = os.lstat(path)
     except FileNotFoundError:
@@ -118,6 +121,9 @@ def _load(config_path: str | None) -> Config:
 
 def serve(config_path: str | None) -> int:
     logs.setup()
+    # Files the daemon makes are its own (the state database names every lease); what
+    # tenants must reach (pools, lease directories, the socket) gets its mode explicitly.
+    os.umask(0o077)
     try:
         config = _load(config_path)
     except ConfigError as exc:

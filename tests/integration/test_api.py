@@ -287,3 +287,9 @@ def test_lease_directory_owned_by_the_tenant(daemon):
     info = os.stat(lease["path"])
     assert (info.st_uid, info.st_gid) == (0, 0) and lease["uid"] == 0
     assert stat.S_IMODE(info.st_mode) == 0o700
+
+
+def test_state_is_private_and_the_socket_reachable(daemon):
+    assert stat.S_IMODE(os.stat(daemon.state_dir / "scratchd.db").st_mode) == 0o600  # it names every lease
+    assert stat.S_IMODE(os.stat(os.path.dirname(daemon.socket)).st_mode) == 0o755
+    assert stat.S_IMODE(os.stat(daemon.socket).st_mode) == 0o666
