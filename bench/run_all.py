@@ -29,8 +29,8 @@ def benches(quick: bool) -> list[tuple[str, list[str]]]:
         ("Reclaim vs `rm -rf`, tmpfs", ["reclaim.py", "--files", files, "--dir", "/dev/shm"]),
         ("Reclaim vs `rm -rf`, the regular disk", ["reclaim.py", "--files", files, "--dir", "/var/tmp"]),
         ("Usage scan vs `du -s`, tmpfs", ["scan_vs_du.py", "--files", files, "--dir", "/dev/shm"]),
-        ("Usage scan vs `du -s`, the regular disk", ["scan_vs_du.py", "--files", files, "--dir", "/var/tmp"]),
-        ("Many active leases", ["scale.py", "--leases", "2000" if quick else "10000"]),
+        ("Usage at scale: scan vs `du -s` on the regular disk, then many active leases",
+         ["usage.py", "--files", files, "--leases", "2000" if quick else "10000"]),
     ]
 
 

@@ -1,8 +1,9 @@
-"""The daemon holding many active leases: usage latency, memory, start-up, inotify watches.
+"""Usage accounting at scale: many active leases, and the scan against ``du -s``.
 
-    .venv/bin/python bench/scale.py [--leases 10000]
+    .venv/bin/python bench/usage.py [--leases 10000] [--files 100000]
 
-Creates the leases over the Unix socket from 16 client processes, then measures
+First runs bench/scan_vs_du.py on the regular disk (scan_tree vs du -s, one run), then
+creates the leases over the Unix socket from 16 client processes, then measures
 ``GET /v1/usage`` latency (p50/p99 over 300 requests), the daemon's RSS, how long a
 restart takes to answer ``/readyz`` again, and the inotify watches the daemon holds.
 Stops by itself.
@@ -67,7 +68,11 @@ def _start(config: Path, socket_path: str) -> tuple[subprocess.Popen, float]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--leases", type=int, default=10_000)
+    parser.add_argument("--files", type=int, default=100_000, help="files in the tree scanned against du")
     args = parser.parse_args()
+    subprocess.run([sys.executable, str(Path(__file__).with_name("scan_vs_du.py")), "--files", str(args.files), "--dir", "/var/tmp"],
+                   check=True)
+    print()
     with tempfile.TemporaryDirectory(prefix="scratchd-scale-") as tmp:
         pool = Path(tmp, "pool")
         pool.mkdir()
