@@ -12,11 +12,13 @@ import errno
 import json
 import logging
 import os
+import resource
 import signal
 import socket
 import stat
 import struct
 import sys
+import time
 
 import uvicorn
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
@@ -33,20 +35,76 @@ EXIT_CONFIG = 2
 EXIT_START = 1
 
 
+# A request must arrive whole (line, headers, body) within this many seconds of the
+# connection, or of its first byte on a kept-alive connection; else the connection is
+# closed. uvicorn has no such timeout (its keep-alive timer runs only between requests,
+# and any byte cancels it), so a client that connects and sends nothing, or half a
+# request line (slow loris), would hold a connection and a file descriptor for ever; the
+# socket is 0666, so any local user could. Local clients write a whole request (at most
+# api.app.MAX_BODY_BYTES) at once: 10 s is generous even on a loaded host.
+REQUEST_DEADLINE_SECONDS = 10.0
+_SLOW_LOG_EVERY_SECONDS = 60.0
+
+
 class PeerCredProtocol(HttpToolsProtocol):
     peer: tuple[int, int, int] | None = None
+    _deadline: asyncio.TimerHandle | None = None
+    _slow_closed = 0  # connections closed for slowness since the last log line (class-wide)
+    _slow_logged_at = -_SLOW_LOG_EVERY_SECONDS
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
+        self._arm_deadline()
         sock = transport.get_extra_info("socket")
         if sock is not None and sock.family == socket.AF_UNIX:
             creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
             self.peer = struct.unpack("3i", creds)
 
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._disarm_deadline()
+        super().connection_lost(exc)
+
+    def data_received(self, data: bytes) -> None:
+        if self.cycle is None or self.cycle.response_complete:
+            self._arm_deadline()  # bytes of a next request (uvicorn just cancelled its keep-alive timer)
+        super().data_received(data)
+
     def on_message_begin(self) -> None:
         super().on_message_begin()
+        self._arm_deadline()  # a request pipelined behind one in flight
         if self.peer is not None:
             self.scope[PEER_KEY] = self.peer  # type: ignore[literal-required]
+
+    def on_message_complete(self) -> None:
+        self._disarm_deadline()
+        super().on_message_complete()
+
+    def handle_websocket_upgrade(self) -> None:
+        self._disarm_deadline()  # the transport is about to belong to another protocol
+        super().handle_websocket_upgrade()
+
+    def _arm_deadline(self) -> None:
+        if self._deadline is None:  # never pushed back: trickling bytes does not buy time
+            self._deadline = self.loop.call_later(REQUEST_DEADLINE_SECONDS, self._too_slow)
+
+    def _disarm_deadline(self) -> None:
+        if self._deadline is not None:
+            self._deadline.cancel()
+            self._deadline = None
+
+    def _too_slow(self) -> None:
+        self._deadline = None
+        if self.transport.is_closing():
+            return
+        self.transport.close()  # an app waiting for the rest of a body sees a disconnect
+        cls = PeerCredProtocol
+        cls._slow_closed += 1
+        now = time.monotonic()
+        if now - cls._slow_logged_at >= _SLOW_LOG_EVERY_SECONDS:  # one line a minute, even under a flood
+            log.warning("closed connections that did not send a whole request in time",
+                        extra={"connections": cls._slow_closed, "deadline_seconds": REQUEST_DEADLINE_SECONDS,
+                               "last_peer_pid_uid_gid": self.peer})
+            cls._slow_closed, cls._slow_logged_at = 0, now
 
     def send_400_response(self, msg: str) -> None:
         """Bad HTTP framing gets the same error envelope as everything else (SPEC §5)."""
@@ -109,6 +167,23 @@ def tcp_listener(host: str, port: int) -> socket.socket:
     return sock
 
 
+def _raise_fd_limit() -> None:
+    """Raise the soft RLIMIT_NOFILE to the hard limit.
+
+    Every client connection holds a descriptor. At a soft limit of 1024 (the usual
+    default outside the shipped unit, which sets LimitNOFILE) a thousand idle clients
+    exhaust it: libuv then accepts and drops every new connection without a word, and
+    the daemon can no longer open lease directories or its database either. Nothing in
+    the daemon uses select(), so descriptors above 1024 are safe.
+    """
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if 0 <= soft < hard:  # RLIM_INFINITY is -1 (and the kernel caps this limit at fs.nr_open anyway)
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        except (ValueError, OSError) as exc:
+            log.warning("cannot raise the open-files limit", extra={"soft": soft, "hard": hard, "error": str(exc)})
+
+
 def _load(config_path: str | None) -> Config:
     if config_path is not None:
         return load_config(config_path)
@@ -124,6 +199,7 @@ def serve(config_path: str | None) -> int:
     # Files the daemon makes are its own (the state database names every lease); what
     # tenants must reach (pools, lease directories, the socket) gets its mode explicitly.
     os.umask(0o077)
+    _raise_fd_limit()
     try:
         config = _load(config_path)
     except ConfigError as exc:
@@ -142,6 +218,10 @@ def serve(config_path: str | None) -> int:
     server = uvicorn.Server(uvicorn.Config(
         app, http=PeerCredProtocol, loop="uvloop", lifespan="on", access_log=False, log_config=None,
         timeout_graceful_shutdown=10,
+        # Idle connections: uvicorn's keep-alive timeout (5 s) closes them between requests,
+        # REQUEST_DEADLINE_SECONDS before and during one. limit_concurrency stays off: it
+        # counts idle connections too, and answers 503 in plain text, outside the SPEC's
+        # error envelope, to every client once a few slow ones hold the slots.
     ))
     log.info("serving", extra={"socket": config.server.socket, "listen": config.server.listen or None,
                                "pools": [p.name for p in config.pool]})
