@@ -31,6 +31,10 @@ from scratchd.usage import UsageMonitor
 
 log = logging.getLogger("scratchd")
 
+# History is kept for days (gc.history_retention); looking for what to drop once a minute
+# is plenty, and spares the database a write every gc.interval.
+PRUNE_EVERY_SECONDS = 60.0
+
 
 class Daemon:
     def __init__(self, config: Config, config_path: str | None = None,
@@ -52,6 +56,7 @@ class Daemon:
         self._watched: set[str] = set()
         self._gc_task: asyncio.Task[None] | None = None
         self._watchdog_task: asyncio.Task[None] | None = None
+        self._pruned_at = 0.0
         self.ready = False
 
     # -- lifecycle --------------------------------------------------------------------------
@@ -163,10 +168,13 @@ class Daemon:
             if lease.pool not in self._watched:
                 self.lease_directory_gone(lease)
         self._review_orphans(now)
-        try:
-            self.store.prune(now - self.config.gc.history_retention)
-        except StoreError as exc:
-            log.warning("cannot prune history", extra={"error": str(exc)})
+        self.manager.retry_unrecorded()
+        if now - self._pruned_at >= PRUNE_EVERY_SECONDS:
+            try:
+                self.store.prune(now - self.config.gc.history_retention)
+                self._pruned_at = now
+            except StoreError as exc:
+                log.warning("cannot prune history", extra={"error": str(exc)})
 
     def _try_end(self, lease: Lease, reason: EndReason, **details: object) -> None:
         """End a lease from a background decision; if its directory cannot be moved

@@ -168,12 +168,15 @@ class LeaseManager:
         self._clock = clock
         self.active = ActiveLeases(store.active_leases())
         self._ending: dict[str, Lease] = {}
+        self._unrecorded: dict[str, tuple[Lease, NewEvent]] = {}
         self.listeners: list[Callable[[Lease], None]] = []
 
     # -- queries --------------------------------------------------------------------------
 
     def get(self, lease_id: str) -> Lease | None:
-        return self.active.get(lease_id) or self._ending.get(lease_id) or self.store.get_lease(lease_id)
+        unrecorded = self._unrecorded.get(lease_id)
+        return (self.active.get(lease_id) or self._ending.get(lease_id) or (unrecorded and unrecorded[0])
+                or self.store.get_lease(lease_id))
 
     def find(self, which: LeaseFilter) -> list[Lease]:
         leases: Iterable[Lease]
@@ -282,7 +285,7 @@ class LeaseManager:
         try:
             self.store.save_lease(ended, event, ended.ended_at or self._clock())
         except StoreError as exc:
-            self._record_lost(ended, exc)
+            self._record_lost(ended, event, exc)
         return self._finish_end(ended)
 
     async def release(self, lease: Lease) -> Lease:
@@ -291,7 +294,7 @@ class LeaseManager:
         try:
             await self.store.write_grouped([lease_updated(ended)], [event], ended.ended_at or self._clock())
         except StoreError as exc:
-            self._record_lost(ended, exc)
+            self._record_lost(ended, event, exc)
         return self._finish_end(ended)
 
     def _begin_end(self, lease: Lease, reason: EndReason, details: dict[str, object]) -> tuple[Lease, NewEvent]:
@@ -308,10 +311,21 @@ class LeaseManager:
         self._ending[lease.id] = ended  # what get() answers until the record says so too
         return ended, NewEvent.for_lease("lease_ended", ended, **details)
 
-    def _record_lost(self, ended: Lease, exc: StoreError) -> None:
-        # The path is already gone; the record catches up on the next start
-        # (an active record without a directory ends as directory_removed).
+    def _record_lost(self, ended: Lease, event: NewEvent, exc: StoreError) -> None:
+        # The path is already gone: the end stands, in memory, and its record is written
+        # by retry_unrecorded() once the store takes writes again (or, after a restart
+        # first, the active record without a directory ends as directory_removed).
         log.error("cannot record end of lease", extra={"lease": ended.id, "error": str(exc)})
+        self._unrecorded[ended.id] = (ended, event)
+
+    def retry_unrecorded(self) -> None:
+        """Write the ends the store refused earlier (full disk, locked database)."""
+        for lease_id, (ended, event) in list(self._unrecorded.items()):
+            try:
+                self.store.save_lease(ended, event, ended.ended_at or self._clock())
+            except StoreError:
+                return  # still refused: next cycle
+            del self._unrecorded[lease_id]
 
     def _finish_end(self, ended: Lease) -> Lease:
         self._ending.pop(ended.id, None)

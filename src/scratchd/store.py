@@ -159,7 +159,9 @@ class Store:
         self._db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=NORMAL")
-        self._db.execute("PRAGMA busy_timeout=2000")
+        # Only another process (an operator's sqlite3 shell) ever holds the lock, and every
+        # wait happens on the event loop: refuse quickly (503) rather than stall the daemon.
+        self._db.execute("PRAGMA busy_timeout=100")
         self._db.executescript(SCHEMA)
         self._staged: list[tuple[list[Statement], list[NewEvent], float, asyncio.Future[None]]] = []
 
@@ -179,7 +181,8 @@ class Store:
                 yield self._db
                 self._db.execute("COMMIT")
             except BaseException:
-                self._db.execute("ROLLBACK")
+                if self._db.in_transaction:  # a failed COMMIT (disk full) has rolled back already
+                    self._db.execute("ROLLBACK")
                 raise
         except sqlite3.Error as exc:
             raise StoreError(str(exc)) from exc

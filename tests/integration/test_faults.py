@@ -6,9 +6,6 @@ second SQLite connection holding the write lock, a lowered ``fs.inotify`` limit,
 sockets), and checks that the daemon answers in the SPEC envelope, changes nothing it
 should not, keeps serving, and afterwards holds in its pool exactly the directories of
 its active leases. Every wait is a condition with a deadline.
-
-Known bugs are pinned by ``xfail(strict=True)`` tests: when one is fixed, its test
-passes, pytest reports it, and the marker should go.
 """
 
 from __future__ import annotations
@@ -212,11 +209,17 @@ def test_full_state_filesystem_refuses_creates_and_still_ends_leases(make_daemon
             again = daemon.lease()
             assert_healthy(daemon)
 
-            # The lost end record catches up at the next start, as documented in manager.end:
-            # an active record without its directory ends as directory_removed.
+            # The lost end record is written once the store takes writes again
+            # (manager.retry_unrecorded, every GC cycle), with its own reason.
+            def recorded() -> bool:
+                with contextlib.closing(sqlite3.connect(f"file:{state}/scratchd.db?mode=ro", uri=True)) as db:
+                    row = db.execute("SELECT state, end_reason FROM leases WHERE id = ?", (doomed["id"],)).fetchone()
+                return row == ("ended", "released")
+
+            wait_for(recorded, timeout=5, what="the lost end record written after the disk has room")
             daemon.restart()
             ended = lease_state(daemon, doomed["id"])
-            assert ended["state"] == "ended" and ended["end_reason"] == "directory_removed", ended
+            assert ended["state"] == "ended" and ended["end_reason"] == "released", ended
             assert {lease["id"] for lease in active_leases(daemon)} == {kept["id"], again["id"]}
             assert_healthy(daemon)
         finally:
@@ -225,10 +228,6 @@ def test_full_state_filesystem_refuses_creates_and_still_ends_leases(make_daemon
 
 @needs_tmpfs
 @pytest.mark.timeout(30)
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
-    "BUG: after a release whose record could not be written (full disk), GET /v1/leases/{id} falls back to "
-    "the store's stale row (manager.get) and answers state=active for a lease whose path is gone, until "
-    "the next restart; nothing retries the record once there is room again"))
 def test_a_release_whose_record_was_lost_is_not_reported_active(make_daemon: MakeDaemon, tmp_path: Path) -> None:
     with tmpfs(tmp_path / "statefs", size="2m") as state:
         daemon = make_daemon(server={"state_dir": str(state)})
@@ -245,10 +244,6 @@ def test_a_release_whose_record_was_lost_is_not_reported_active(make_daemon: Mak
 
 @needs_tmpfs
 @pytest.mark.timeout(30)
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
-    "BUG: store._transaction runs ROLLBACK after SQLite has already rolled the failed COMMIT back "
-    "(SQLITE_FULL), and that error replaces the real one: 503 details and the log say 'cannot rollback - "
-    "no transaction is active' instead of 'database or disk is full'"))
 def test_a_full_disk_refusal_names_its_cause(make_daemon: MakeDaemon, tmp_path: Path) -> None:
     with tmpfs(tmp_path / "statefs", size="2m") as state:
         daemon = make_daemon(server={"state_dir": str(state)})
@@ -296,10 +291,6 @@ def test_locked_state_database_refuses_creates_in_bounded_time(make_daemon: Make
 
 
 @pytest.mark.timeout(30)
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
-    "BUG: the store waits for a locked database (busy_timeout=2000, store.py) on the event loop, so every "
-    "request waits behind each write that waits: a GC cycle's prune stalls /healthz for ~2 s, and N "
-    "concurrent creates answer after 2, 4 … 2N s (enough of them outlast the unit's WatchdogSec=30s)"))
 def test_a_locked_state_database_does_not_stall_unrelated_requests(make_daemon: MakeDaemon) -> None:
     daemon = make_daemon()  # gc.interval 0.2 s: a GC write every cycle waits for the lock
     with write_locked(daemon.state_dir / "scratchd.db"), daemon.client(timeout=10) as client:
@@ -344,10 +335,6 @@ def test_pool_watch_refused_by_inotify_falls_back_to_gc(make_daemon: MakeDaemon)
 
 @needs_inotify_sysctl
 @pytest.mark.timeout(30)
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
-    "BUG: ending a lease with idle_timeout_seconds while inotify is exhausted answers 500: "
-    "_LeaseWatch.close (reclaim/watcher.py) calls InotifyFD.get_instance() even with no watch to remove, "
-    "which tries to create the instance again and raises OSError(EMFILE) out of the lease listener"))
 def test_ending_an_idle_timeout_lease_while_inotify_is_exhausted(make_daemon: MakeDaemon) -> None:
     daemon = make_daemon(start=False)
     with inotify_instances(0):

@@ -168,8 +168,9 @@ class _LeaseWatch:
     def close(self) -> None:
         self._closed = True
         dirs, self._dirs = self._dirs, {}
-        InotifyFD.get_instance().remove_callbacks([(wd, id(self)) for wd in dirs])
-        self._owner._give_back(len(dirs))
+        if dirs:  # with none, the shared instance may not exist (inotify exhausted): leave it be
+            InotifyFD.get_instance().remove_callbacks([(wd, id(self)) for wd in dirs])
+            self._owner._give_back(len(dirs))
 
     def on_event(self, event: InotifyEvent) -> None:
         now = time.time()
