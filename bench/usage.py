@@ -22,14 +22,23 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
-from scratchd.client import Client  # noqa: E402
+from scratchd.client import Client, ScratchdError  # noqa: E402
 
 
 def _create(socket_path: str, count: int) -> None:
     with Client(socket=socket_path) as client:
-        for i in range(count):
-            client.create_lease(ttl_seconds=86400, labels={"bench": "scale", "n": str(i % 50)},
-                                idle_timeout_seconds=86400 if i % 10 == 0 else None)
+        i = 0
+        while i < count:
+            try:
+                client.create_lease(ttl_seconds=86400, labels={"bench": "scale", "n": str(i % 50)},
+                                    idle_timeout_seconds=86400 if i % 10 == 0 else None)
+            except ScratchdError as exc:  # the per-tenant create rate: wait as told, then go on
+                details = exc.details if isinstance(exc.details, dict) else {}
+                if details.get("limit") != "create_rate":
+                    raise
+                time.sleep(float(details.get("retry_after_seconds", 0.1)))
+                continue
+            i += 1
 
 
 def _rss_mb(pid: int) -> float:
@@ -90,8 +99,9 @@ def main() -> None:
                 worker.start()
             for worker in workers:
                 worker.join()
-            created = args.leases // clients * clients
             create_seconds = time.perf_counter() - started
+            with Client(socket=socket_path) as client:
+                created = len(client.list_leases()["leases"])
             latencies = []
             with Client(socket=socket_path) as client:
                 for _ in range(300):
