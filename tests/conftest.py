@@ -170,22 +170,25 @@ def daemon(make_daemon: Callable[..., Daemon]) -> Daemon:
 
 
 @contextlib.contextmanager
+def mounted(*args: str) -> Iterator[None]:
+    """``mount ARGS…`` for the duration (root only); the last argument is the target."""
+    subprocess.run(["mount", *args], check=True, capture_output=True)
+    try:
+        yield
+    finally:
+        subprocess.run(["umount", "-l", args[-1]], check=False, capture_output=True)
+
+
+@contextlib.contextmanager
 def tmpfs(path: Path, size: str = "16m", options: str = "") -> Iterator[Path]:
     """A real tmpfs mounted at ``path`` for the duration (root only)."""
     path.mkdir(parents=True, exist_ok=True)
-    opts = f"size={size}" + (f",{options}" if options else "")
-    subprocess.run(["mount", "-t", "tmpfs", "-o", opts, "tmpfs", str(path)], check=True)
-    try:
+    with mounted("-t", "tmpfs", "-o", f"size={size}" + (f",{options}" if options else ""), "tmpfs", str(path)):
         yield path
-    finally:
-        subprocess.run(["umount", "-l", str(path)], check=False)
 
 
 @contextlib.contextmanager
 def bind_mount(source: Path, target: Path) -> Iterator[Path]:
     target.mkdir(parents=True, exist_ok=True)
-    subprocess.run(["mount", "--bind", str(source), str(target)], check=True)
-    try:
+    with mounted("--bind", str(source), str(target)):
         yield target
-    finally:
-        subprocess.run(["umount", "-l", str(target)], check=False)

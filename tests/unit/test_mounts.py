@@ -1,15 +1,15 @@
 from __future__ import annotations
 
-import contextlib
 import errno
 import os
-import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from scratchd.mounts import Mount, MountTable, mount_of, mounts_under, parse_mountinfo, read_mounts, resolve_near
+
+from conftest import mounted
 
 needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="mounting tmpfs and bind mounts needs root")
 
@@ -331,16 +331,6 @@ def test_mount_table_close_is_idempotent() -> None:
 
 
 # -- real mounts (root) ---------------------------------------------------------------------
-
-
-@contextlib.contextmanager
-def mounted(*args: str) -> Iterator[None]:
-    target = args[-1]
-    subprocess.run(["mount", *args], check=True, capture_output=True)
-    try:
-        yield
-    finally:
-        subprocess.run(["umount", "-l", target], check=False, capture_output=True)
 
 
 @pytest.fixture

@@ -25,6 +25,8 @@ from scratchd.pools import (
     probe_pool,
 )
 
+from conftest import mounted
+
 IS_ROOT = os.geteuid() == 0
 needs_root = pytest.mark.skipif(not IS_ROOT, reason="mounting tmpfs and chown to other users need root")
 MiB = 1 << 20
@@ -56,16 +58,6 @@ def umask(value: int) -> Iterator[None]:
         yield
     finally:
         os.umask(old)
-
-
-@contextlib.contextmanager
-def mounted(*args: str) -> Iterator[None]:
-    target = args[-1]
-    subprocess.run(["mount", *args], check=True, capture_output=True)
-    try:
-        yield
-    finally:
-        subprocess.run(["umount", "-l", target], check=False, capture_output=True)
 
 
 def with_fake_mounts(mounts: list[Mount], points: dict[Path, int]) -> list[Mount]:
