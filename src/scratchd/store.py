@@ -277,10 +277,6 @@ class Store:
         )
         return [Event(*row[:7], json.loads(row[7]) if row[7] else None) for row in rows]
 
-    def ended_counts(self) -> dict[str, int]:
-        rows = self._db.execute("SELECT end_reason, COUNT(*) FROM leases WHERE state = 'ended' GROUP BY end_reason")
-        return {reason: count for reason, count in rows}
-
     # -- orphan sightings: grace counts from the first sighting, across restarts -----------
 
     def orphan_sightings(self) -> dict[tuple[str, str], float]:
