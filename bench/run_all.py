@@ -25,6 +25,9 @@ def benches(quick: bool) -> list[tuple[str, list[str]]]:
     files = "20000" if quick else "100000"
     return [
         ("Lease create+release cycles (Unix socket)", ["lease_cycle.py", "--seconds", "2" if quick else "5"]),
+        ("Durability: SQLite synchronous NORMAL vs FULL, group commit vs one commit per request",
+         ["durability.py", "--seconds", "1" if quick else "3", "--rounds", "1" if quick else "3",
+          "--dir", "/var/tmp"]),
         ("`scratchd run -- true` start-up", ["run_overhead.py", "-n", "30" if quick else "100"]),
         ("Reclaim vs `rm -rf`, tmpfs", ["reclaim.py", "--files", files, "--dir", "/dev/shm"]),
         ("Reclaim vs `rm -rf`, the regular disk", ["reclaim.py", "--files", files, "--dir", "/var/tmp"]),

@@ -1,11 +1,18 @@
 """Durable state in one SQLite database (WAL): lease records, the event log, orphan sightings.
 
 Every lease change is written together with its event in one transaction, so the
-event log and the records can never disagree after a crash. ``synchronous=NORMAL``
-in WAL mode survives the daemon being killed at any point (a commit is in the
-kernel before ``commit()`` returns); a power loss may lose the last commits, which
-then look like orphans or ``directory_removed`` leases on the next start — never an
-active lease whose directory is deleted.
+event log and the records can never disagree after a crash. Either setting of
+``synchronous`` survives the daemon being killed at any point (a commit is in the
+kernel before ``commit()`` returns). What a power loss takes:
+
+* ``NORMAL`` (the default): the WAL is fsynced only at checkpoints, so the last
+  commits before a power loss may be rolled back, in order, the database staying
+  consistent. Their leases then look like orphans (reclaimed after grace) or like
+  active records whose directory is gone (ended as ``directory_removed``) on the
+  next start -- never an active lease whose directory is deleted.
+* ``FULL``: the WAL is fsynced on every commit, so every answered change survives.
+
+``bench/durability.py`` measures what each costs per lease cycle.
 """
 
 from __future__ import annotations
@@ -152,13 +159,18 @@ def _lease(row: tuple[Any, ...]) -> Lease:
     )
 
 
+SYNCHRONOUS = ("NORMAL", "FULL")
+
+
 class Store:
-    def __init__(self, state_dir: str) -> None:
+    def __init__(self, state_dir: str, *, synchronous: str = "NORMAL") -> None:
+        if synchronous not in SYNCHRONOUS:
+            raise ValueError(f"synchronous must be one of {', '.join(SYNCHRONOUS)}, not {synchronous!r}")
         Path(state_dir).mkdir(parents=True, exist_ok=True, mode=0o700)
         self.path = str(Path(state_dir) / "scratchd.db")
         self._db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
         self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=NORMAL")
+        self._db.execute(f"PRAGMA synchronous={synchronous}")
         # Only another process (an operator's sqlite3 shell) ever holds the lock, and every
         # wait happens on the event loop: refuse quickly (503) rather than stall the daemon.
         self._db.execute("PRAGMA busy_timeout=100")

@@ -80,3 +80,21 @@ def test_a_locked_database_is_a_store_error(tmp_path):
             store._write([lease_updated(lease(1))], [], 1.0)
     finally:
         holder.execute("ROLLBACK")
+
+
+def test_synchronous_is_normal_by_default(tmp_path):
+    assert Store(str(tmp_path))._db.execute("PRAGMA synchronous").fetchone() == (1,)
+
+
+@pytest.mark.parametrize(("setting", "level"), [("NORMAL", 1), ("FULL", 2)])
+def test_synchronous_is_set_as_asked(tmp_path, setting, level):
+    store = Store(str(tmp_path), synchronous=setting)
+    assert store._db.execute("PRAGMA synchronous").fetchone() == (level,)
+    assert store._db.execute("PRAGMA journal_mode").fetchone() == ("wal",)
+
+
+@pytest.mark.parametrize("setting", ["normal", "OFF", "EXTRA", "FULL; DROP TABLE leases", ""])
+def test_any_other_synchronous_is_refused(tmp_path, setting):
+    with pytest.raises(ValueError, match="synchronous"):
+        Store(str(tmp_path / "state"), synchronous=setting)
+    assert not (tmp_path / "state").exists()  # refused before anything is created
