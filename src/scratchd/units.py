@@ -7,14 +7,16 @@ from __future__ import annotations
 
 import re
 
+# Patterns, not compiled: `re` compiles them on first use (and caches them), so
+# importing this, which every `scratchd run` does, compiles nothing.
 _DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
-_DURATION_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhdw]?)\s*$")
+_DURATION_PATTERN = r"^\s*(\d+(?:\.\d+)?)\s*([smhdw]?)\s*$"
 
 # Decimal suffixes (K, M, G ...) are powers of 1024 as well: that is what every
 # filesystem tool on Linux (df -h, du -h, truncate) means by them. "KB" style
 # suffixes mean the same; only the explicit "iB" forms are spelled out.
 _SIZE_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40, "p": 1 << 50}
-_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgtp]?)(i?b)?\s*$", re.IGNORECASE)
+_SIZE_PATTERN = r"(?i)^\s*(\d+(?:\.\d+)?)\s*([kmgtp]?)(i?b)?\s*$"
 
 
 class UnitError(ValueError):
@@ -28,7 +30,7 @@ def parse_duration(value: str | int | float) -> float:
     if isinstance(value, (int, float)):
         seconds = float(value)
     else:
-        match = _DURATION_RE.match(value)
+        match = re.match(_DURATION_PATTERN, value)
         if not match:
             raise UnitError(f"not a duration: {value!r} (use e.g. 90s, 15m, 2h, 7d)")
         seconds = float(match.group(1)) * _DURATION_UNITS[match.group(2) or "s"]
@@ -44,7 +46,7 @@ def parse_size(value: str | int) -> int:
     if isinstance(value, int):
         size = value
     else:
-        match = _SIZE_RE.match(value)
+        match = re.match(_SIZE_PATTERN, value)
         if not match or (match.group(3) and match.group(3).lower() == "ib" and not match.group(2)):
             raise UnitError(f"not a size: {value!r} (use e.g. 512M, 10G, 1.5TiB)")
         size = int(float(match.group(1)) * _SIZE_UNITS[match.group(2).lower()])
