@@ -38,8 +38,18 @@ def _field_name(loc: tuple[Any, ...]) -> str:
     return ".".join(parts) or str(loc[0] if loc else "body")
 
 
-async def _refused(_: Request, exc: Refused) -> Response:
+def refusal(exc: Refused) -> Response:
     return error_response(exc.status, exc.code, exc.message, exc.details)
+
+
+def internal_error(path: str) -> Response:
+    """Logs the exception being handled; the answer says no more than that it happened."""
+    log.exception("internal error", extra={"path": path})
+    return error_response(500, "internal_error", "The daemon failed to handle this request; see its log.")
+
+
+async def _refused(_: Request, exc: Refused) -> Response:
+    return refusal(exc)
 
 
 async def _invalid(_: Request, exc: RequestValidationError) -> Response:
@@ -66,8 +76,7 @@ async def _http(_: Request, exc: HTTPException) -> Response:
 
 
 async def _crash(request: Request, exc: Exception) -> Response:
-    log.exception("internal error", extra={"path": request.url.path})
-    return error_response(500, "internal_error", "The daemon failed to handle this request; see its log.")
+    return internal_error(request.url.path)
 
 
 def install(app: FastAPI) -> None:

@@ -8,7 +8,7 @@ check the dicts against them.
 from __future__ import annotations
 
 import re
-from datetime import UTC, datetime
+import time
 from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
@@ -178,10 +178,12 @@ class ErrorBody(BaseModel):
 
 
 def timestamp(seconds: float | None) -> str | None:
-    """RFC 3339, UTC, with ``Z`` (SPEC §5)."""
+    """RFC 3339, UTC, milliseconds, with ``Z`` (SPEC §5). Five of these are in every lease
+    answer: ``strftime`` is half the cost of a ``datetime`` round trip."""
     if seconds is None:
         return None
-    return datetime.fromtimestamp(seconds, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    whole, millis = divmod(int(seconds * 1000), 1000)
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(whole)) + f".{millis:03d}Z"
 
 
 def lease_json(lease: Lease) -> dict[str, Any]:

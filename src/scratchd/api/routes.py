@@ -11,6 +11,7 @@ from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Body, Depends, Query, Request
 from fastapi.routing import APIRoute
+from pydantic_core import to_json
 from starlette.responses import Response
 
 from scratchd.api import errors, models
@@ -35,7 +36,7 @@ ERRORS: dict[int | str, dict[str, Any]] = {
 }
 LEASE_ID = re.compile(r"^[a-z0-9-]{1,64}$")
 
-def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+def unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     found = dict(pairs)
     if len(found) != len(pairs):
         keys = [key for key, _ in pairs]
@@ -49,7 +50,7 @@ class _StrictJsonRequest(Request):
 
     async def json(self) -> Any:
         if not hasattr(self, "_json"):
-            self._json = json.loads(await self.body(), object_pairs_hook=_unique_keys)
+            self._json = json.loads(await self.body(), object_pairs_hook=unique_keys)
         return self._json
 
 
@@ -88,7 +89,7 @@ Writer = Annotated[Caller, Depends(writer)]
 
 
 def _json(body: Any, status: int = 200) -> Response:
-    return Response(json.dumps(body), status_code=status, media_type="application/json")
+    return Response(to_json(body), status_code=status, media_type="application/json")
 
 
 def _visible_lease(daemon: Daemon, caller: Caller, lease_id: str) -> Lease:
@@ -106,6 +107,11 @@ def _visible_lease(daemon: Daemon, caller: Caller, lease_id: str) -> Lease:
 async def create_lease(request: Request, caller: Writer,
                        body: Annotated[models.LeaseRequest, Body()] = None) -> Response:  # type: ignore[assignment]
     """Lease a new directory. Over the Unix socket it belongs to the caller's Unix user."""
+    return await start_lease(request, caller, body or models.LeaseRequest())
+
+
+async def start_lease(request: Request, caller: Caller, body: models.LeaseRequest) -> Response:
+    """``POST /v1/leases`` once the caller and the body are known (shared with ``api.hotpath``)."""
     if caller.tenant is None:
         raise Refused(403, "forbidden", "Only a tenant can hold leases; use a tenant's socket or token.")
     if wait := request.app.state.create_rate.take(caller.tenant.name):
@@ -113,7 +119,6 @@ async def create_lease(request: Request, caller: Writer,
             429, "quota_exceeded", f"Tenant {caller.tenant.name} creates leases too fast; retry shortly.",
             {"limit": "create_rate", "burst": CREATE_BURST, "per_second": CREATE_RATE, "retry_after_seconds": wait},
             {"Retry-After": str(math.ceil(wait))})
-    body = body or models.LeaseRequest()
     spec = LeaseSpec(
         near=body.near, pool=body.pool, placement=Placement(body.placement), ttl_seconds=body.ttl_seconds,
         idle_timeout_seconds=body.idle_timeout_seconds, pid=_bound_pid(request, body.pid), max_bytes=body.max_bytes,
@@ -172,6 +177,11 @@ async def renew_lease(request: Request, lease_id: str, caller: Writer,
 @router.delete("/v1/leases/{lease_id}", response_model=models.LeaseOut, responses=ERRORS, tags=["leases"])
 async def release_lease(request: Request, lease_id: str, caller: Writer) -> Response:
     """End the lease as ``released``; its path is gone when this answers. Idempotent."""
+    return await end_lease(request, caller, lease_id)
+
+
+async def end_lease(request: Request, caller: Caller, lease_id: str) -> Response:
+    """``DELETE /v1/leases/{lease_id}`` once the caller is known (shared with ``api.hotpath``)."""
     daemon = _daemon(request)
     lease = _visible_lease(daemon, caller, lease_id)
     if lease.active:
