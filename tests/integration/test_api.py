@@ -72,6 +72,32 @@ def test_create_get_list_renew_release(daemon, tmp_path):
     assert stat.S_IMODE(os.stat(trash).st_mode) == 0o700
 
 
+def test_the_hot_path_answers_as_the_routes_do(daemon):
+    """api.hotpath takes ``application/json`` creates on the Unix socket; FastAPI takes
+    other JSON types: the two must answer alike, refusals included."""
+    def create(content_type: str, body: bytes) -> tuple[int, dict]:
+        response = daemon.request("POST", "/v1/leases", content=body, headers={"content-type": content_type})
+        return response.status_code, response.json()
+
+    body = b'{"ttl_seconds": 60, "labels": {"job": "x"}, "evictable": true}'
+    (hot_status, hot), (route_status, routed) = create("application/json", body), create("application/x+json", body)
+    assert hot_status == route_status == 201
+    differ = {"id", "path", "created_at", "expires_at", "last_activity_at"}
+    assert {k: v for k, v in hot.items() if k not in differ} == {k: v for k, v in routed.items() if k not in differ}
+    for refused in (b'{"pool": "nowhere"}', b'{"ttl_seconds": 0}', b'{"ttl_seconds": 999999999}', b'{"x": 1}',
+                    b'{"pool": "a", "pool": "b"}', b"[]", b"{"):
+        assert create("application/json", refused) == create("application/x+json", refused), refused
+    status, defaults = create("application/json", b"")
+    assert status == 201
+    active = {lease["id"] for lease in daemon.request("GET", "/v1/leases").json()["leases"]}
+    assert active == {hot["id"], routed["id"], defaults["id"]}  # the refusals changed nothing
+
+    released = daemon.request("DELETE", f"/v1/leases/{hot['id']}").json()
+    assert released["state"] == "ended" and not os.path.exists(hot["path"])
+    assert daemon.request("DELETE", f"/v1/leases/{hot['id']}").json() == released  # idempotent
+    assert_envelope(daemon.request("DELETE", "/v1/leases/no-such-lease"), 404, "lease_not_found")
+
+
 def test_events_record_the_lifecycle(daemon):
     lease = daemon.lease()
     daemon.request("POST", f"/v1/leases/{lease['id']}/renew", json={"ttl_seconds": 60})

@@ -70,12 +70,14 @@ def test_request_duration_is_labelled_by_route_template(daemon):
     daemon.request("GET", "/v1/leases/no-such-lease")
     daemon.request("GET", "/no/such/route")
     daemon.request("PATCH", "/v1/pools")
+    daemon.request("DELETE", f"/v1/leases/{lease['id']}")  # answered by api.hotpath, labelled all the same
 
     counts = {(s.labels["route"], s.labels["method"], s.labels["status"]): s.value
               for s in scrape(daemon) if s.name == "scratchd_request_duration_seconds_count"}
     assert counts[("/v1/leases/{lease_id}", "GET", "200")] == 1
     assert counts[("/v1/leases/{lease_id}", "GET", "404")] == 1
     assert counts[("/v1/leases", "POST", "201")] == 1
+    assert counts[("/v1/leases/{lease_id}", "DELETE", "200")] == 1
     assert counts[("other", "GET", "404")] == 1
     assert counts[("/v1/pools", "PATCH", "405")] == 1
     assert not [route for route, _, _ in counts if lease["id"] in route or "no-such" in route]
