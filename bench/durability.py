@@ -18,17 +18,19 @@ after a short warm-up, for each of four variants:
 
 Variants alternate within each round (their order rotates between rounds) and the
 table shows medians over the rounds, with the range of cycles/s: the figures are
-noisy on a shared machine. ``commits/cycle`` counts transactions (BEGIN ...
-COMMIT); ``fsyncs/cycle`` counts this process's fsync + fdatasync calls with
-``perf stat`` tracepoint counters (counted in the kernel, so nearly free) when perf
-is usable, else shows "-". In WAL mode SQLite fsyncs the WAL on every commit under
-FULL and only at checkpoints (WAL, then database) under NORMAL.
+noisy on a shared machine. ``commits/cycle`` counts transactions (BEGIN ... COMMIT)
+and ``commit ms/cycle`` is the wall time spent inside them per cycle: the store's
+share of a cycle, apart from the mkdir and the rename, which on a busy ext4 can cost
+more than the commits. ``fsyncs/cycle`` counts this process's fsync + fdatasync
+calls with ``perf stat`` tracepoint counters (counted in the kernel, so nearly free)
+when perf is usable, else shows "-". In WAL mode SQLite fsyncs the WAL on every
+commit under FULL, and under NORMAL only at checkpoints (the WAL, then the database).
 
 The trash is not deleted during the timed window (the daemon hands it to a worker
 process anyway): the trashed, empty directories are rmdir'ed after each run.
 ``--dir`` should be the regular disk the state lives on (/var/tmp), not a tmpfs,
-where fsync costs nothing. Stops by itself after about
-rounds x 2 x len(tasks) x 2 x (seconds + 0.5) seconds.
+where fsync costs nothing. Stops by itself, after about
+rounds x len(tasks) x 4 x (seconds + 1) seconds.
 """
 
 from __future__ import annotations
@@ -139,6 +141,7 @@ class Run:
     p50_ms: float
     p99_ms: float
     commits_per_cycle: float
+    commit_ms_per_cycle: float
     fsyncs_per_cycle: float | None
 
 
@@ -164,16 +167,20 @@ def build(root: Path, synchronous: str, grouped: bool, trashed: list[str]) -> tu
     return manager, store, mounts
 
 
-def count_commits(store: Store) -> list[int]:
-    """Wrap the store's one way into a transaction; returns the live counter."""
-    counter = [0]
+def count_commits(store: Store) -> list[float]:
+    """Wrap the store's one way into a transaction; returns the live [transactions, seconds inside them]."""
+    counter = [0.0, 0.0]
     transaction = store._transaction
 
     @contextlib.contextmanager
     def counted():  # type: ignore[no-untyped-def]
-        counter[0] += 1
-        with transaction() as db:
-            yield db
+        started = time.perf_counter()
+        try:
+            with transaction() as db:
+                yield db
+        finally:
+            counter[0] += 1
+            counter[1] += time.perf_counter() - started
 
     store._transaction = counted  # type: ignore[method-assign]
     return counter
@@ -214,7 +221,7 @@ async def measure(base: Path, synchronous: str, grouped: bool, tasks: int, secon
         n = len(latencies)
         count = synced["count"]
         return Run(n / elapsed, statistics.median(latencies) * 1000, latencies[min(n - 1, int(n * 0.99))] * 1000,
-                   commits[0] / n, None if count is None else count / n)
+                   commits[0] / n, commits[1] * 1000 / n, None if count is None else count / n)
     finally:
         for path in trashed:
             with contextlib.suppress(OSError):
@@ -266,8 +273,9 @@ async def main_async(args: argparse.Namespace) -> None:
                 print(f"round {round_ + 1}, {tasks} tasks, {variant_name(synchronous, grouped)}: "
                       f"{run.rate:,.0f} cycles/s", file=sys.stderr, flush=True)
 
-    print("| tasks | variant | cycles/s | range | p50 ms | p99 ms | commits/cycle | fsyncs/cycle | ÷ fastest |")
-    print("|---:|---|---:|---:|---:|---:|---:|---:|---:|")
+    print("| tasks | variant | cycles/s | range | ÷ fastest | p50 ms | p99 ms | commits/cycle | commit ms/cycle "
+          "| fsyncs/cycle |")
+    print("|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     for tasks in task_counts:
         medians = {}
         for synchronous, grouped in VARIANTS:
@@ -277,11 +285,13 @@ async def main_async(args: argparse.Namespace) -> None:
                 statistics.median(r.rate for r in rs), min(r.rate for r in rs), max(r.rate for r in rs),
                 statistics.median(r.p50_ms for r in rs), statistics.median(r.p99_ms for r in rs),
                 statistics.median(r.commits_per_cycle for r in rs),
+                statistics.median(r.commit_ms_per_cycle for r in rs),
                 statistics.median(counted) if counted else None)
         fastest = max(m[0] for m in medians.values())
-        for (synchronous, grouped), (rate, low, high, p50, p99, commits, synced) in medians.items():
+        for (synchronous, grouped), (rate, low, high, p50, p99, commits, commit_ms, synced) in medians.items():
             print(f"| {tasks} | {variant_name(synchronous, grouped)} | {rate:,.0f} | {low:,.0f}–{high:,.0f} | "
-                  f"{p50:.2f} | {p99:.2f} | {commits:.2f} | {fmt(synced, '.2f')} | {rate / fastest:.2f}× |")
+                  f"{rate / fastest:.2f}× | {p50:.2f} | {p99:.2f} | {commits:.2f} | {commit_ms:.3f} | "
+                  f"{fmt(synced, '.2f')} |")
 
 
 def main() -> None:

@@ -5,12 +5,19 @@ event log and the records can never disagree after a crash. Either setting of
 ``synchronous`` survives the daemon being killed at any point (a commit is in the
 kernel before ``commit()`` returns). What a power loss takes:
 
-* ``NORMAL`` (the default): the WAL is fsynced only at checkpoints, so the last
-  commits before a power loss may be rolled back, in order, the database staying
-  consistent. Their leases then look like orphans (reclaimed after grace) or like
-  active records whose directory is gone (ended as ``directory_removed``) on the
-  next start -- never an active lease whose directory is deleted.
-* ``FULL``: the WAL is fsynced on every commit, so every answered change survives.
+* ``NORMAL`` (the default): the WAL is fsynced only at checkpoints, so the newest
+  commits the kernel had not yet written back (up to ``vm.dirty_expire_centisecs``,
+  30 s by default) may be rolled back, newest first; the database stays consistent.
+  On the next start a lost create's directory is an orphan (reclaimed after
+  ``gc.orphan_grace``); a lost release leaves an active record whose directory is in
+  the trash (ended as ``directory_removed``), or, if the rename was undone too, a
+  lease that is simply still active; a lost renew leaves the previous expiry.
+* ``FULL``: the WAL is fsynced on every commit, so every answered change's record
+  survives.
+
+Neither fsyncs the pool directories: a mkdir or rename of the last seconds may be
+undone too, independently, which ends the same two ways (an orphan, or a record
+without its directory) -- never an active lease whose directory is deleted.
 
 ``bench/durability.py`` measures what each costs per lease cycle.
 """
