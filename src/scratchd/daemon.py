@@ -160,7 +160,8 @@ class Daemon:
         now = self.clock()
         self._refresh_pools()
         pools = {status.name: status for status in self.pools.statuses()}
-        for ending in policy.decide(list(self.manager.active.values()), pools, now):
+        for ending in policy.decide(list(self.manager.active.values()), pools, now,
+                                    self.trash.pending_bytes_by_pool):
             lease = self.manager.active.get(ending.lease_id)
             if lease is not None:
                 self._try_end(lease, ending.reason, **ending.details)

@@ -71,6 +71,15 @@ def test_eviction_takes_all_evictable_if_still_short():
     assert len(evictions(pool(free=0, reserve=100), leases)) == 3
 
 
+def test_bytes_still_in_the_trash_count_as_freed():
+    leases = [lease(f"l{i}", evictable=True, last_activity_at=i, usage=Usage(60, 1, 1)) for i in range(3)]
+    pools = {"p": pool(free=0, reserve=100)}
+    assert [e.lease_id for e in decide(leases, pools, now=10)] == ["l0", "l1"]
+    assert [e.lease_id for e in decide(leases, pools, now=10, reclaiming={"p": 60})] == ["l0"]
+    assert decide(leases, pools, now=10, reclaiming={"p": 100}) == []
+    assert len(decide(leases, pools, now=10, reclaiming={"elsewhere": 100})) == 2
+
+
 def test_decide_gives_one_reason_per_lease_and_counts_freed_bytes():
     leases = [
         lease("expired", expires=5, evictable=True, usage=Usage(60, 1, 1)),

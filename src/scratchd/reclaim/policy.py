@@ -65,14 +65,22 @@ def evictions(pool: PoolStatus, leases: Iterable[Lease], freed: int = 0) -> list
     return chosen
 
 
-def decide(leases: Iterable[Lease], pools: Mapping[str, PoolStatus], now: float) -> list[Ending]:
-    """Every ending due now: each lease's own signals first, then evictions per pool."""
+def decide(leases: Iterable[Lease], pools: Mapping[str, PoolStatus], now: float,
+           reclaiming: Mapping[str, int] | None = None) -> list[Ending]:
+    """Every ending due now: each lease's own signals first, then evictions per pool.
+
+    ``reclaiming``: bytes per pool still in its trash. They are free in a moment, so an
+    eviction that already made up a shortfall is not followed by another while its
+    tree is being deleted.
+    """
     leases = list(leases)
+    reclaiming = reclaiming or {}
     endings = [e for lease in leases if (e := lease_ending(lease, pools.get(lease.pool), now))]
     ending_ids = {e.lease_id for e in endings}
     remaining = [lease for lease in leases if lease.id not in ending_ids]
     for pool in pools.values():
-        freed = sum(l.usage.bytes for l in leases if l.id in ending_ids and l.pool == pool.name)
+        freed = reclaiming.get(pool.name, 0) + sum(
+            l.usage.bytes for l in leases if l.id in ending_ids and l.pool == pool.name)
         endings.extend(evictions(pool, remaining, freed))
     return endings
 
