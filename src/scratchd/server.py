@@ -46,6 +46,44 @@ REQUEST_DEADLINE_SECONDS = 10.0
 _SLOW_LOG_EVERY_SECONDS = 60.0
 
 
+class HeadWithBody:
+    """The connection's transport, writing a response's head together with its first body bytes.
+
+    uvicorn writes the two separately, and over a Unix socket each write can wake the
+    client, which reads the head, finds no body and sleeps again: two context switches
+    per answer on each side where one does. Once a request is complete the next write
+    (the head) is held; the following one, or the end of the response, sends it.
+    """
+
+    def __init__(self, transport: asyncio.Transport) -> None:
+        self._transport = transport
+        self._hold_next = False
+        self._held = b""
+
+    def hold_next_write(self) -> None:
+        self._hold_next = True
+
+    def write(self, data: bytes) -> None:
+        if self._hold_next:
+            self._hold_next, self._held = False, data
+            return
+        if self._held:
+            data, self._held = self._held + data, b""
+        self._transport.write(data)
+
+    def flush(self) -> None:
+        if self._held:
+            self._transport.write(self._held)
+            self._held = b""
+
+    def close(self) -> None:
+        self.flush()  # uvicorn closes a connection: close before it reports the response complete
+        self._transport.close()
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self._transport, name)
+
+
 class PeerCredProtocol(HttpToolsProtocol):
     peer: tuple[int, int, int] | None = None
     _deadline: asyncio.TimerHandle | None = None
@@ -53,7 +91,7 @@ class PeerCredProtocol(HttpToolsProtocol):
     _slow_logged_at = -_SLOW_LOG_EVERY_SECONDS
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
-        super().connection_made(transport)
+        super().connection_made(HeadWithBody(transport))  # type: ignore[arg-type]
         self._arm_deadline()
         sock = transport.get_extra_info("socket")
         if sock is not None and sock.family == socket.AF_UNIX:
@@ -77,7 +115,12 @@ class PeerCredProtocol(HttpToolsProtocol):
 
     def on_message_complete(self) -> None:
         self._disarm_deadline()
+        self.transport.hold_next_write()  # type: ignore[attr-defined]  # the app has the request: next comes a head
         super().on_message_complete()
+
+    def on_response_complete(self) -> None:
+        self.transport.flush()  # type: ignore[attr-defined]  # a head without a body (HEAD, 204, 304)
+        super().on_response_complete()
 
     def handle_websocket_upgrade(self) -> None:
         self._disarm_deadline()  # the transport is about to belong to another protocol
