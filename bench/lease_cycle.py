@@ -5,7 +5,10 @@ scratchd; requests/s of a bare FastAPI hello endpoint on a Unix socket driven by
 same stdlib client (the stack's ceiling); and the bare ``os.mkdir`` + ``os.rmdir``
 rate (what a script doing ``mktemp -d`` / ``rm -rf`` pays at the very least).
 
-    python bench/lease_cycle.py [--seconds 5] [--clients 1,16]
+    python bench/lease_cycle.py [--seconds 5] [--clients 1,16] [--pool-dir /dev/shm]
+
+The pool is in the temp directory (the regular disk) unless ``--pool-dir`` says
+otherwise; the state database always is, so commits pay the regular disk's price.
 
 Stops by itself; everything runs on loopback/Unix sockets in a temp directory.
 """
@@ -15,6 +18,7 @@ from __future__ import annotations
 import argparse
 import multiprocessing as mp
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -25,6 +29,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 from scratchd.client import Client  # noqa: E402
+from scratchd.mounts import mount_of, read_mounts  # noqa: E402
 
 HELLO_APP = textwrap.dedent(
     """
@@ -98,12 +103,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seconds", type=float, default=5.0)
     parser.add_argument("--clients", default="1,16")
+    parser.add_argument("--pool-dir", help="directory to make the pool in (default: the temp directory)")
     args = parser.parse_args()
     client_counts = [int(c) for c in args.clients.split(",")]
 
     with tempfile.TemporaryDirectory(prefix="scratchd-bench-") as tmp:
-        pool = Path(tmp, "pool")
-        pool.mkdir()
+        pool = Path(tempfile.mkdtemp(prefix="scratchd-bench-pool-", dir=args.pool_dir or tmp))
         socket_path = str(Path(tmp, "scratchd.sock"))
         hello_socket = str(Path(tmp, "hello.sock"))
         config = Path(tmp, "config.toml")
@@ -118,8 +123,9 @@ def main() -> None:
         try:
             _wait_socket(socket_path, "/healthz")
             _wait_socket(hello_socket, "/hello")
-            bare = mkdir_rmdir_rate(tmp, min(args.seconds, 2.0))
-            print(f"bare os.mkdir+os.rmdir: {bare:,.0f} cycles/s\n")
+            bare = mkdir_rmdir_rate(str(pool), min(args.seconds, 2.0))
+            fstype = mount_of(os.path.realpath(pool), read_mounts()).fstype
+            print(f"pool on {fstype} ({pool.parent}); bare os.mkdir+os.rmdir there: {bare:,.0f} cycles/s\n")
             print("| clients | scratchd cycles/s | p50 ms | p99 ms | hello req/s | cycles ÷ hello | cycles ÷ mkdir+rmdir |")
             print("|---:|---:|---:|---:|---:|---:|---:|")
             for clients in client_counts:
@@ -131,6 +137,7 @@ def main() -> None:
             for process in (daemon, hello):
                 process.terminate()
                 process.wait(10)
+            shutil.rmtree(pool, ignore_errors=True)
 
 
 if __name__ == "__main__":
