@@ -5,6 +5,7 @@ import sqlite3
 
 import pytest
 
+from conftest import wait_for
 from scratchd.leases import EndReason, Lease, end
 from scratchd.store import NewEvent, Store, StoreError, lease_inserted, lease_updated
 
@@ -98,3 +99,15 @@ def test_any_other_synchronous_is_refused(tmp_path, setting):
     with pytest.raises(ValueError, match="synchronous"):
         Store(str(tmp_path / "state"), synchronous=setting)
     assert not (tmp_path / "state").exists()  # refused before anything is created
+
+
+def test_commits_only_append_to_the_wal_and_a_thread_checkpoints_them(tmp_path):
+    store = Store(str(tmp_path))
+    assert store._db.execute("PRAGMA wal_autocheckpoint").fetchone()[0] == 0  # never inside a commit
+    database = tmp_path / "scratchd.db"
+    before = database.stat().st_size
+    for i in range(300):  # some 100 pages: far below SQLite's own threshold of 1,000
+        store._write([lease_inserted(lease(i))], [NewEvent.for_lease("lease_created", lease(i))], 1.0)
+    wait_for(lambda: database.stat().st_size > before, what="a checkpoint into the database file")
+    store.close()
+    assert Store(str(tmp_path)).get_lease("l299") is not None
