@@ -261,6 +261,9 @@ def serve(config_path: str | None) -> int:
     server = uvicorn.Server(uvicorn.Config(
         app, http=PeerCredProtocol, loop="uvloop", lifespan="on", access_log=False, log_config=None,
         timeout_graceful_shutdown=10,
+        # No proxy stands in front: X-Forwarded-For from a local TCP client would only let it
+        # pose as another address, and the middleware that reads it is on every request's path.
+        proxy_headers=False,
         # Idle connections: uvicorn's keep-alive timeout (5 s) closes them between requests,
         # REQUEST_DEADLINE_SECONDS before and during one. limit_concurrency stays off: it
         # counts idle connections too, and answers 503 in plain text, outside the SPEC's
