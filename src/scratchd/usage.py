@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from scratchd.leases import Lease, Usage
-from scratchd.offload import disk_worker, stop_task
+from scratchd.offload import SCANNER_NICENESS, disk_worker, stop_task
 from scratchd.reclaim.deleter import PACE_EVERY, DirStack, DirStat, ForeignMount, Frame, TreeChanged
 from scratchd.store import StoreError
 
@@ -172,7 +172,7 @@ class UsageMonitor:
         self._queued: set[str] = set()
         self._dirty: dict[str, Lease] = {}
         self._wakeup = asyncio.Event()
-        self._executor = disk_worker()
+        self._executor = disk_worker(SCANNER_NICENESS)
         self._task: asyncio.Task[None] | None = None
         daemon.manager.listeners.append(self._lease_changed)
 
@@ -234,7 +234,7 @@ class UsageMonitor:
             except FileNotFoundError:
                 sample = None
             except BrokenProcessPool:
-                self._executor = disk_worker()
+                self._executor = disk_worker(SCANNER_NICENESS)
                 self._schedule(lease_id, self._clock())
                 continue
             except (OSError, TreeChanged) as exc:

@@ -261,6 +261,27 @@ def test_bind_mount_inside_lease_is_detached_never_descended(daemon, tmp_path):
     assert (outside / "canary").read_text() == "keep me"
 
 
+def _niceness(pid: int) -> int:
+    with open(f"/proc/{pid}/stat") as f:
+        return int(f.read().rsplit(")", 1)[1].split()[16])
+
+
+def test_the_deleter_keeps_the_daemons_priority_and_the_scanner_yields(daemon):
+    """A niced deleter starves on a busy host while the trash fills (offload's docstring)."""
+    leased = daemon.lease()
+    Path(leased["path"], "f").write_bytes(b"x")
+    daemon.request("DELETE", f"/v1/leases/{leased['id']}")  # both workers have been used now
+
+    def workers() -> list[int]:  # multiprocessing's resource tracker is a child too
+        with open(f"/proc/{daemon.process.pid}/task/{daemon.process.pid}/children") as f:
+            children = [int(pid) for pid in f.read().split()]
+        return [pid for pid in children if b"spawn_main" in Path(f"/proc/{pid}/cmdline").read_bytes()]
+
+    wait_for(lambda: len(workers()) == 2, what="the deleter and the scanner")
+    own = _niceness(daemon.process.pid)
+    assert sorted(_niceness(pid) - own for pid in workers()) == [0, 10]
+
+
 def test_trash_resumes_after_kill_mid_deletion(daemon):
     lease = daemon.lease()
     root = Path(lease["path"])

@@ -18,7 +18,7 @@ from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 
 from scratchd.mounts import Mount, read_mounts
-from scratchd.offload import disk_worker, stop_task
+from scratchd.offload import DELETER_NICENESS, disk_worker, stop_task
 from scratchd.pools import TRASH_DIR
 from scratchd.reclaim.deleter import DeleteResult, delete_tree
 
@@ -48,7 +48,7 @@ class Trash:
         self._report_failure = report_failure
         self._queue: deque[TrashItem] = deque()
         self._wakeup = asyncio.Event()
-        self._executor = disk_worker()
+        self._executor = disk_worker(DELETER_NICENESS)
         self._task: asyncio.Task[None] | None = None
         self.pending_bytes_by_pool: Counter[str] = Counter()  # what eviction counts as being freed
         self.reclaimed_total = 0
@@ -110,7 +110,7 @@ class Trash:
                 self._busy = []
                 raise
             except BrokenProcessPool as exc:  # the worker died (killed, out of memory): a new one
-                self._executor = disk_worker()
+                self._executor = disk_worker(DELETER_NICENESS)
                 results = [exc] * len(batch)
             self._busy = []
             for item, result in zip(batch, results):
