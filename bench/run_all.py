@@ -24,7 +24,10 @@ HERE = Path(__file__).resolve().parent
 def benches(quick: bool) -> list[tuple[str, list[str]]]:
     files = "20000" if quick else "100000"
     return [
-        ("Lease create+release cycles (Unix socket)", ["lease_cycle.py", "--seconds", "2" if quick else "5"]),
+        ("Lease create+release cycles (Unix socket), pool on the regular disk",
+         ["lease_cycle.py", "--seconds", "2" if quick else "5"]),
+        ("Lease create+release cycles (Unix socket), pool on tmpfs",
+         ["lease_cycle.py", "--seconds", "2" if quick else "5", "--pool-dir", "/dev/shm"]),
         ("Durability: SQLite synchronous NORMAL vs FULL, group commit vs one commit per request",
          ["durability.py", "--seconds", "1" if quick else "3", "--rounds", "1" if quick else "3",
           "--dir", "/var/tmp"]),
