@@ -1,26 +1,29 @@
 """The ``scratchd`` command line (SPEC §6).
 
 ``scratchd run`` starts on every CI job, so the module level imports only the
-standard library; the server, ``rich`` (tables for people) and whatever a single
-command needs are imported inside the functions that use them.
+standard library, and not argparse: ``run``'s options, plainly spelled, are read
+without it. argparse, the server, ``rich`` (tables for people) and whatever a
+single command needs are imported inside the functions that use them.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
+from types import SimpleNamespace  # loaded already: enum, which re imports, uses it
 
 from scratchd.client import Client, DaemonUnreachable, Renewer, ScratchdError
 from scratchd.units import UnitError, format_duration, format_size, parse_duration, parse_size
 
 TYPE_CHECKING = False  # `import typing` costs 4 ms, `collections.abc` 0.2 ms
 if TYPE_CHECKING:
+    import argparse
     from collections.abc import Callable, Iterable, Mapping, Sequence
     from typing import NoReturn
 
-    Handler = Callable[[argparse.Namespace, Client], int]
+    Handler = Callable[[SimpleNamespace, Client], int]
+    Option = tuple[tuple[str, ...], dict[str, object]]  # add_argument's flags and keywords
 
 # Exit codes (SPEC §6); 2, a usage error, is argparse's own.
 EXIT_OK = 0
@@ -64,98 +67,251 @@ class UsageError(Exception):
     """Bad command-line input found after parsing; exits 2 like argparse's own errors."""
 
 
-def _usage_error(args: argparse.Namespace, message: str) -> NoReturn:
+def _usage_error(args: SimpleNamespace, message: str) -> NoReturn:
     command_parser(args.command).error(message)
 
 
 # -- parsing -------------------------------------------------------------------
 
 
-def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+def parse_args(argv: Sequence[str] | None = None) -> SimpleNamespace:
     """Parse in two stages, building only the named command's parser.
 
     ``scratchd run`` starts on every CI job, and building all ten commands'
     parsers cost it ~6 ms more than building its own. When the command comes
     first, as it nearly always does, the top-level parser is not built either:
     all it would do is take the command, and a ``--`` right after it, and hand
-    on the rest.
+    on the rest. Nor is ``run``'s, when its options are plainly spelled (see
+    ``_quick_parse``).
     """
     argv = sys.argv[1:] if argv is None else list(argv)
-    if argv and argv[0] in COMMANDS:
-        args = argparse.Namespace(socket=None, url=None, command=argv[0])
+    if argv and argv[0] in COMMANDS and not _ambiguous_abbreviation(argv, WHERE_OPTIONS):
+        args = SimpleNamespace(socket=None, url=None, command=argv[0])
         rest = argv[2:] if argv[1:2] == ["--"] else argv[1:]
-    else:  # options before the command, no command, or --help
-        args = _top_parser().parse_args(argv)
+    else:  # options before the command, no command, --help, or an error to report
+        args = _top_parser().parse_args(argv, namespace=SimpleNamespace())
         rest = args.arguments
         del args.arguments
+    if args.command == "run":
+        quick = _quick_parse(rest, (*WHERE_OPTIONS, *RUN_OPTIONS), "cmd", args)
+        if quick is not None:
+            return quick
     return command_parser(args.command).parse_args(rest, namespace=args)
+
+
+# The add_argument actions _quick_parse knows, and their defaults.
+_QUICK_ACTIONS: dict[str | None, object] = {None: None, "store_true": False, "append": None}
+
+
+def _quick_parse(
+    argv: list[str], options: Sequence[Option], rest: str, namespace: SimpleNamespace
+) -> SimpleNamespace | None:
+    """``argv`` read as argparse would, given ``options`` and a REMAINDER positional ``rest``; None if unsure.
+
+    argparse costs every ``scratchd run`` ~5 ms: its import, the gettext and
+    locale it imports, building the parser. This reads the same options when
+    each is spelled out in full (``--ttl 2h``, ``--ttl=2h``, ``-v``) and no
+    value starts with ``-``. Anything else (``-h``, an abbreviation, a value
+    that does not convert, an option it does not know) returns None, and
+    argparse parses it all, errors and help included.
+    """
+    actions: dict[str, tuple[str, dict[str, object]]] = {}
+    values: dict[str, object] = {}
+    for flags, spec in options:
+        action = spec.get("action")
+        if not spec.keys() <= {"metavar", "help", "type", "choices", "action"} or action not in _QUICK_ACTIONS:
+            return None
+        # argparse's dest: the first long flag, without dashes, "-" as "_".
+        dest = next((flag for flag in flags if flag.startswith("--")), flags[0]).lstrip("-").replace("-", "_")
+        actions.update(dict.fromkeys(flags, (dest, spec)))
+        values[dest] = _QUICK_ACTIONS[action]
+    values.update(vars(namespace))  # as argparse: defaults only for what the namespace lacks
+    position = 0
+    while position < len(argv) and argv[position].startswith("-") and argv[position] != "--":
+        arg = argv[position]
+        flag, equals, value = arg.partition("=") if arg.startswith("--") else (arg, "", "")
+        if flag not in actions:
+            return None
+        dest, spec = actions[flag]
+        position += 1
+        if spec.get("action") == "store_true":
+            if equals:
+                return None
+            values[dest] = True
+            continue
+        if not equals:
+            if position == len(argv) or argv[position].startswith("-"):
+                return None
+            value = argv[position]
+            position += 1
+        try:
+            converted = spec.get("type", str)(value)
+        except Exception:  # argparse will say what is wrong with it
+            return None
+        if converted not in spec.get("choices", (converted,)):
+            return None
+        values[dest] = [*(values[dest] or ()), converted] if spec.get("action") == "append" else converted
+    if _ambiguous_abbreviation(argv[position:], options):
+        return None
+    values[rest] = argv[position:]
+    return SimpleNamespace(**values)
+
+
+def _ambiguous_abbreviation(argv: Sequence[str], options: Iterable[Option]) -> bool:
+    """Whether argparse takes one of ``argv`` before a ``--`` for an abbreviation of two options.
+
+    It refuses those wherever they are, even among the arguments it hands on
+    (``scratchd ls --=x``) or takes as the command (``scratchd run make --p``:
+    ``--pool`` or ``--placement``?).
+    """
+    flags = ["-h", "--help", *(flag for option_flags, _ in options for flag in option_flags)]
+    for arg in argv[: argv.index("--") if "--" in argv else None]:
+        if len(arg) < 2 or not arg.startswith("-") or arg.partition("=")[0] in flags:
+            continue
+        if arg.startswith("--"):
+            matches = sum(flag.startswith(arg.partition("=")[0]) for flag in flags)
+        else:  # a short option can run into its value: -vx is -v x
+            matches = sum(flag == arg[:2] or flag.startswith(arg) for flag in flags)
+        if matches > 1:
+            return True
+    return False
 
 
 def _top_parser() -> argparse.ArgumentParser:
     """``scratchd [--socket PATH | --url URL] COMMAND ...``: the rest goes to the command's parser."""
+    import argparse
+
     commands = "\n".join(f"  {name:<9} {help}" for name, (help, _, _) in COMMANDS.items())
     top = argparse.ArgumentParser(
         prog="scratchd",
         description="Lease scratch directories on the right filesystem from the scratchd daemon.",
         epilog=f"commands:\n{commands}\n\n'scratchd COMMAND --help' describes each one.",
-        formatter_class=_Formatter,
+        formatter_class=_formatter,
     )
-    _add_where(top, default=None)
+    _add_options(top, WHERE_OPTIONS, default=None)
     top.add_argument("command", choices=COMMANDS, metavar="COMMAND", help="one of the commands below")
     top.add_argument("arguments", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
     return top
 
 
 def command_parser(command: str) -> argparse.ArgumentParser:
+    import argparse
+
     help, add_options, _ = COMMANDS[command]
-    parser = argparse.ArgumentParser(prog=f"scratchd {command}", description=help, formatter_class=_Formatter)
+    parser = argparse.ArgumentParser(prog=f"scratchd {command}", description=help, formatter_class=_formatter)
     # The same --socket/--url after the command; SUPPRESS keeps a value given before it.
-    _add_where(parser, default=argparse.SUPPRESS)
+    _add_options(parser, WHERE_OPTIONS, default=argparse.SUPPRESS)
     add_options(parser)
     return parser
 
 
-class _Formatter(argparse.RawDescriptionHelpFormatter):
+def _formatter(prog: str) -> argparse.HelpFormatter:
     """argparse's formatter, sized without ``import shutil`` (2 ms; argparse makes one per option)."""
+    import argparse
 
-    def __init__(self, prog: str) -> None:
+    try:
+        columns = int(os.environ["COLUMNS"])
+    except (KeyError, ValueError):
         try:
-            columns = int(os.environ["COLUMNS"])
-        except (KeyError, ValueError):
-            try:
-                columns = os.get_terminal_size(sys.__stdout__.fileno()).columns
-            except (AttributeError, ValueError, OSError):
-                columns = 80
-        super().__init__(prog, width=columns - 2)
+            columns = os.get_terminal_size(sys.__stdout__.fileno()).columns
+        except (AttributeError, ValueError, OSError):
+            columns = 80
+    return argparse.RawDescriptionHelpFormatter(prog, width=columns - 2)
 
 
-def _add_where(parser: argparse.ArgumentParser, default: object) -> None:
-    parser.add_argument("--socket", metavar="PATH", default=default, help="daemon socket ($SCRATCHD_SOCKET)")
-    parser.add_argument(
-        "--url", metavar="URL", default=default, help="daemon over TCP ($SCRATCHD_URL, token in $SCRATCHD_TOKEN)"
-    )
+def _invalid(message: str) -> Exception:
+    """The error argparse reports as ``argument --X: <message>`` (argparse is imported only when used)."""
+    import argparse
+
+    return argparse.ArgumentTypeError(message)
+
+
+def _duration(text: str) -> int:
+    """Whole seconds, rounded up: the API takes integers, and ``1.5s`` must not shrink."""
+    try:
+        seconds = parse_duration(text)
+    except UnitError as error:
+        raise _invalid(str(error)) from None
+    return int(-(-seconds // 1))
+
+
+def _size(text: str) -> int:
+    try:
+        return parse_size(text)
+    except UnitError as error:
+        raise _invalid(str(error)) from None
+
+
+def _label(text: str) -> tuple[str, str]:
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise _invalid(f"expected KEY=VALUE, got {text!r}")
+    return key, value
+
+
+def _tool(name: str) -> str:
+    from scratchd.presets import PRESETS, UnknownTool
+
+    if name not in PRESETS:
+        raise _invalid(str(UnknownTool(name)))
+    return name
+
+
+def _env(text: str) -> tuple[str, str]:
+    """``VAR`` or ``VAR=SUBDIR``; SUBDIR stays inside the lease."""
+    var, _, subdir = text.partition("=")
+    if not var.isidentifier():
+        raise _invalid(f"not a variable name: {var!r}")
+    if subdir.startswith("/") or ".." in subdir.split("/"):
+        raise _invalid(f"SUBDIR must stay inside the lease: {subdir!r}")
+    return var, subdir.strip("/")
+
+
+def _option(*flags: str, **spec: object) -> Option:
+    """An ``add_argument`` call as data, for argparse and ``_quick_parse`` alike."""
+    return flags, spec
+
+
+WHERE_OPTIONS = (
+    _option("--socket", metavar="PATH", help="daemon socket ($SCRATCHD_SOCKET)"),
+    _option("--url", metavar="URL", help="daemon over TCP ($SCRATCHD_URL, token in $SCRATCHD_TOKEN)"),
+)
+
+# What `lease` and `run` share: the LeaseRequest, and tool presets.
+PLACEMENT_OPTIONS = (
+    _option("--near", metavar="P", help="place on P's mount (default: the current directory)"),
+    _option("--pool", metavar="N", help="only this pool"),
+    _option("--placement", metavar="M", choices=PLACEMENTS, help=" | ".join(PLACEMENTS)),
+    _option("--ttl", metavar="D", type=_duration, help="lifetime unless renewed: 90s, 15m, 2h, 7d"),
+    _option("--idle", metavar="D", type=_duration, help="end after D without a write"),
+    _option("--max-size", metavar="S", type=_size, help="end when bigger than S: 512M, 10G"),
+    _option("--expect", metavar="S", type=_size, help="space the job will need"),
+    _option("--evictable", action="store_true", help="may be reclaimed under disk pressure"),
+    _option("--label", metavar="K=V", type=_label, action="append", help="repeatable"),
+    _option("--tool", metavar="T", type=_tool, action="append", help="tool preset, repeatable"),
+)
+
+RUN_OPTIONS = (
+    *PLACEMENT_OPTIONS,
+    _option(
+        "--env", metavar="VAR[=SUBDIR]", type=_env, action="append", help="set VAR to the lease (or a subdirectory)"
+    ),
+    _option("--list-tools", action="store_true", help="print the tool presets and exit"),
+    _option("-v", "--verbose", action="store_true", help="say what is set and what is left alone"),
+)
+
+
+def _add_options(parser: argparse.ArgumentParser, options: Iterable[Option], **common: object) -> None:
+    for flags, spec in options:
+        parser.add_argument(*flags, **spec, **common)
 
 
 def _serve_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", metavar="PATH", help="TOML config (default: the embedded one)")
 
 
-def _placement_options(parser: argparse.ArgumentParser) -> None:
-    """What ``lease`` and ``run`` share: the LeaseRequest, and tool presets."""
-    parser.add_argument("--near", metavar="P", help="place on P's mount (default: the current directory)")
-    parser.add_argument("--pool", metavar="N", help="only this pool")
-    parser.add_argument("--placement", metavar="M", choices=PLACEMENTS, help=" | ".join(PLACEMENTS))
-    parser.add_argument("--ttl", metavar="D", type=_duration, help="lifetime unless renewed: 90s, 15m, 2h, 7d")
-    parser.add_argument("--idle", metavar="D", type=_duration, help="end after D without a write")
-    parser.add_argument("--max-size", metavar="S", type=_size, help="end when bigger than S: 512M, 10G")
-    parser.add_argument("--expect", metavar="S", type=_size, help="space the job will need")
-    parser.add_argument("--evictable", action="store_true", help="may be reclaimed under disk pressure")
-    parser.add_argument("--label", metavar="K=V", type=_label, action="append", help="repeatable")
-    parser.add_argument("--tool", metavar="T", type=_tool, action="append", help="tool preset, repeatable")
-
-
 def _lease_options(parser: argparse.ArgumentParser) -> None:
-    _placement_options(parser)
+    _add_options(parser, PLACEMENT_OPTIONS)
     parser.add_argument("--pid", metavar="N", type=int, help="end the lease when process N exits")
     output = parser.add_mutually_exclusive_group()
     output.add_argument("--json", action="store_true", help="print the API's JSON")
@@ -163,12 +319,9 @@ def _lease_options(parser: argparse.ArgumentParser) -> None:
 
 
 def _run_options(parser: argparse.ArgumentParser) -> None:
-    _placement_options(parser)
-    parser.add_argument(
-        "--env", metavar="VAR[=SUBDIR]", type=_env, action="append", help="set VAR to the lease (or a subdirectory)"
-    )
-    parser.add_argument("--list-tools", action="store_true", help="print the tool presets and exit")
-    parser.add_argument("-v", "--verbose", action="store_true", help="say what is set and what is left alone")
+    import argparse
+
+    _add_options(parser, RUN_OPTIONS)
     parser.add_argument("cmd", nargs=argparse.REMAINDER, metavar="-- CMD", help="the command and its arguments")
 
 
@@ -201,48 +354,7 @@ def _events_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true", help="JSON (one event per line with --follow)")
 
 
-def _duration(text: str) -> int:
-    """Whole seconds, rounded up: the API takes integers, and ``1.5s`` must not shrink."""
-    try:
-        seconds = parse_duration(text)
-    except UnitError as error:
-        raise argparse.ArgumentTypeError(str(error)) from None
-    return int(-(-seconds // 1))
-
-
-def _size(text: str) -> int:
-    try:
-        return parse_size(text)
-    except UnitError as error:
-        raise argparse.ArgumentTypeError(str(error)) from None
-
-
-def _label(text: str) -> tuple[str, str]:
-    key, sep, value = text.partition("=")
-    if not sep or not key:
-        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
-    return key, value
-
-
-def _tool(name: str) -> str:
-    from scratchd.presets import PRESETS, UnknownTool
-
-    if name not in PRESETS:
-        raise argparse.ArgumentTypeError(str(UnknownTool(name)))
-    return name
-
-
-def _env(text: str) -> tuple[str, str]:
-    """``VAR`` or ``VAR=SUBDIR``; SUBDIR stays inside the lease."""
-    var, _, subdir = text.partition("=")
-    if not var.isidentifier():
-        raise argparse.ArgumentTypeError(f"not a variable name: {var!r}")
-    if subdir.startswith("/") or ".." in subdir.split("/"):
-        raise argparse.ArgumentTypeError(f"SUBDIR must stay inside the lease: {subdir!r}")
-    return var, subdir.strip("/")
-
-
-def _lease_request(args: argparse.Namespace) -> dict[str, object]:
+def _lease_request(args: SimpleNamespace) -> dict[str, object]:
     """LeaseRequest fields from the options given; the daemon's defaults for the rest."""
     fields = {
         "near": os.path.abspath(args.near) if args.near else _cwd(),
@@ -269,7 +381,7 @@ def _cwd() -> str | None:
 # -- lease, run ----------------------------------------------------------------
 
 
-def cmd_lease(args: argparse.Namespace, client: Client) -> int:
+def cmd_lease(args: SimpleNamespace, client: Client) -> int:
     fields = _lease_request(args)
     if args.pid is not None:
         fields["pid"] = args.pid
@@ -291,7 +403,7 @@ def cmd_lease(args: argparse.Namespace, client: Client) -> int:
     return EXIT_OK
 
 
-def cmd_run(args: argparse.Namespace, client: Client) -> int:
+def cmd_run(args: SimpleNamespace, client: Client) -> int:
     if args.list_tools:
         print(_tools_table())
         return EXIT_OK
@@ -436,18 +548,18 @@ def _tools_table() -> str:
 # -- renew, release, ls, show, pools, usage, events ----------------------------
 
 
-def cmd_renew(args: argparse.Namespace, client: Client) -> int:
+def cmd_renew(args: SimpleNamespace, client: Client) -> int:
     lease = client.renew(args.id, args.ttl)
     print(f"{lease['id']} expires {lease['expires_at']} ({_relative(lease['expires_at'])})")
     return EXIT_OK
 
 
-def cmd_release(args: argparse.Namespace, client: Client) -> int:
+def cmd_release(args: SimpleNamespace, client: Client) -> int:
     client.release(args.id)
     return EXIT_OK
 
 
-def cmd_ls(args: argparse.Namespace, client: Client) -> int:
+def cmd_ls(args: SimpleNamespace, client: Client) -> int:
     data = client.list_leases(state="all" if args.all else None)
     if args.json:
         _print_json(data)
@@ -467,7 +579,7 @@ def cmd_ls(args: argparse.Namespace, client: Client) -> int:
     return EXIT_OK
 
 
-def cmd_show(args: argparse.Namespace, client: Client) -> int:
+def cmd_show(args: SimpleNamespace, client: Client) -> int:
     lease = client.get_lease(args.id)
     if args.json:
         _print_json(lease)
@@ -496,7 +608,7 @@ def cmd_show(args: argparse.Namespace, client: Client) -> int:
     return EXIT_OK
 
 
-def cmd_pools(args: argparse.Namespace, client: Client) -> int:
+def cmd_pools(args: SimpleNamespace, client: Client) -> int:
     data = client.pools()
     if args.json:
         _print_json(data)
@@ -518,7 +630,7 @@ def cmd_pools(args: argparse.Namespace, client: Client) -> int:
     return EXIT_OK
 
 
-def cmd_usage(args: argparse.Namespace, client: Client) -> int:
+def cmd_usage(args: SimpleNamespace, client: Client) -> int:
     data = client.usage()
     if args.json:
         _print_json(data)
@@ -565,7 +677,7 @@ def cmd_usage(args: argparse.Namespace, client: Client) -> int:
     return EXIT_OK
 
 
-def cmd_events(args: argparse.Namespace, client: Client) -> int:
+def cmd_events(args: SimpleNamespace, client: Client) -> int:
     import time
 
     since = args.since
