@@ -5,9 +5,9 @@ event log and the records can never disagree after a crash. Either setting of
 ``synchronous`` survives the daemon being killed at any point (a commit is in the
 kernel before ``commit()`` returns). What a power loss takes:
 
-* ``NORMAL`` (the default): the WAL is fsynced only at checkpoints, so the newest
-  commits the kernel had not yet written back (up to ``vm.dirty_expire_centisecs``,
-  30 s by default) may be rolled back, newest first; the database stays consistent.
+* ``NORMAL`` (the default): the WAL is fsynced only at checkpoints, which
+  ``_Checkpointer`` runs every second, so about the last second of commits may be
+  rolled back, newest first; the database stays consistent.
   On the next start a lost create's directory is an orphan (reclaimed after
   ``gc.orphan_grace``); a lost release leaves an active record whose directory is in
   the trash (ended as ``directory_removed``), or, if the rename was undone too, a
