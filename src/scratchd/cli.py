@@ -92,7 +92,7 @@ def parse_args(argv: Sequence[str] | None = None) -> SimpleNamespace:
         args = _top_parser().parse_args(argv, namespace=SimpleNamespace())
         rest = args.arguments
         del args.arguments
-    if args.command == "run":
+    if args.command == "run":  # "cmd": its positional arguments (see _run_options)
         quick = _quick_parse(rest, (*WHERE_OPTIONS, *RUN_OPTIONS), "cmd", args)
         if quick is not None:
             return quick
@@ -104,9 +104,9 @@ _QUICK_ACTIONS: dict[str | None, object] = {None: None, "store_true": False, "ap
 
 
 def _quick_parse(
-    argv: list[str], options: Sequence[Option], rest: str, namespace: SimpleNamespace
+    argv: list[str], options: Sequence[Option], remainder: str, namespace: SimpleNamespace
 ) -> SimpleNamespace | None:
-    """``argv`` read as argparse would, given ``options`` and a REMAINDER positional ``rest``; None if unsure.
+    """``namespace`` with ``argv`` read as argparse would: ``options``, then the rest as ``remainder``.
 
     argparse costs every ``scratchd run`` ~5 ms: its import, the gettext and
     locale it imports, building the parser. This reads the same options when
@@ -153,7 +153,7 @@ def _quick_parse(
         values[dest] = [*(values[dest] or ()), converted] if spec.get("action") == "append" else converted
     if _ambiguous_abbreviation(argv[position:], options):
         return None
-    values[rest] = argv[position:]
+    values[remainder] = argv[position:]
     return SimpleNamespace(**values)
 
 
