@@ -8,6 +8,8 @@ import sys
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from scratchd import cli
 from scratchd.presets import PRESETS
@@ -197,3 +199,21 @@ def test_importtime_of_the_cli_lists_nothing_heavy() -> None:
     assert result.returncode == 0, result.stderr
     imported = {line.rsplit("|", 1)[-1].strip() for line in result.stderr.splitlines() if "|" in line}
     assert not [name for name in imported if name.split(".")[0] in HEAVY or name in HEAVY]
+
+
+RUN_TOKENS = ["--ttl", "2h", "--ttl=90s", "--idle=5m", "--pool", "p", "--near", "/tmp", "--label", "a=b", "--label=c",
+              "--tool", "uv", "--tool=nope", "--env", "X", "--env=Y=sub", "--evictable", "--evictable=1", "-v",
+              "--verbose", "--placement", "any", "--placement=far", "--max-size", "1G", "--expect", "x", "--",
+              "make", "-j4", "--socket", "/s", "--url=http://h", "--po", "--p", "-", "-vx", "--list-tools", "-h"]
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.lists(st.sampled_from(RUN_TOKENS), max_size=8))
+def test_runs_quick_parse_reads_what_argparse_reads(argv: list[str]) -> None:
+    """_quick_parse may decline (argparse then parses), but what it reads must be argparse's reading."""
+    def namespace():
+        return cli.SimpleNamespace(socket=None, url=None, command="run")
+
+    quick = cli._quick_parse(list(argv), (*cli.WHERE_OPTIONS, *cli.RUN_OPTIONS), "cmd", namespace())
+    if quick is not None:
+        assert vars(quick) == vars(cli.command_parser("run").parse_args(list(argv), namespace=namespace()))
