@@ -34,6 +34,9 @@ class ScratchdError(Exception):
         self.message = message
         self.details = details
 
+    def __reduce__(self) -> tuple[object, ...]:  # picklable, so it can leave a multiprocessing worker
+        return type(self), (self.status, self.code, self.message, self.details)
+
 
 class DaemonUnreachable(ScratchdError):
     """No answer from the daemon at ``address``: not running, wrong socket or URL, or it hung up."""
@@ -41,6 +44,10 @@ class DaemonUnreachable(ScratchdError):
     def __init__(self, address: str, reason: str) -> None:
         super().__init__(0, "unreachable", f"cannot reach scratchd at {address}: {reason}")
         self.address = address
+        self.reason = reason
+
+    def __reduce__(self) -> tuple[object, ...]:
+        return type(self), (self.address, self.reason)
 
 
 class _Connection:

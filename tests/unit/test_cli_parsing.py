@@ -217,3 +217,17 @@ def test_runs_quick_parse_reads_what_argparse_reads(argv: list[str]) -> None:
     quick = cli._quick_parse(list(argv), (*cli.WHERE_OPTIONS, *cli.RUN_OPTIONS), "cmd", namespace())
     if quick is not None:
         assert vars(quick) == vars(cli.command_parser("run").parse_args(list(argv), namespace=namespace()))
+
+
+def test_client_errors_survive_pickling() -> None:
+    """A multiprocessing pool of clients hung when a worker raised one it could not send back."""
+    import pickle
+
+    from scratchd.client import DaemonUnreachable, ScratchdError
+
+    refused = pickle.loads(pickle.dumps(ScratchdError(404, "lease_not_found", "No lease.", {"id": "x"})))
+    assert (refused.status, refused.code, refused.message, refused.details) == (404, "lease_not_found", "No lease.",
+                                                                                {"id": "x"})
+    gone = pickle.loads(pickle.dumps(DaemonUnreachable("/run/s.sock", "no such file")))
+    assert (gone.address, gone.reason, str(gone)) == ("/run/s.sock", "no such file",
+                                                      "unreachable: cannot reach scratchd at /run/s.sock: no such file")
