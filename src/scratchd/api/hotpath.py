@@ -1,10 +1,10 @@
 """The two requests of every lease cycle, answered without FastAPI's per-request machinery.
 
-Create and release are what CI hosts send all day. Through FastAPI each pays for
-dependency solving, the exception and exit-stack layers and the router: about as
-much CPU as the lease work itself (README, "Performance and limits"). This layer
-answers the common case of each directly, by calling the very functions the FastAPI
-routes call (``routes.start_lease``, ``routes.end_lease``), so behaviour has one home:
+Create and release are what CI hosts send all day. Through FastAPI each pays, on
+every request, for its middleware layers (errors, telemetry, body limit, exit stack),
+the router and dependency solving. This layer answers the common case of each
+directly, by calling the very functions the FastAPI routes call
+(``routes.start_lease``, ``routes.end_lease``), so behaviour has one home:
 
 - a caller on the Unix socket (TCP callers carry tokens: they take the routes);
 - for a create, a body declared ``application/json`` with a ``content-length``, empty
