@@ -277,9 +277,10 @@ def test_the_deleter_keeps_the_daemons_priority_and_the_scanner_yields(daemon):
             children = [int(pid) for pid in f.read().split()]
         return [pid for pid in children if b"spawn_main" in Path(f"/proc/{pid}/cmdline").read_bytes()]
 
-    wait_for(lambda: len(workers()) == 2, what="the deleter and the scanner")
     own = _niceness(daemon.process.pid)
-    assert sorted(_niceness(pid) - own for pid in workers()) == [0, 10]
+    # A worker process exists a little before its initializer has set its niceness.
+    wait_for(lambda: sorted(_niceness(pid) - own for pid in workers()) == [0, 10],
+             what="the deleter at the daemon's niceness and the scanner 10 above it")
 
 
 def test_trash_resumes_after_kill_mid_deletion(daemon):
