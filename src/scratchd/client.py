@@ -169,7 +169,7 @@ class Client:
             socket = os.environ.get("SCRATCHD_SOCKET") or None
             url = None if socket else os.environ.get("SCRATCHD_URL") or None
         if socket is None and url is None:
-            from scratchd.paths import default_socket_path  # pathlib: only when needed
+            from scratchd.paths import default_socket_path
 
             socket = default_socket_path()
         self.timeout = timeout
