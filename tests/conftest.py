@@ -77,6 +77,7 @@ class Daemon:
             pool.mkdir()
             self.config["pool"] = [{"name": "main", "path": str(pool)}]
         self.process: subprocess.Popen[bytes] | None = None
+        self.log_level: str | None = None  # serve's --log-level, when set
         self.write_config()
 
     @property
@@ -87,7 +88,8 @@ class Daemon:
         self.config_path.write_text(to_toml(self.config))
 
     def command(self) -> list[str]:
-        return [sys.executable, "-m", "scratchd", "serve", "--config", str(self.config_path)]
+        level = ["--log-level", self.log_level] if self.log_level else []
+        return [sys.executable, "-m", "scratchd", "serve", "--config", str(self.config_path), *level]
 
     def start(self, wait_ready: bool = True) -> Daemon:
         log = open(self.log_path, "ab")

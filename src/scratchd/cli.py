@@ -31,6 +31,7 @@ EXIT_REFUSED = 1  # the daemon said no
 EXIT_UNREACHABLE = 3
 
 PLACEMENTS = ("prefer-same-filesystem", "same-filesystem", "any")
+LOG_LEVELS = ("debug", "info", "warning", "error")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -39,7 +40,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if handler is None:  # `serve`: the daemon itself, no client
         from scratchd.server import serve
 
-        return serve(args.config)
+        return serve(args.config, args.log_level)
     try:
         client = Client(socket=args.socket, url=args.url)
     except ValueError as error:
@@ -308,6 +309,8 @@ def _add_options(parser: argparse.ArgumentParser, options: Iterable[Option], **c
 
 def _serve_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", metavar="PATH", help="TOML config (default: the embedded one)")
+    parser.add_argument("--log-level", choices=LOG_LEVELS, default="info",
+                        help="debug adds a line for every lease a client starts or releases (default: %(default)s)")
 
 
 def _lease_options(parser: argparse.ArgumentParser) -> None:

@@ -36,8 +36,8 @@ class TextFormatter(logging.Formatter):
 
 
 def setup(level: int = logging.INFO) -> None:
-    # Lease starts and ends are logged on the event loop's hot path: skip the caller,
-    # thread and process lookups every record would otherwise pay for.
+    # Records are made on the event loop: skip the caller, thread and process lookups
+    # every one would otherwise pay for.
     logging._srcfile = None  # type: ignore[attr-defined]
     logging.logThreads = False
     logging.logProcesses = False

@@ -257,7 +257,7 @@ class LeaseManager:
             except OSError:
                 pass
             raise _unavailable(exc) from None
-        log.info("lease started", extra={"lease": lease.id, "pool": lease.pool, "tenant": lease.tenant,
+        log.debug("lease started", extra={"lease": lease.id, "pool": lease.pool, "tenant": lease.tenant,
                                          "path": lease.path, "ttl_seconds": ttl})
         self._notify(lease)
         return lease
@@ -329,8 +329,12 @@ class LeaseManager:
 
     def _finish_end(self, ended: Lease) -> Lease:
         self._ending.pop(ended.id, None)
-        log.info("lease ended", extra={"lease": ended.id, "pool": ended.pool, "tenant": ended.tenant,
-                                       "reason": ended.end_reason.value if ended.end_reason else None})
+        # What clients ask for is in the events (and at debug, the log): a log line per
+        # request would cost the lease cycle a tenth of its time. What the daemon ends on
+        # its own is for operators to see.
+        level = logging.DEBUG if ended.end_reason is EndReason.RELEASED else logging.INFO
+        log.log(level, "lease ended", extra={"lease": ended.id, "pool": ended.pool, "tenant": ended.tenant,
+                                             "reason": ended.end_reason.value if ended.end_reason else None})
         self._notify(ended)
         return ended
 

@@ -237,8 +237,8 @@ def _load(config_path: str | None) -> Config:
     return config
 
 
-def serve(config_path: str | None) -> int:
-    logs.setup()
+def serve(config_path: str | None, log_level: str = "info") -> int:
+    logs.setup(logging.getLevelName(log_level.upper()))
     # Files the daemon makes are its own (the state database names every lease); what
     # tenants must reach (pools, lease directories, the socket) gets its mode explicitly.
     os.umask(0o077)

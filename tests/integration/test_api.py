@@ -11,7 +11,7 @@ import sys
 
 import pytest
 
-from conftest import IS_ROOT, needs_root, tmpfs, bind_mount, wait_for
+from conftest import needs_root, tmpfs, bind_mount, wait_for
 
 RFC3339 = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d+)?Z$")
 

@@ -72,8 +72,8 @@ def _route(method: str, path: str) -> APIRoute:
 
 
 def create_app(daemon: Daemon) -> ASGIApp:
-    """The FastAPI app behind the layers every request passes: timing, the body cap, and
-    the hot path, which answers the lease cycle's two requests before FastAPI's own stack."""
+    """The FastAPI app behind timing and the body cap, and in front of all the hot path,
+    which answers the lease cycle's two requests itself (timed the same way)."""
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         await daemon.start()
@@ -100,6 +100,6 @@ def create_app(daemon: Daemon) -> ASGIApp:
     app.include_router(routes.router)
     app.include_router(pages.router)
     errors.install(app)
-    hot = hotpath.HotPath(app, create=_route("POST", hotpath.LEASES),
-                          release=_route("DELETE", hotpath.LEASES + "/{lease_id}"))
-    return metrics.RequestTimer(BodyLimit(hot), metrics=metrics.attach(app))
+    timer = metrics.RequestTimer(BodyLimit(app), metrics=metrics.attach(app))
+    return hotpath.HotPath(timer, fastapi=app, timer=timer, create=_route("POST", hotpath.LEASES),
+                           release=_route("DELETE", hotpath.LEASES + "/{lease_id}"), body_limit=MAX_BODY_BYTES)

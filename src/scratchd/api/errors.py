@@ -39,7 +39,7 @@ def _field_name(loc: tuple[Any, ...]) -> str:
 
 
 def refusal(exc: Refused) -> Response:
-    return error_response(exc.status, exc.code, exc.message, exc.details)
+    return error_response(exc.status, exc.code, exc.message, exc.details, exc.headers)
 
 
 def internal_error(path: str) -> Response:

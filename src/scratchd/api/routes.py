@@ -14,7 +14,7 @@ from fastapi.routing import APIRoute
 from pydantic_core import to_json
 from starlette.responses import Response
 
-from scratchd.api import errors, models
+from scratchd.api import models
 from scratchd.api.identity import PEER_KEY, Caller, Role, authenticate
 from scratchd.daemon import Daemon
 from scratchd.errors import Refused
@@ -107,15 +107,15 @@ def _visible_lease(daemon: Daemon, caller: Caller, lease_id: str) -> Lease:
 async def create_lease(request: Request, caller: Writer,
                        body: Annotated[models.LeaseRequest, Body()] = None) -> Response:  # type: ignore[assignment]
     """Lease a new directory. Over the Unix socket it belongs to the caller's Unix user."""
-    return await start_lease(request, caller, body or models.LeaseRequest())
+    return _json(models.lease_json(await start_lease(request, caller, body or models.LeaseRequest())), 201)
 
 
-async def start_lease(request: Request, caller: Caller, body: models.LeaseRequest) -> Response:
+async def start_lease(request: Request, caller: Caller, body: models.LeaseRequest) -> Lease:
     """``POST /v1/leases`` once the caller and the body are known (shared with ``api.hotpath``)."""
     if caller.tenant is None:
         raise Refused(403, "forbidden", "Only a tenant can hold leases; use a tenant's socket or token.")
     if wait := request.app.state.create_rate.take(caller.tenant.name):
-        return errors.error_response(
+        raise Refused(
             429, "quota_exceeded", f"Tenant {caller.tenant.name} creates leases too fast; retry shortly.",
             {"limit": "create_rate", "burst": CREATE_BURST, "per_second": CREATE_RATE, "retry_after_seconds": wait},
             {"Retry-After": str(math.ceil(wait))})
@@ -124,8 +124,7 @@ async def start_lease(request: Request, caller: Caller, body: models.LeaseReques
         idle_timeout_seconds=body.idle_timeout_seconds, pid=_bound_pid(request, body.pid), max_bytes=body.max_bytes,
         expected_bytes=body.expected_bytes, evictable=body.evictable, labels=body.labels,
     )
-    lease = await _daemon(request).manager.create(caller.tenant, spec)
-    return _json(models.lease_json(lease), 201)
+    return await _daemon(request).manager.create(caller.tenant, spec)
 
 
 def _bound_pid(request: Request, pid: int | None) -> int | None:
@@ -177,16 +176,16 @@ async def renew_lease(request: Request, lease_id: str, caller: Writer,
 @router.delete("/v1/leases/{lease_id}", response_model=models.LeaseOut, responses=ERRORS, tags=["leases"])
 async def release_lease(request: Request, lease_id: str, caller: Writer) -> Response:
     """End the lease as ``released``; its path is gone when this answers. Idempotent."""
-    return await end_lease(request, caller, lease_id)
+    return _json(models.lease_json(await end_lease(request, caller, lease_id)))
 
 
-async def end_lease(request: Request, caller: Caller, lease_id: str) -> Response:
+async def end_lease(request: Request, caller: Caller, lease_id: str) -> Lease:
     """``DELETE /v1/leases/{lease_id}`` once the caller is known (shared with ``api.hotpath``)."""
     daemon = _daemon(request)
     lease = _visible_lease(daemon, caller, lease_id)
     if lease.active:
         lease = await daemon.manager.release(lease)
-    return _json(models.lease_json(lease))
+    return lease
 
 
 def _owner(lease: Lease) -> Tenant:
