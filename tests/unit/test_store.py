@@ -111,3 +111,25 @@ def test_commits_only_append_to_the_wal_and_a_thread_checkpoints_them(tmp_path):
     wait_for(lambda: database.stat().st_size > before, what="a checkpoint into the database file")
     store.close()
     assert Store(str(tmp_path)).get_lease("l299") is not None
+
+
+def test_pruning_keeps_ended_history_newer_than_the_cutoff_and_never_reuses_a_seq(tmp_path):
+    store = Store(str(tmp_path))
+    old, recent = end(lease(1), EndReason.RELEASED, 10.0), end(lease(2), EndReason.RELEASED, 30.0)
+    for record, at in ((old, 10.0), (recent, 30.0)):
+        store._write([lease_inserted(record)], [NewEvent.for_lease("lease_ended", record)], at)
+    store.prune(before=20.0)
+    assert store.get_lease("l1") is None and store.get_lease("l2") == recent
+    assert [e.lease_id for e in store.events(0, 10)] == ["l2"]
+    store.prune(before=40.0)  # everything is older: the newest event stays, to number the next one
+    newest = store.events(0, 10)
+    assert [e.lease_id for e in newest] == ["l2"]
+    store.append_events([NewEvent("pool_state", pool="p")], 50.0)
+    store.close()
+    reopened = Store(str(tmp_path))
+    assert [e.seq for e in reopened.events(0, 10)] == [newest[0].seq, newest[0].seq + 1]
+
+
+def test_a_new_database_has_small_pages(tmp_path):
+    store = Store(str(tmp_path))
+    assert store._db.execute("PRAGMA page_size").fetchone()[0] == 1024
