@@ -5,6 +5,7 @@ Pure: no I/O, no clock. Callers pass ``now`` so every transition is testable.
 
 from __future__ import annotations
 
+import base64
 import dataclasses
 import secrets
 from dataclasses import dataclass, field
@@ -37,18 +38,7 @@ class LeaseEnded(Exception):
 
 def new_lease_id() -> str:
     """26 characters of base32 (lower case): 130 random bits, ``[a-z0-9]`` only (SPEC §8)."""
-    return _b32(secrets.randbits(130))
-
-
-_ALPHABET = "abcdefghijklmnopqrstuvwxyz234567"
-
-
-def _b32(number: int) -> str:
-    chars = []
-    for _ in range(26):
-        number, digit = divmod(number, 32)
-        chars.append(_ALPHABET[digit])
-    return "".join(chars)
+    return base64.b32encode(secrets.token_bytes(17))[:26].decode().lower()
 
 
 @dataclass(slots=True)
