@@ -29,8 +29,8 @@ log = logging.getLogger("scratchd.usage")
 
 # -- keeping usage fresh ------------------------------------------------------------------
 
-# A scan may use at most this share of wall time (the rest the worker idles), so a host
-# full of huge leases costs a bounded slice of one core.
+# Scans may use at most this share of one CPU (the rest the worker idles), so a host full
+# of huge leases costs a bounded slice of one core, even where a big scan takes two.
 SCAN_DUTY_CYCLE = 0.5
 # Leases whose figures drive a decision (idle timeout, byte limit, reservation) are
 # rescanned every gc.interval; the rest at most this often.
@@ -123,7 +123,8 @@ class UsageMonitor:
                 continue
             elapsed = time.monotonic() - started
             self._apply(lease_id, sample)
-            await asyncio.sleep(elapsed * (1 / SCAN_DUTY_CYCLE - 1))
+            busy = max(elapsed, sample.cpu_seconds if sample else 0.0)
+            await asyncio.sleep(busy / SCAN_DUTY_CYCLE - elapsed)
 
     def _apply(self, lease_id: str, sample: UsageSample | None) -> None:
         lease = self._daemon.manager.active.get(lease_id)
