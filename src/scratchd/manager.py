@@ -15,6 +15,7 @@ SQLite commit. Tree deletion and usage scans happen elsewhere, off the loop.
 from __future__ import annotations
 
 import errno
+import heapq
 import logging
 import os
 import stat
@@ -25,7 +26,7 @@ from dataclasses import dataclass, field
 from scratchd import leases as lease_sm
 from scratchd.config import Config
 from scratchd.errors import Refused
-from scratchd.leases import EndReason, Lease
+from scratchd.leases import EndReason, Lease, Usage
 from scratchd.mounts import MountTable, mount_of, resolve_near
 from scratchd.placement import Placement, PlacementError, place
 from scratchd.pools import PoolSet, make_lease_dir, move_to_trash
@@ -91,25 +92,39 @@ class LeaseFilter:
         )
 
 
-class ActiveLeases:
-    """The active leases by id, indexed by tenant and by reservation.
+@dataclass(slots=True)
+class Totals:
+    """What the active leases of one pool or one tenant add up to."""
 
-    Quota and placement checks run on every create, on the event loop: with
-    10,000 leases they must not walk them all.
+    active_leases: int = 0
+    bytes: int = 0  # as last measured
+    reserved_bytes: int = 0  # promised (expected_bytes) but not yet used
+
+
+class ActiveLeases:
+    """The active leases by id, indexed by tenant, with running totals by pool and by tenant.
+
+    Quota and placement checks run on every create, ``/v1/usage`` and ``/metrics`` on
+    every ask, all on the event loop: with 10,000 leases none of them may walk them
+    all. The totals stay exact because every change to what they count goes through
+    here: a lease's arrival, replacement (renew) and removal, and ``set_usage``.
     """
 
     def __init__(self, leases: Iterable[Lease]) -> None:
         self._by_id: dict[str, Lease] = {}
         self._by_tenant: dict[str, set[str]] = {}
-        self._reserving: set[str] = set()
+        self.pool_totals: dict[str, Totals] = {}
+        self.tenant_totals: dict[str, Totals] = {}
         for lease in leases:
             self.put(lease)
 
     def put(self, lease: Lease) -> None:
+        replaced = self._by_id.get(lease.id)
+        if replaced is not None:
+            self._tally(replaced, -1)
         self._by_id[lease.id] = lease
         self._by_tenant.setdefault(lease.tenant, set()).add(lease.id)
-        if lease.expected_bytes:
-            self._reserving.add(lease.id)
+        self._tally(lease, 1)
 
     def remove(self, lease_id: str) -> None:
         lease = self._by_id.pop(lease_id, None)
@@ -118,7 +133,16 @@ class ActiveLeases:
             mine.discard(lease_id)
             if not mine:
                 del self._by_tenant[lease.tenant]
-            self._reserving.discard(lease_id)
+            self._tally(lease, -1)
+
+    def set_usage(self, lease: Lease, usage: Usage) -> None:
+        """Record a measurement; the way to change the usage of a lease that may be in here."""
+        counted = self._by_id.get(lease.id) is lease
+        if counted:
+            self._tally(lease, -1)
+        lease.usage = usage
+        if counted:
+            self._tally(lease, 1)
 
     def get(self, lease_id: str) -> Lease | None:
         return self._by_id.get(lease_id)
@@ -141,8 +165,26 @@ class ActiveLeases:
     def count_of_tenant(self, tenant: str) -> int:
         return len(self._by_tenant.get(tenant, ()))
 
-    def reserving(self) -> list[Lease]:
-        return [self._by_id[i] for i in self._reserving]
+    def largest(self, count: int, tenant: str | None = None) -> list[Lease]:
+        """The ``count`` leases using the most bytes (of ``tenant``, if given), largest first."""
+        leases = self._by_id.values() if tenant is None else self.of_tenant(tenant)
+        return heapq.nlargest(count, leases, key=_used_bytes)
+
+    def _tally(self, lease: Lease, sign: int) -> None:
+        used, reserved = sign * lease.usage.bytes, sign * lease.reserved_bytes
+        for totals, name in ((self.pool_totals, lease.pool), (self.tenant_totals, lease.tenant)):
+            total = totals.get(name)
+            if total is None:
+                total = totals[name] = Totals()
+            total.active_leases += sign
+            total.bytes += used
+            total.reserved_bytes += reserved
+            if not total.active_leases:
+                del totals[name]
+
+
+def _used_bytes(lease: Lease) -> int:
+    return lease.usage.bytes
 
 
 def _unavailable(exc: StoreError) -> Refused:
@@ -192,10 +234,7 @@ class LeaseManager:
         return found
 
     def reserved_by_pool(self) -> dict[str, int]:
-        reserved: dict[str, int] = {}
-        for lease in self.active.reserving():
-            reserved[lease.pool] = reserved.get(lease.pool, 0) + lease.reserved_bytes
-        return reserved
+        return {pool: totals.reserved_bytes for pool, totals in self.active.pool_totals.items()}
 
     # -- changes --------------------------------------------------------------------------
 

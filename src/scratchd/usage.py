@@ -1,4 +1,4 @@
-"""Keeping leases' usage fresh, and accounting it by pool and by tenant.
+"""Keeping leases' usage fresh; the totals by pool and by tenant are ``manager.ActiveLeases``'.
 
 The measuring itself is :func:`scratchd.scan.scan_tree`, run in a niced worker process.
 """
@@ -10,9 +10,8 @@ import heapq
 import logging
 import os
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from concurrent.futures.process import BrokenProcessPool
-from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from scratchd.leases import Lease, Usage
@@ -77,7 +76,8 @@ class UsageMonitor:
         if lease_id not in self._queued:
             self._queued.add(lease_id)
             heapq.heappush(self._due, (when, lease_id))
-            self._wakeup.set()
+            if self._due[0][1] == lease_id:  # due before all the rest: the loop must look again
+                self._wakeup.set()
 
     def _lease_changed(self, lease: Lease) -> None:
         if lease.active:  # a new lease is empty: its first scan can wait a period
@@ -133,7 +133,8 @@ class UsageMonitor:
         if sample is None or not os.path.lexists(lease.path):
             self._daemon.lease_directory_gone(lease)
             return
-        lease.usage = Usage(bytes=sample.bytes, files=sample.files, measured_at=sample.measured_at)
+        self._daemon.manager.active.set_usage(
+            lease, Usage(bytes=sample.bytes, files=sample.files, measured_at=sample.measured_at))
         newest = min(sample.newest_mtime, sample.measured_at)
         if lease.last_activity_at is None or newest > lease.last_activity_at:
             lease.last_activity_at = newest
@@ -148,48 +149,3 @@ class UsageMonitor:
             self._daemon.store.save_usage(leases)
         except StoreError as exc:
             log.warning("cannot save usage", extra={"error": str(exc)})
-
-
-# -- accounting: totals by pool and by tenant, from what was measured ------------------------
-
-
-@dataclass(slots=True)
-class Totals:
-    active_leases: int = 0
-    bytes: int = 0
-    reserved_bytes: int = 0
-
-
-@dataclass(slots=True)
-class Accounts:
-    pools: dict[str, Totals]
-    tenants: dict[str, Totals]
-    largest: list[Lease]
-
-
-def account(leases: Iterable[Lease], largest: int = 10) -> Accounts:
-    """One pass over the active leases: what /v1/usage, /v1/pools and /metrics report.
-
-    Never scans a disk; with 10,000 leases it costs a few milliseconds on the loop.
-    """
-    pools: dict[str, Totals] = {}
-    tenants: dict[str, Totals] = {}
-    listed = []
-    for lease in leases:
-        listed.append(lease)
-        used = lease.usage.bytes
-        reserved = max(0, lease.expected_bytes - used) if lease.expected_bytes else 0
-        pool = pools.get(lease.pool)
-        if pool is None:
-            pool = pools[lease.pool] = Totals()
-        tenant = tenants.get(lease.tenant)
-        if tenant is None:
-            tenant = tenants[lease.tenant] = Totals()
-        pool.active_leases += 1
-        pool.bytes += used
-        pool.reserved_bytes += reserved
-        tenant.active_leases += 1
-        tenant.bytes += used
-        tenant.reserved_bytes += reserved
-    top = heapq.nlargest(largest, listed, key=lambda lease: lease.usage.bytes)
-    return Accounts(pools, tenants, top)

@@ -19,11 +19,12 @@ from scratchd.api.identity import PEER_KEY, Caller, Role, authenticate
 from scratchd.daemon import Daemon
 from scratchd.errors import Refused
 from scratchd.leases import Lease
-from scratchd.manager import LeaseFilter, LeaseSpec, Tenant
+from scratchd.manager import LeaseFilter, LeaseSpec, Tenant, Totals
 from scratchd.placement import Placement
 from scratchd.reclaim.procs import pid_in_daemon_namespace
-from scratchd.usage import Accounts, Totals, account
 from scratchd.ratelimit import CREATE_BURST, CREATE_RATE
+
+LARGEST_LEASES = 10  # in /v1/usage
 
 ERRORS: dict[int | str, dict[str, Any]] = {
     status: {"model": models.ErrorBody, "description": text}
@@ -195,11 +196,10 @@ def _owner(lease: Lease) -> Tenant:
 # -- pools, usage, events -----------------------------------------------------------------------
 
 
-def pools_json(daemon: Daemon, accounts: Accounts | None = None) -> list[dict[str, Any]]:
-    accounts = accounts or account(daemon.manager.active.values(), largest=0)
-    empty = Totals()
+def pools_json(daemon: Daemon) -> list[dict[str, Any]]:
+    totals, empty = daemon.manager.active.pool_totals, Totals()
     return [
-        models.pool_json(pool, reserved=(t := accounts.pools.get(pool.name, empty)).reserved_bytes,
+        models.pool_json(pool, reserved=(t := totals.get(pool.name, empty)).reserved_bytes,
                          leased=t.bytes, active=t.active_leases)
         for pool in daemon.pools.statuses()
     ]
@@ -214,16 +214,17 @@ async def list_pools(request: Request, caller: Reader) -> Response:
 async def usage(request: Request, caller: Reader) -> Response:
     """What is used, by whom, where: answered from what was already measured, never by scanning."""
     daemon = _daemon(request)
-    everyone = account(daemon.manager.active.values())
-    mine = everyone if caller.sees_all() else account(
-        lease for lease in daemon.manager.active.values() if lease.tenant == caller.name)
+    active = daemon.manager.active
+    only = None if caller.sees_all() else caller.name
+    tenants = sorted(active.tenant_totals.items() if only is None else
+                     [(only, active.tenant_totals[only])] if only in active.tenant_totals else [])
     trash = daemon.trash
     return _json({
         "generated_at": models.timestamp(time.time()),
-        "pools": pools_json(daemon, everyone),
+        "pools": pools_json(daemon),
         "tenants": [{"tenant": name, "active_leases": t.active_leases, "bytes": t.bytes,
-                     "reserved_bytes": t.reserved_bytes} for name, t in sorted(mine.tenants.items())],
-        "largest_leases": [models.lease_json(lease) for lease in mine.largest],
+                     "reserved_bytes": t.reserved_bytes} for name, t in tenants],
+        "largest_leases": [models.lease_json(lease) for lease in active.largest(LARGEST_LEASES, only)],
         "reclaim": {"pending": trash.pending, "pending_bytes": trash.pending_bytes,
                     "reclaimed_total": trash.reclaimed_total, "reclaimed_bytes_total": trash.reclaimed_bytes_total,
                     "by_reason": dict(trash.by_reason)},
