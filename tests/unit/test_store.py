@@ -1,11 +1,13 @@
 """The SQLite store on a real database file: records with their events, and group commit."""
 
 import asyncio
+import os
 import sqlite3
 
 import pytest
 
 from conftest import wait_for
+from scratchd import store as store_module
 from scratchd.leases import EndReason, Lease, end
 from scratchd.store import NewEvent, Store, StoreError, lease_inserted, lease_updated
 
@@ -111,6 +113,38 @@ def test_commits_only_append_to_the_wal_and_a_thread_checkpoints_them(tmp_path):
     wait_for(lambda: database.stat().st_size > before, what="a checkpoint into the database file")
     store.close()
     assert Store(str(tmp_path)).get_lease("l299") is not None
+
+
+def test_the_wal_starts_over_though_a_commit_lands_in_every_checkpoint(tmp_path, monkeypatch):
+    """Under steady commits one lands during each of the thread's checkpoints, so no write
+    begins with the whole WAL copied and SQLite on its own never starts the WAL over: it
+    grew for ever, on disk and in its shared-memory index, which the daemon maps (8 bytes
+    a frame: the soak's RSS growth). Here the thread's pass runs inside every 20th commit."""
+    monkeypatch.setattr(store_module, "CHECKPOINT_EVERY_SECONDS", 3600.0)  # the thread: only as called below
+    monkeypatch.setattr(store_module, "WAL_REWIND_BYTES", 256 * 1024)
+    store = Store(str(tmp_path))
+    thread_side = sqlite3.connect(store.path, isolation_level=None, check_same_thread=False)
+    commits = 0
+
+    def during_commit(sql: str) -> None:
+        nonlocal commits
+        if sql == "COMMIT":
+            commits += 1
+            if commits % 20 == 0:
+                store._checkpointer.checkpoint(thread_side)
+
+    store._db.set_trace_callback(during_commit)
+    wal_sizes = []
+    for i in range(1500):  # some 7 MB of WAL: the 1 KiB pages of five rows and indexes a commit
+        store._write([lease_inserted(lease(i))], [NewEvent.for_lease("lease_created", lease(i))], 1.0)
+        wal_sizes.append(os.path.getsize(store.path + "-wal"))
+    shm_bytes = os.path.getsize(store.path + "-shm")
+    store._db.set_trace_callback(None)
+    thread_side.close()
+    store.close()
+    assert max(wal_sizes) < 2 * 256 * 1024 and wal_sizes[-1] < max(wal_sizes)  # started over, more than once
+    assert shm_bytes == 32 * 1024  # one region of the index: 4,000 frames, never more
+    assert Store(str(tmp_path)).get_lease("l1499") is not None
 
 
 def test_pruning_keeps_ended_history_newer_than_the_cutoff_and_never_reuses_a_seq(tmp_path):
