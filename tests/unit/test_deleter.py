@@ -376,3 +376,149 @@ def run_as(uid: int, action: Callable[[], T]) -> T:
     if isinstance(outcome, str):
         pytest.fail(f"as uid {uid}:\n{outcome}")
     return outcome  # type: ignore[no-any-return]
+
+
+# -- big trees: rm takes over from the walk -----------------------------------------------------
+
+SPILL = 100  # files at a big tree's top beyond RM_AFTER
+
+
+def big_tree(tree: Path) -> None:
+    """``tree`` with RM_AFTER + SPILL files at its top: the walk, which empties a directory before
+    entering its subdirectories, hands the tree to rm before it enters any of them."""
+    tree.mkdir(parents=True, exist_ok=True)
+    fd = os.open(tree, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        for i in range(deleter.RM_AFTER + SPILL):
+            os.close(os.open(f"f{i}", os.O_WRONLY | os.O_CREAT, 0o600, dir_fd=fd))
+    finally:
+        os.close(fd)
+
+
+def test_big_tree_goes_to_rm_which_follows_no_link(hostile: Path, outside: Path) -> None:
+    """Every hostile entry below the top is rm's to remove: nothing outside may change."""
+    for name in ["to-dir", "to-file", "loop-a", "up", "hardlink", "fifo", "locked"]:
+        os.rename(hostile / name, hostile / "readonly" / name)  # below the top: rm's
+    (hostile / "readonly" / "to-outside").symlink_to(outside)
+    big_tree(hostile)
+    before = snapshot(outside)
+
+    result = delete_tree(str(hostile), count_bytes=False)
+
+    assert result.complete and result.errors == [] and result.left_mounts == [], result
+    assert not os.path.lexists(hostile)
+    assert snapshot(outside) == before
+    assert (outside / "linked").stat().st_nlink == 1
+    # The walk removed RM_AFTER files and, after rm, the top: all else was rm's.
+    assert (result.files, result.dirs) == (deleter.RM_AFTER, 1)
+
+
+def test_counting_bytes_or_pacing_keeps_the_walk(tmp_path: Path) -> None:
+    for counted, paced in [(True, False), (False, True)]:
+        tree = tmp_path / f"tree-{counted}-{paced}"
+        big_tree(tree / "sub")
+
+        result = delete_tree(str(tree), (lambda _count: None) if paced else None, count_bytes=counted)
+
+        assert result.complete and (result.files, result.dirs) == (deleter.RM_AFTER + SPILL, 2)
+
+
+@pytest.mark.parametrize("rm", ["missing", "failing"])
+def test_without_a_working_rm_the_walk_removes_everything(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, rm: str
+) -> None:
+    fake = tmp_path / "rm"
+    if rm == "failing":  # says it is GNU's, then removes nothing
+        fake.write_text('#!/bin/sh\n[ "$1" = --version ] && echo "rm (GNU coreutils) 9.1" && exit 0\nexit 1\n')
+        fake.chmod(0o755)
+    monkeypatch.setattr(deleter, "RM", str(fake))
+    tree = tmp_path / "tree"
+    big_tree(tree)
+    big_tree(tree / "a" / "b")
+
+    result = delete_tree(str(tree), count_bytes=False)
+
+    assert result.complete and result.errors == []
+    assert (result.files, result.dirs) == (2 * (deleter.RM_AFTER + SPILL), 3)
+    assert not tree.exists()
+
+
+@needs_root
+def test_rm_never_gets_a_tree_with_a_mount_the_callers_table_lacks(tmp_path: Path, outside: Path) -> None:
+    """A mount made after the caller read the table: rm would go through a bind mount of our
+    filesystem (it shares ``st_dev``), so it must be found and detached first."""
+    tree = tmp_path / "tree"
+    big_tree(tree)
+    before = snapshot(outside)
+    with bind_mount(outside, tree / "x" / "bound"):
+        result = delete_tree(str(tree), count_bytes=False, mounts=[])
+
+        assert result.complete and result.errors == [] and result.left_mounts == [], result
+        assert not tree.exists()
+        assert snapshot(outside) == before
+        assert (result.files, result.dirs) == (deleter.RM_AFTER, 1)
+
+
+@needs_root
+def test_rm_never_gets_a_tree_with_a_mount_left_in_place(
+    tmp_path: Path, outside: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(deleter, "umount_lazily", refuse_detach)
+    tree = tmp_path / "tree"
+    before = snapshot(outside)
+    with bind_mount(outside, tree / "x" / "bound"):
+        for mounts in [None, []]:  # in the caller's table, or only in the one read before rm
+            big_tree(tree)
+            (tree / "x" / "sibling").mkdir()
+
+            result = delete_tree(str(tree), count_bytes=False, mounts=mounts)
+
+            assert not result.complete and result.errors == []
+            assert result.left_mounts == [str(tree / "x" / "bound")]
+            assert snapshot(tree / "x" / "bound") == before
+            assert os.listdir(tree) == ["x"] and os.listdir(tree / "x") == ["bound"]
+    assert snapshot(outside) == before
+
+
+@needs_root
+def test_what_rm_cannot_remove_is_reported_by_the_walk(tmp_path: Path) -> None:
+    tree = tmp_path / "tree"
+    big_tree(tree)
+    (tree / "a" / "b").mkdir(parents=True)
+    (tree / "a" / "b" / "stuck").write_bytes(b"s")
+    (tree / "a" / "gone").write_bytes(b"g")
+    try:
+        set_immutable(tree / "a" / "b" / "stuck", True)
+    except OSError as exc:
+        pytest.skip(f"no immutable flag on this filesystem: {exc}")
+    try:
+        result = delete_tree(str(tree), count_bytes=False)
+
+        assert not result.complete
+        assert result.errors == [f"{tree}/a/b/stuck: cannot remove: Operation not permitted"]
+        assert sorted(p.name for p in tree.rglob("*")) == ["a", "b", "stuck"]
+    finally:
+        set_immutable(tree / "a" / "b" / "stuck", False)
+
+
+@needs_root
+def test_unprivileged_owner_finishes_the_locked_directories_rm_cannot_enter() -> None:
+    with tempfile.TemporaryDirectory(prefix="scratchd-test-", dir="/tmp") as reachable:  # pytest's tmp is 0700
+        os.chmod(reachable, 0o755)
+        home = Path(reachable, "home")
+        tree = home / "tree"
+        big_tree(tree)
+        (tree / "locked" / "inner").mkdir(parents=True)
+        (tree / "locked" / "inner" / "file").write_bytes(b"data")
+        (tree / "open" / "sub").mkdir(parents=True)
+        for path in [home, *home.rglob("*")]:
+            os.chown(path, NOBODY, NOBODY, follow_symlinks=False)
+        (tree / "locked" / "inner").chmod(0o000)
+        (tree / "locked").chmod(0o000)
+
+        result = run_as(NOBODY, lambda: delete_tree(str(tree), count_bytes=False))
+
+        assert result.complete and result.errors == [], result
+        # rm took "open" and the top's files; the walk the locked ones, which rm could not enter.
+        assert (result.files, result.dirs) == (deleter.RM_AFTER + 1, 3)
+        assert not tree.exists()

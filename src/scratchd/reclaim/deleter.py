@@ -9,16 +9,38 @@ decides, because a bind mount of the same filesystem shares ``st_dev``. Mounts
 inside are detached lazily first where the daemon may, and otherwise left
 alone and reported.
 
-Runs in a worker thread or process: plain arguments in, a plain picklable
-result out, and problems inside the tree are recorded rather than raised.
+A big tree goes to GNU rm, whose C loop is cheaper per file: past RM_AFTER
+entries (starting rm costs what some hundreds do; a lease under churn has
+dozens) the walk stops, rm removes everything below the top, and the walk runs
+again to remove the top and report what stays and why: rm's exit status is not
+trusted. rm keeps the walk's rules. ``/proc/self/fd/N/`` hands it the very
+directory the walk opened and checked, whatever was renamed or unmounted since;
+its fts never follows a symlink (openat from the parent's fd with O_NOFOLLOW,
+back up through kept fds or a ``..`` whose dev/ino it checks);
+--one-file-system keeps it off other filesystems. A bind mount of the same
+filesystem shares ``st_dev``, so rm runs only when a mount table read just
+before, once detached, has nothing at or below the top: a mount made in there
+while rm runs (by root, here or propagated) is the one thing the walk stops and
+rm does not. Only GNU's rm from /usr/bin or /bin (not a wrapper first on PATH),
+and never for callers counting bytes or pacing the walk: rm can do neither.
+
+``delete_tree`` runs in a worker process: plain arguments in, a plain
+picklable result out, and problems inside the tree are recorded rather than
+raised. rm dies with the worker (PR_SET_PDEATHSIG), as the worker does with the
+daemon, so none goes on deleting behind a restart; a preexec_fn sets that, so
+not from a thread of a threaded process.
 """
 
 from __future__ import annotations
 
 import ctypes
 import errno
+import functools
 import os
+import shutil
+import signal
 import stat
+import subprocess
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -30,10 +52,15 @@ MAX_OPEN_DIRS = 64
 PACE_EVERY = 1000
 # Error lines kept in a result; a tree of a million immutable files says so in one more line.
 MAX_ERRORS = 100
+# Entries the walk removes before it hands the rest of the tree to rm; checked every PACE_EVERY.
+RM_AFTER = 2000
+# Looked up once, where the system's rm is, not on PATH.
+RM = shutil.which("rm", path="/usr/bin:/bin")
 
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _HANDLE_FLAGS = os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _MNT_DETACH = 2
+_PR_SET_PDEATHSIG = 1
 _AT_EMPTY_PATH = 0x1000
 _STATX_BASIC_STATS = 0x7FF
 _STATX_MNT_ID = 0x1000
@@ -81,6 +108,7 @@ if _statx is not None:
 
 @dataclass(slots=True)
 class DeleteResult:
+    # Counted by the walk only: what rm removed of a big tree is in neither count (see delete_tree).
     files: int = 0  # non-directories unlinked
     dirs: int = 0  # directories removed, the top included
     bytes: int = 0  # allocated bytes freed: files whose last link was ours
@@ -270,12 +298,16 @@ def delete_tree(
     is the mount table when the caller read it once for many small trees (parsing
     it costs more than deleting one); a mount it lacks is still never entered, as
     every directory's mount id is checked, and is detached on the next call.
+
+    Without ``count_bytes`` and ``pace``, a tree past RM_AFTER entries is
+    finished by rm (see the module docstring), and ``files`` and ``dirs`` count
+    only what the walk removed itself.
     """
     path = os.path.abspath(path)
     parent_path, name = os.path.split(path)
     if not name:
         raise ValueError(f"refusing to delete {path!r}")
-    deleter = _Deleter(path, pace or _no_pace, count_bytes, mounts)
+    deleter = _Deleter(path, pace, count_bytes, mounts)
     try:
         parent_fd = os.open(parent_path, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
     except FileNotFoundError:
@@ -295,11 +327,16 @@ def _no_pace(_count: int) -> None:
     pass
 
 
+class _HandOff(Exception):
+    """Raised through the walk once it has removed RM_AFTER entries: rm takes the rest."""
+
+
 class _Deleter:
-    def __init__(self, path: str, pace: Callable[[int], None], count_bytes: bool,
+    def __init__(self, path: str, pace: Callable[[int], None] | None, count_bytes: bool,
                  mounts: list[Mount] | None) -> None:
         self.path = path
-        self.pace = pace
+        # Without a caller's pace or bytes to count, the walk's own pace hands big trees to rm.
+        self.pace = pace or (_no_pace if count_bytes else self.hand_off)
         self.count_bytes = count_bytes
         self.mounts = mounts
         self.result = DeleteResult()
@@ -314,6 +351,13 @@ class _Deleter:
             self.error(self.path, f"deleting nothing without the mount table: {exc}")
             return
         self.detach_mounts(parent_fd, real_top, mounts)
+        try:
+            self.walk_top(parent_fd, name, real_top)
+        except _HandOff:
+            self.rm_below(parent_fd, name, real_top)
+            self.walk_top(parent_fd, name, real_top)  # the top, and whatever rm left, with why it stays
+
+    def walk_top(self, parent_fd: int, name: str, real_top: str) -> None:
         try:
             tree = DirStack(parent_fd, name, make_accessible=True)
         except FileNotFoundError:
@@ -335,6 +379,38 @@ class _Deleter:
             self.error(os.path.join(self.path, tree.relative()), "moved while being deleted")
         except OSError as exc:  # only re-opening a parent gets here
             self.error(os.path.join(self.path, tree.relative()), "cannot go back up", exc)
+        finally:
+            tree.close()
+
+    def hand_off(self, removed: int) -> None:
+        """The walk's own pace when the caller has none: past RM_AFTER entries, rm is to take the rest."""
+        if removed >= RM_AFTER:
+            self.pace = _no_pace  # once a tree
+            # With an error, the walk after rm would report it again; with a mount left, rm does not run.
+            if not (self.result.errors or self.result.left_mounts):
+                raise _HandOff
+
+    def rm_below(self, parent_fd: int, name: str, real_top: str) -> None:
+        """Have rm remove everything below the top, unless anything there could lead it off the tree."""
+        if RM is None or not _is_gnu_rm(RM):
+            return
+        try:
+            self.detach_mounts(parent_fd, real_top, read_mounts())  # the table now: the caller's may be old
+        except (OSError, ValueError):
+            return
+        if self.result.left_mounts:
+            return  # one with our st_dev would not stop rm
+        try:
+            tree = DirStack(parent_fd, name)  # the top, checked again: a directory on our mount
+        except OSError:
+            return  # the walk says why
+        top = tree.current.fd
+        try:
+            subprocess.run([RM, "-rf", "--one-file-system", "--", f"/proc/self/fd/{top}/"], pass_fds=(top,),
+                           stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                           preexec_fn=functools.partial(_die_with, os.getpid()), check=False)
+        except (OSError, subprocess.SubprocessError):
+            pass  # the walk does it all
         finally:
             tree.close()
 
@@ -497,6 +573,23 @@ class _Deleter:
             self.result.errors.append(f"{where}: {what}: {exc.strerror or exc}" if exc else f"{where}: {what}")
         else:
             self.dropped_errors += 1
+
+
+@functools.cache
+def _is_gnu_rm(path: str) -> bool:
+    """Whether ``path`` is GNU coreutils' rm, the one whose traversal the module docstring describes."""
+    try:
+        version = subprocess.run([path, "--version"], stdin=subprocess.DEVNULL, capture_output=True, check=False)
+    except OSError:
+        return False
+    return b"(GNU coreutils)" in version.stdout.partition(b"\n")[0]
+
+
+def _die_with(parent: int) -> None:
+    """In the child before rm starts: SIGKILL when the thread that started it ends, not deleting on behind it."""
+    _libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+    if os.getppid() != parent:  # it ended before the prctl took effect
+        os._exit(1)
 
 
 def _detach(parent_fd: int, relative: str, mount: Mount) -> bool:
