@@ -47,7 +47,8 @@ class Daemon:
         self.mounts = MountTable()
         self.pools = PoolSet(config.pool)
         self.trash = Trash(self._reclaim_failed)
-        self.manager = LeaseManager(config, self.store, self.pools, self.mounts, self._trashed, clock)
+        self.manager = LeaseManager(config, self.store, self.pools, self.mounts, self._trashed, self.trash.removed,
+                                    clock)
         self.manager.listeners.append(self._lease_changed)
         self.pids = PidWatch(self._process_exited)
         self.watcher = PoolWatcher(self._entry_gone)

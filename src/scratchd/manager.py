@@ -3,10 +3,10 @@
 Create: place -> mkdir -> commit record -> answer. A crash before the commit leaves
 a directory without a record (an orphan, reclaimed after grace), never a record
 without its directory.
-End: rename into the trash -> commit -> answer -> delete in the background. The path
-is gone before anyone is told the lease ended; a crash between rename and commit
-leaves an active record without a directory, which start-up ends as
-``directory_removed``.
+End: rename into the trash (or rmdir, if empty) -> commit -> answer -> delete in the
+background. The path is gone before anyone is told the lease ended; a crash between
+rename and commit leaves an active record without a directory, which start-up ends
+as ``directory_removed``.
 
 Runs on the event loop: each step here is a handful of metadata syscalls and one
 SQLite commit. Tree deletion and usage scans happen elsewhere, off the loop.
@@ -29,7 +29,7 @@ from scratchd.errors import Refused
 from scratchd.leases import EndReason, Lease, Usage
 from scratchd.mounts import MountTable, mount_of, resolve_near
 from scratchd.placement import Placement, PlacementError, place
-from scratchd.pools import PoolSet, make_lease_dir, move_to_trash
+from scratchd.pools import PoolSet, make_lease_dir, move_to_trash, remove_if_empty
 from scratchd.reclaim import procs
 from scratchd.store import NewEvent, Store, StoreError, lease_inserted, lease_updated
 
@@ -200,13 +200,15 @@ class LeaseManager:
         pools: PoolSet,
         mounts: MountTable,
         on_trashed: Callable[[str, Lease], None],
+        on_removed: Callable[[Lease], None],
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.config = config
         self.store = store
         self.pools = pools
         self.mounts = mounts
-        self._on_trashed = on_trashed
+        self._on_trashed = on_trashed  # a tree to delete in the background
+        self._on_removed = on_removed  # an empty directory, removed on the spot
         self._clock = clock
         self.active = ActiveLeases(store.active_leases())
         self._ending: dict[str, Lease] = {}
@@ -339,13 +341,17 @@ class LeaseManager:
     def _begin_end(self, lease: Lease, reason: EndReason, details: dict[str, object]) -> tuple[Lease, NewEvent]:
         ended = lease_sm.end(lease, reason, self._clock())
         if reason is not EndReason.POOL_LOST:
-            try:
-                trashed = move_to_trash(self._pool_path(lease), lease.id)
-            except OSError as exc:
-                raise Refused(503, "pool_unavailable", f"Cannot move lease {lease.id} out of its pool.",
-                              {"reason": exc.strerror}) from None
-            if trashed is not None:
-                self._on_trashed(trashed, ended)
+            pool_path = self._pool_path(lease)
+            if remove_if_empty(pool_path, lease.id):
+                self._on_removed(ended)
+            else:
+                try:
+                    trashed = move_to_trash(pool_path, lease.id)
+                except OSError as exc:
+                    raise Refused(503, "pool_unavailable", f"Cannot move lease {lease.id} out of its pool.",
+                                  {"reason": exc.strerror}) from None
+                if trashed is not None:
+                    self._on_trashed(trashed, ended)
         self.active.remove(lease.id)
         self._ending[lease.id] = ended  # what get() answers until the record says so too
         return ended, NewEvent.for_lease("lease_ended", ended, **details)

@@ -212,6 +212,23 @@ def make_lease_dir(pool_path: str, lease_id: str, *, uid: int | None, gid: int |
     return path
 
 
+def remove_if_empty(pool_path: str, lease_id: str) -> bool:
+    """``rmdir`` a lease's directory if it is empty; False if anything stopped that.
+
+    Many leases end unused. For them one syscall replaces a rename into the trash and
+    a trip through the deleter, whose work in the trash directory would contend with
+    the renames of other leases ending (ext4 serialises them on its journal). Only the
+    daemon writes in a pool, so the name cannot have been swapped; on any error the
+    caller falls back to ``move_to_trash``, whose errors say what is wrong.
+    """
+    _check_entry_name(lease_id)
+    try:
+        os.rmdir(os.path.join(pool_path, lease_id))
+    except OSError:
+        return False
+    return True
+
+
 def move_to_trash(pool_path: str, lease_id: str) -> str | None:
     """Rename ``<pool>/<lease_id>`` into the trash in one step; None if it is already gone.
 

@@ -23,6 +23,7 @@ from scratchd.pools import (
     pool_state,
     prepare_pool_dir,
     probe_pool,
+    remove_if_empty,
 )
 
 from conftest import mounted
@@ -381,6 +382,22 @@ def test_make_lease_dir_gives_the_directory_to_the_tenant(tmp_path: Path) -> Non
 def test_make_lease_dir_chowns_only_what_is_given(tmp_path: Path) -> None:
     st = os.stat(make_lease_dir(str(tmp_path), "abc", uid=12345, gid=None))
     assert (st.st_uid, st.st_gid) == (12345, os.getegid())
+
+
+# -- on disk: remove_if_empty ---------------------------------------------------------------
+
+
+def test_remove_if_empty_removes_only_an_empty_directory(tmp_path: Path) -> None:
+    prepare_pool_dir(str(tmp_path))
+    empty = Path(make_lease_dir(str(tmp_path), "empty", uid=None, gid=None))
+    used = Path(make_lease_dir(str(tmp_path), "used", uid=None, gid=None))
+    (used / "data").write_text("content")
+    assert remove_if_empty(str(tmp_path), "empty") and not empty.exists()
+    assert not remove_if_empty(str(tmp_path), "used")
+    assert (used / "data").read_text() == "content"
+    assert not remove_if_empty(str(tmp_path), "never-was")
+    with pytest.raises(ValueError):
+        remove_if_empty(str(tmp_path), TRASH_DIR)
 
 
 # -- on disk: move_to_trash -----------------------------------------------------------------

@@ -17,6 +17,7 @@ from collections.abc import Callable
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 
+from scratchd.leases import Lease
 from scratchd.mounts import Mount, read_mounts
 from scratchd.offload import DELETER_NICENESS, disk_worker, stop_task
 from scratchd.pools import TRASH_DIR
@@ -68,6 +69,11 @@ class Trash:
         self._queue.append(item)
         self.pending_bytes_by_pool[item.pool] += item.estimated_bytes
         self._wakeup.set()
+
+    def removed(self, lease: Lease) -> None:
+        """Count a lease whose directory was empty and removed without coming here."""
+        self.reclaimed_total += 1
+        self.reclaimed_bytes_total += lease.usage.bytes
 
     def resume(self, pool_name: str, pool_path: str) -> int:
         """Queue whatever a previous run left in the pool's trash; returns how many."""
