@@ -22,6 +22,7 @@ whichever process met which link.
 
 from __future__ import annotations
 
+import multiprocessing.util
 import os
 import sys
 import time
@@ -365,3 +366,14 @@ def helper() -> ProcessPoolExecutor | None:
         executor = disk_worker(0)
         _helper = (os.getpid(), executor, executor.submit(os.getpid))
     return _helper[1] if _helper[2].done() else None
+
+
+def _stop_helper() -> None:
+    if _helper is not None and _helper[0] == os.getpid():
+        _helper[1].shutdown()
+
+
+# A worker process joins its children before its threads stop: without this, its idle
+# helper would keep it, and the daemon waiting for it, from ever exiting. Before the
+# finalizers of priority 10 that close the queue the helper's stop order goes through.
+multiprocessing.util.Finalize(None, _stop_helper, exitpriority=20)

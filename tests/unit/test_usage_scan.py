@@ -5,8 +5,10 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
+import signal
 import subprocess
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -15,6 +17,7 @@ from conftest import bind_mount, needs_root, tmpfs, wait_for
 from test_deleter import MAX_OPEN_DIRS, NOBODY, deep_chain, fd_limit, open_fds, run_as
 
 from scratchd import scan
+from scratchd.offload import disk_worker
 from scratchd.reclaim.deleter import ForeignMount, delete_tree
 from scratchd.scan import Tally, scan_parts
 from scratchd.usage import UsageSample, scan_tree
@@ -329,3 +332,26 @@ def test_helper_counts_an_unreadable_directory_without_entering_it() -> None:
 
         assert left == []
         assert (tally.files, tally.blocks * 512) == (0, own_bytes(tree / "open" / "locked"))
+
+
+def test_a_scanner_worker_that_started_a_helper_still_exits(tmp_path: Path) -> None:
+    """A multiprocessing worker joins its children before its threads stop: the helper must be stopped first."""
+    for d in range(12):
+        (tmp_path / f"d{d}").mkdir()
+        for f in range(scan.SPLIT_AFTER // 10):
+            (tmp_path / f"d{d}" / f"f{f}").touch()
+    executor = disk_worker(0)
+    worker = executor.submit(os.getpid).result()
+    try:
+        wait_for(lambda: executor.submit(scan_tree, str(tmp_path)).result().helper_entries, timeout=60,
+                 what="a scan in the worker shared with its helper")
+        assert Path(f"/proc/{worker}/task/{worker}/children").read_text().split()
+
+        stopping = threading.Thread(target=executor.shutdown)
+        stopping.start()
+        stopping.join(timeout=30)
+
+        assert not stopping.is_alive()
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(worker, signal.SIGKILL)  # its helper dies with it
