@@ -26,8 +26,8 @@ calls with ``perf stat`` tracepoint counters (counted in the kernel, so nearly f
 when perf is usable, else shows "-". In WAL mode SQLite fsyncs the WAL on every
 commit under FULL, and under NORMAL only at checkpoints (the WAL, then the database).
 
-The trash is not deleted during the timed window (the daemon hands it to a worker
-process anyway): the trashed, empty directories are rmdir'ed after each run.
+The leases stay empty, so a release rmdirs its directory as the daemon does (no
+trash); anything that did go to the trash is rmdir'ed after each run.
 ``--dir`` should be the regular disk the state lives on (/var/tmp), not a tmpfs,
 where fsync costs nothing. Stops by itself, after about
 rounds x len(tasks) x 4 x (seconds + 1) seconds.
@@ -163,7 +163,8 @@ def build(root: Path, synchronous: str, grouped: bool, trashed: list[str]) -> tu
     pools = PoolSet(config.pool)
     pools.refresh(mounts.current())
     prepare_pool_dir(str(pool))
-    manager = LeaseManager(config, store, pools, mounts, lambda path, lease: trashed.append(path))
+    manager = LeaseManager(config, store, pools, mounts, lambda path, lease: trashed.append(path),
+                           lambda lease: None)  # an empty lease's directory is rmdir'ed on release
     return manager, store, mounts
 
 
