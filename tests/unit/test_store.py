@@ -162,8 +162,3 @@ def test_pruning_keeps_ended_history_newer_than_the_cutoff_and_never_reuses_a_se
     store.close()
     reopened = Store(str(tmp_path))
     assert [e.seq for e in reopened.events(0, 10)] == [newest[0].seq, newest[0].seq + 1]
-
-
-def test_a_new_database_has_small_pages(tmp_path):
-    store = Store(str(tmp_path))
-    assert store._db.execute("PRAGMA page_size").fetchone()[0] == 1024
