@@ -1,27 +1,35 @@
 """Filesystem events: lease directories removed by their users, and activity inside leases.
 
-Both use watchdog's shared inotify instance (one fd and one thread for any number of
-watches; an Observer would add an emitter thread per watch and two thread hand-offs
-per event). One watch per pool directory: a pool's direct children are its leases,
-so deletions and renames of lease directories arrive on the pool's own watch,
-whatever the number of leases. Activity inside leases with an idle timeout comes
-from ``ActivityWatch`` below, within a budget, and otherwise from the usage scan's
-newest ctime.
+One watch per pool directory, read on the event loop: a pool's direct children are
+its leases, so deletions and renames of lease directories arrive on the pool's own
+watch, whatever the number of leases. Activity inside leases with an idle timeout
+comes from ``ActivityWatch`` below, on watchdog's shared inotify instance (one fd and
+one thread for any number of watches), within a budget, and otherwise from the usage
+scan's newest ctime.
 
-Events are handed to the event loop; the handler there re-checks the disk, so a
-rename the daemon made itself (into the trash) is never mistaken for the user's.
+The handler of a removal re-checks the disk, so a rename the daemon made itself (into
+the trash) is never mistaken for the user's.
 """
 
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import logging
 import os
+import struct
 import threading
 import time
 from collections.abc import Callable
 
-from watchdog.observers.inotify_c import InotifyConstants, InotifyEvent, InotifyFD
+from watchdog.observers.inotify_c import (
+    InotifyConstants,
+    InotifyEvent,
+    InotifyFD,
+    inotify_add_watch,
+    inotify_init,
+    inotify_rm_watch,
+)
 
 log = logging.getLogger("scratchd.watcher")
 
@@ -30,59 +38,95 @@ EntryGone = Callable[[str, str], None]  # (pool name, entry name)
 
 _POOL_MASK = (InotifyConstants.IN_DELETE | InotifyConstants.IN_MOVED_FROM | InotifyConstants.IN_ONLYDIR
               | InotifyConstants.IN_DONT_FOLLOW)
-
-
-class _PoolCallback:
-    """watchdog's WatchCallback for one pool directory; runs on the inotify thread."""
-
-    def __init__(self, pool: str, loop: asyncio.AbstractEventLoop, on_gone: EntryGone) -> None:
-        self._pool = pool
-        self._loop = loop
-        self._on_gone = on_gone
-
-    def on_event(self, event: InotifyEvent) -> None:
-        if event.name and not event.name.startswith(b"."):
-            self._loop.call_soon_threadsafe(self._on_gone, self._pool, os.fsdecode(event.name))
-
-    def on_watch_deleted(self, wd: int) -> None:
-        """The pool directory itself went: the GC loop's pool checks take it from here."""
-
-    def on_queue_overflow(self) -> None:
-        """Events were lost; the GC loop checks lease directories of unwatched pools."""
+_EVENT = struct.Struct("iIII")  # struct inotify_event: wd, mask, cookie, len; then the name
+_READ_SIZE = 64 * 1024
 
 
 class PoolWatcher:
-    """Deletions and renames of a pool's entries, filtered by the kernel: creations never
-    reach user space, so a busy pool costs one event per lease end, not three."""
+    """Deletions and renames of a pool's entries, read on the event loop itself.
+
+    One watch per pool directory on an inotify fd of our own, added to the loop as a
+    reader: every release removes or renames a lease directory, so this fires on every
+    lease end, and a thread hop per event (GIL hand-off, ``call_soon_threadsafe``, a loop
+    wake-up) cost more than the lease's own syscalls. The kernel filters: creations never
+    reach user space. Under load, one read drains every event that queued meanwhile.
+    """
 
     def __init__(self, on_gone: EntryGone) -> None:
         self._on_gone = on_gone
-        self._watches: dict[str, tuple[int, _PoolCallback]] = {}
+        self._fd = -1
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._wd_of: dict[str, int] = {}
+        self._pools_of: dict[int, set[str]] = {}  # two pools may name one directory
 
     def stop(self) -> None:
-        for pool in list(self._watches):
-            self.unwatch(pool)
+        if self._fd >= 0 and self._loop is not None:
+            self._loop.remove_reader(self._fd)
+            os.close(self._fd)
+        self._fd, self._loop = -1, None
+        self._wd_of.clear()
+        self._pools_of.clear()
 
     def watch(self, pool: str, path: str) -> bool:
         """Watch a pool's directory; False (logged) when inotify refuses, and the GC scan covers for it."""
-        if pool in self._watches:
+        if pool in self._wd_of:
             return True
-        callback = _PoolCallback(pool, asyncio.get_running_loop(), self._on_gone)
         try:
-            wd = InotifyFD.get_instance().add_callback(os.fsencode(os.path.realpath(path)), _POOL_MASK,
-                                                       callback, id(callback))
+            wd = self._add_watch(os.path.realpath(path))
         except OSError as exc:
             log.warning("cannot watch pool; falling back to periodic checks",
                         extra={"pool": pool, "error": exc.strerror})
             return False
-        self._watches[pool] = (wd, callback)
+        self._wd_of[pool] = wd
+        self._pools_of.setdefault(wd, set()).add(pool)
         return True
 
     def unwatch(self, pool: str) -> None:
-        watch = self._watches.pop(pool, None)
-        if watch is not None:
-            wd, callback = watch
-            InotifyFD.get_instance().remove_callbacks([(wd, id(callback))])
+        wd = self._wd_of.pop(pool, None)
+        if wd is None:
+            return
+        pools = self._pools_of.get(wd, set())
+        pools.discard(pool)
+        if not pools:
+            self._pools_of.pop(wd, None)
+            inotify_rm_watch(self._fd, wd)  # EINVAL if the directory went already: nothing to undo
+
+    def _add_watch(self, path: str) -> int:
+        if self._fd < 0:
+            fd = inotify_init()
+            if fd < 0:
+                raise _errno_error()
+            os.set_blocking(fd, False)
+            os.set_inheritable(fd, False)  # inotify_init has no CLOEXEC; spawned helpers must not hold it
+            self._loop = asyncio.get_running_loop()
+            self._loop.add_reader(fd, self._read)
+            self._fd = fd
+        wd = inotify_add_watch(self._fd, os.fsencode(path), _POOL_MASK)
+        if wd < 0:
+            raise _errno_error()
+        return wd
+
+    def _read(self) -> None:
+        try:
+            buffer = os.read(self._fd, _READ_SIZE)
+        except (BlockingIOError, InterruptedError):
+            return
+        offset = 0
+        while offset + _EVENT.size <= len(buffer):
+            wd, mask, _cookie, length = _EVENT.unpack_from(buffer, offset)
+            name = buffer[offset + _EVENT.size:offset + _EVENT.size + length].rstrip(b"\0")
+            offset += _EVENT.size + length
+            if mask & InotifyConstants.IN_IGNORED:  # the pool directory itself went: the GC's pool checks
+                for pool in self._pools_of.pop(wd, set()):
+                    self._wd_of.pop(pool, None)
+            elif name and not name.startswith(b"."):  # a queue overflow has no name: the GC checks
+                for pool in tuple(self._pools_of.get(wd, ())):
+                    self._on_gone(pool, os.fsdecode(name))
+
+
+def _errno_error() -> OSError:
+    err = ctypes.get_errno()
+    return OSError(err, os.strerror(err))
 
 
 # Budget for activity watches: a lease with 100k subdirectories must not exhaust the
