@@ -88,6 +88,8 @@ def main() -> None:
         socket_path = str(Path(tmp, "scratchd.sock"))
         config = Path(tmp, "config.toml")
         config.write_text(f'[server]\nsocket = "{socket_path}"\nstate_dir = "{tmp}/state"\nlisten = ""\n'
+                          "[limits]\n# the bench measures the daemon's capacity, not the per-tenant create-rate policy\n"
+                          'create_rate = 1000000\n'
                           f'[[tenant]]\nname = "{_me()}"\nmax_leases = {args.leases + 10}\n'
                           f'[[pool]]\nname = "bench"\npath = "{pool}"\n')
         daemon, _ = _start(config, socket_path)

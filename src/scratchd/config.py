@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import tomllib
 from pathlib import Path
@@ -10,6 +11,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from scratchd import paths, units
+from scratchd.ratelimit import CREATE_RATE
 
 
 class ConfigError(Exception):
@@ -82,6 +84,15 @@ class ServerConfig(_Section):
 class LimitsConfig(_Section):
     default_ttl: Duration = 3600.0
     max_ttl: Duration = 7 * 86400.0
+    create_rate: float = CREATE_RATE  # lease creates per second per tenant, after the burst
+
+    @field_validator("create_rate")
+    @classmethod
+    def _positive_rate(cls, value: float) -> float:
+        # 0 would refuse every create after the burst; nan and inf slip past a plain "> 0"
+        if not math.isfinite(value) or value <= 0:
+            raise ValueError("expected creates per second, a finite number greater than 0")
+        return value
 
     @model_validator(mode="after")
     def _default_within_max(self) -> LimitsConfig:

@@ -14,10 +14,9 @@ from collections.abc import Callable
 
 # Lease creates per tenant (SPEC §5 is silent; README.md, "Limits against abuse", gives the measurements).
 # The burst lets a tenant claim its whole default allowance of active leases at once;
-# the sustained rate is above what the whole daemon managed for one tenant in
-# bench/lease_cycle.py, yet bounds the mkdir + commit + delete churn of a runaway loop.
+# the sustained rate bounds the mkdir + commit + delete churn of a runaway loop.
 CREATE_BURST = 1000
-CREATE_RATE = 1000.0  # per second
+CREATE_RATE = 1000.0  # per second: the default of limits.create_rate, which the operator may change
 
 
 class RateLimiter:

@@ -25,7 +25,7 @@ import httpx
 import pytest
 
 from conftest import IS_ROOT, Daemon, wait_for
-from scratchd.ratelimit import CREATE_BURST, CREATE_RATE
+from scratchd.ratelimit import CREATE_BURST
 from users import (User, as_user, call, call_as, calls_as, free_port, raw_http, spawn_as, throwaway_group,
                    throwaway_user, world_traversable_dir)
 
@@ -405,29 +405,59 @@ def test_an_admin_renewing_a_lease_is_held_to_its_owners_max_ttl(start, alice):
     assert renewed.status_code == 429 and renewed.json()["error"]["details"]["limit"] == "max_ttl"
 
 
-def test_create_rate_limit_holds_back_one_tenant_only(start):
-    """A flood of creates (refused by max_leases = 0 after the rate check, so cheap enough to
-    outrun the limit) gets 429 create_rate with Retry-After; another tenant is served meanwhile."""
-    daemon = start(tenant=[{"name": "root", "max_leases": 0}])
-    sent = 2 * CREATE_BURST + 2000
+CREATE = b"POST /v1/leases HTTP/1.1\r\nhost: scratchd\r\ncontent-type: application/json\r\n" \
+         b"content-length: 2\r\n\r\n{}"
+LOW_CREATE_RATE = 100.0  # limits.create_rate: a pipelined flood outruns it on any host, fast or slow
+FLOOD = 2 * CREATE_BURST + 2000  # outruns LOW_CREATE_RATE unless the host answers under ~150 creates/s
+
+
+def flood(daemon: Daemon, sent: int) -> tuple[list[tuple[int, dict[str, str], bytes]], list[str], float]:
+    """``sent`` creates pipelined over 8 connections (the client is never the bottleneck):
+    the answers, each one's ``details.limit``, and the seconds it took."""
     started = time.monotonic()
-    create = b"POST /v1/leases HTTP/1.1\r\nhost: scratchd\r\ncontent-type: application/json\r\n" \
-             b"content-length: 2\r\n\r\n{}"
-    with ThreadPoolExecutor(8) as pool:  # pipelined over 8 connections: the client is never the bottleneck
-        batches = pool.map(lambda n: raw_http(daemon.socket, create * n, n), [sent // 8] * 8)
+    with ThreadPoolExecutor(8) as pool:
+        batches = pool.map(lambda n: raw_http(daemon.socket, CREATE * n, n), [sent // 8] * 8)
         answers = [answer for batch in batches for answer in batch]
-    elapsed = time.monotonic() - started
     limits = [json.loads(body)["error"]["details"]["limit"] for _, _, body in answers]
     assert set(limits) <= {"max_leases", "create_rate"} and len(limits) == sent
-    allowed = CREATE_BURST + CREATE_RATE * elapsed
+    return answers, limits, time.monotonic() - started
+
+
+def test_create_rate_limit_holds_back_one_tenant_only(start):
+    """A flood of creates (refused by max_leases = 0 after the rate check, so cheap enough to
+    outrun a low limits.create_rate) gets 429 create_rate with Retry-After; another tenant is
+    served meanwhile."""
+    daemon = start(tenant=[{"name": "root", "max_leases": 0}], limits={"create_rate": LOW_CREATE_RATE})
+    answers, limits, elapsed = flood(daemon, FLOOD)
+    allowed = CREATE_BURST + LOW_CREATE_RATE * elapsed
     assert limits.count("max_leases") <= allowed + 1
-    if sent < allowed * 1.1:
-        pytest.skip(f"this host sent only {sent / elapsed:.0f} creates/s: too slow to outrun the limit")
+    if FLOOD < allowed * 1.1:
+        pytest.skip(f"this host sent only {FLOOD / elapsed:.0f} creates/s: too slow to outrun the limit")
     status, headers, body = next(a for a, limit in zip(answers, limits) if limit == "create_rate")
     assert status == 429 and code(json.loads(body)) == "quota_exceeded"
+    details = json.loads(body)["error"]["details"]
+    assert (details["burst"], details["per_second"]) == (CREATE_BURST, LOW_CREATE_RATE)  # the configured rate
     assert int(headers["retry-after"]) >= 1
     other = tcp_lease(daemon, TOKENS["ci"])
     time.sleep(int(headers["retry-after"]))
     refused = daemon.request("POST", "/v1/leases", json={})
     assert refused.json()["error"]["details"]["limit"] == "max_leases"  # past the rate check again
     assert [n for n in os.listdir(daemon.pool_path) if not n.startswith(".")] == [other["id"]]
+
+
+def test_a_reload_takes_the_new_create_rate(start):
+    """From a rate no flood reaches to a low one on SIGHUP: the same tenant is then held back."""
+    daemon = start(tenant=[{"name": "root", "max_leases": 0}], limits={"create_rate": 1_000_000.0})
+    _, limits, _ = flood(daemon, 2 * CREATE_BURST)
+    assert set(limits) == {"max_leases"}
+    daemon.config["limits"] = {"create_rate": LOW_CREATE_RATE}
+    daemon.write_config()
+    daemon.process.send_signal(signal.SIGHUP)
+    wait_for(lambda: any(e["kind"] == "config_reloaded" for e in
+                         daemon.request("GET", "/v1/events", params={"limit": 1000}).json()["events"]),
+             what="the reload")
+    answers, limits, elapsed = flood(daemon, FLOOD)
+    assert limits.count("max_leases") <= CREATE_BURST + LOW_CREATE_RATE * elapsed + 1
+    refused = [json.loads(body)["error"]["details"] for (_, _, body), limit in zip(answers, limits)
+               if limit == "create_rate"]
+    assert refused and {d["per_second"] for d in refused} == {LOW_CREATE_RATE}

@@ -1,6 +1,9 @@
+import math
+
 import pytest
 
 from scratchd.config import ConfigError, parse_config
+from scratchd.ratelimit import CREATE_RATE
 
 
 def test_defaults_and_units(tmp_path):
@@ -13,6 +16,19 @@ def test_defaults_and_units(tmp_path):
     assert config.tenant_limits("ci").max_bytes == 200 << 30
     assert config.tenant_limits("nobody") is None
     assert config.server.listen_address is None
+    assert config.limits.create_rate == CREATE_RATE == 1000.0
+
+
+def test_create_rate_takes_whole_and_fractional_rates():
+    assert parse_config({"limits": {"create_rate": 50}}).limits.create_rate == 50.0
+    assert parse_config({"limits": {"create_rate": 0.5}}).limits.create_rate == 0.5
+
+
+@pytest.mark.parametrize("rate", [0, 0.0, -1, -0.5, math.inf, math.nan])
+def test_create_rate_must_be_a_positive_number(rate):
+    with pytest.raises(ConfigError) as excinfo:
+        parse_config({"limits": {"create_rate": rate}})
+    assert str(excinfo.value) == "limits.create_rate: expected creates per second, a finite number greater than 0"
 
 
 def test_reserve_in_bytes(tmp_path):
@@ -26,6 +42,8 @@ def test_reserve_in_bytes(tmp_path):
     ({"server": {"anonymous": "everyone"}}, "server.anonymous"),
     ({"limits": {"default_ttl": "60 parsecs"}}, "limits.default_ttl"),
     ({"gc": {"interval": "0s"}}, "gc.interval"),
+    ({"limits": {"create_rate": "100/s"}}, "limits.create_rate"),
+    ({"limits": {"create_rate": True}}, "limits.create_rate"),
     ({"tenant": [{"name": "a", "max_leases": "5"}]}, "tenant[0].max_leases"),
     ({"token": [{"name": "t", "sha256": "abc", "role": "viewer"}]}, "token[0].sha256"),
     ({"token": [{"name": "t", "sha256": "a" * 64, "role": "tenant"}]}, "token[0]"),

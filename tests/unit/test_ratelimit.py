@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import pytest
+from fastapi import FastAPI
 
+from scratchd.api.app import _create_rate
+from scratchd.config import parse_config
 from scratchd.manager import DEFAULT_MAX_LEASES_PER_TENANT
-from scratchd.ratelimit import CREATE_BURST, RateLimiter
+from scratchd.ratelimit import CREATE_BURST, CREATE_RATE, RateLimiter
 
 
 class Clock:
@@ -98,3 +101,14 @@ def test_nonsense_limits_are_refused(burst, rate):
 
 def test_a_tenant_may_claim_its_whole_default_allowance_at_once():
     assert CREATE_BURST >= DEFAULT_MAX_LEASES_PER_TENANT
+
+
+def test_the_app_takes_the_configured_rate_and_a_reload_keeps_the_buckets_unless_it_changes():
+    app = FastAPI()
+    _create_rate(app, parse_config({}))
+    first = app.state.create_rate
+    assert (first.burst, first.rate) == (CREATE_BURST, CREATE_RATE)
+    _create_rate(app, parse_config({}))
+    assert app.state.create_rate is first  # a SIGHUP that leaves the rate alone grants no fresh burst
+    _create_rate(app, parse_config({"limits": {"create_rate": 5}}))
+    assert (app.state.create_rate.burst, app.state.create_rate.rate) == (CREATE_BURST, 5.0)

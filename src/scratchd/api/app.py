@@ -17,7 +17,7 @@ from scratchd.api import errors, hotpath, pages, routes
 from scratchd.api.identity import Identities
 from scratchd.config import Config
 from scratchd.daemon import Daemon
-from scratchd.ratelimit import CREATE_BURST, CREATE_RATE, RateLimiter
+from scratchd.ratelimit import CREATE_BURST, RateLimiter
 
 log = logging.getLogger("scratchd")
 
@@ -66,6 +66,13 @@ def _identities(config: Config) -> Identities:
     return identities
 
 
+def _create_rate(app: FastAPI, config: Config) -> None:
+    """Take ``limits.create_rate``; an unchanged rate keeps the buckets, so a reload grants no fresh burst."""
+    current: RateLimiter | None = getattr(app.state, "create_rate", None)
+    if current is None or current.rate != config.limits.create_rate:
+        app.state.create_rate = RateLimiter(CREATE_BURST, config.limits.create_rate)
+
+
 def _route(method: str, path: str) -> APIRoute:
     return next(r for r in routes.router.routes
                 if isinstance(r, APIRoute) and r.path == path and method in r.methods)
@@ -94,9 +101,10 @@ def create_app(daemon: Daemon) -> ASGIApp:
         redoc_url=None,
     )
     app.state.daemon = daemon
-    app.state.create_rate = RateLimiter(CREATE_BURST, CREATE_RATE)
+    _create_rate(app, daemon.config)
     app.state.identities = _identities(daemon.config)
     daemon.reload_listeners.append(lambda config: setattr(app.state, "identities", _identities(config)))
+    daemon.reload_listeners.append(lambda config: _create_rate(app, config))
     app.include_router(routes.router)
     app.include_router(pages.router)
     errors.install(app)

@@ -21,8 +21,8 @@ from scratchd.errors import Refused
 from scratchd.leases import Lease
 from scratchd.manager import LeaseFilter, LeaseSpec, Tenant, Totals
 from scratchd.placement import Placement
+from scratchd.ratelimit import RateLimiter
 from scratchd.reclaim.procs import pid_in_daemon_namespace
-from scratchd.ratelimit import CREATE_BURST, CREATE_RATE
 
 LARGEST_LEASES = 10  # in /v1/usage
 
@@ -115,10 +115,11 @@ async def start_lease(request: Request, caller: Caller, body: models.LeaseReques
     """``POST /v1/leases`` once the caller and the body are known (shared with ``api.hotpath``)."""
     if caller.tenant is None:
         raise Refused(403, "forbidden", "Only a tenant can hold leases; use a tenant's socket or token.")
-    if wait := request.app.state.create_rate.take(caller.tenant.name):
+    limiter: RateLimiter = request.app.state.create_rate  # replaced when a reload changes the rate
+    if wait := limiter.take(caller.tenant.name):
         raise Refused(
             429, "quota_exceeded", f"Tenant {caller.tenant.name} creates leases too fast; retry shortly.",
-            {"limit": "create_rate", "burst": CREATE_BURST, "per_second": CREATE_RATE, "retry_after_seconds": wait},
+            {"limit": "create_rate", "burst": limiter.burst, "per_second": limiter.rate, "retry_after_seconds": wait},
             {"Retry-After": str(math.ceil(wait))})
     spec = LeaseSpec(
         near=body.near, pool=body.pool, placement=Placement(body.placement), ttl_seconds=body.ttl_seconds,
