@@ -172,6 +172,16 @@ def test_top_symlink_is_unlinked_not_followed(tmp_path: Path, outside: Path) -> 
     assert snapshot(outside) == before
 
 
+@pytest.mark.parametrize("exc", [deleter.ForeignMount("mnt"), deleter.TreeChanged("a/b")])
+def test_walk_errors_survive_pickling_out_of_a_worker_process(exc: OSError) -> None:
+    """Raised in a ProcessPoolExecutor worker, an unpicklable one would break the pool instead."""
+    exc.add_note("from the scan worker")
+    copy = pickle.loads(pickle.dumps(exc))
+    assert type(copy) is type(exc) and str(copy) == str(exc)
+    assert (copy.errno, copy.strerror, copy.filename, copy.args) == (exc.errno, exc.strerror, exc.filename, exc.args)
+    assert copy.__notes__ == ["from the scan worker"]
+
+
 def test_pace_sees_progress_and_an_interrupted_run_resumes(tmp_path: Path) -> None:
     tree = tmp_path / "tree"
     for group in range(3):

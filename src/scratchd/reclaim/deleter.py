@@ -123,12 +123,18 @@ class ForeignMount(OSError):
     def __init__(self, name: str) -> None:
         super().__init__(errno.EXDEV, "on another mount", name)
 
+    def __reduce__(self) -> tuple[object, ...]:  # picklable, so a worker process can raise it to its parent
+        return type(self), (self.filename,), self.__dict__ or None
+
 
 class TreeChanged(OSError):
     """A directory re-opened through ``..`` is not the one the walk left there."""
 
     def __init__(self, where: str) -> None:
         super().__init__(errno.ESTALE, "moved during the walk", where)
+
+    def __reduce__(self) -> tuple[object, ...]:  # picklable, so a worker process can raise it to its parent
+        return type(self), (self.filename,), self.__dict__ or None
 
 
 def mount_id(fd: int) -> int:
