@@ -171,7 +171,7 @@ def build(root: Path, synchronous: str, grouped: bool, trashed: list[str]) -> tu
 def count_commits(store: Store) -> list[float]:
     """Wrap the store's one way into a transaction; returns the live [transactions, seconds inside them]."""
     counter = [0.0, 0.0]
-    transaction = store._transaction_held
+    transaction = store._transaction
 
     @contextlib.contextmanager
     def counted():  # type: ignore[no-untyped-def]
@@ -183,7 +183,7 @@ def count_commits(store: Store) -> list[float]:
             counter[0] += 1
             counter[1] += time.perf_counter() - started
 
-    store._transaction_held = counted  # type: ignore[method-assign]
+    store._transaction = counted  # type: ignore[method-assign]
     return counter
 
 

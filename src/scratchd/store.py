@@ -31,7 +31,6 @@ import logging
 import sqlite3
 import threading
 from collections.abc import Iterable, Iterator
-from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -146,19 +145,6 @@ def lease_updated(lease: Lease) -> Statement:
 
 class StoreError(Exception):
     """The state database cannot be written (full disk, locked, read-only)."""
-
-
-_Staged = tuple[list[Statement], list[NewEvent], float, "asyncio.Future[None]"]
-
-
-def _settle(staged: list[_Staged], outcome: BaseException | None) -> None:
-    for *_, waiter in staged:
-        if waiter.done():
-            continue  # its request was cancelled; the change is committed (or not) all the same
-        if outcome is None:
-            waiter.set_result(None)
-        else:
-            waiter.set_exception(outcome)
 
 
 def _row(lease: Lease) -> tuple[Any, ...]:
@@ -280,40 +266,21 @@ class Store:
         # transaction pins it) is cut back to this when it does, rather than kept on disk.
         self._db.execute(f"PRAGMA journal_size_limit={WAL_REWIND_BYTES}")
         self._db.executescript(SCHEMA)
-        # Reads get a connection of their own: they see committed data only, never a group
-        # commit half done in the committer thread, and they never wait for one.
-        self._reader = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
-        self._reader.execute("PRAGMA query_only=1")
-        # The writer's connection has one user at a time: the committer thread or the event loop.
-        self._lock = threading.Lock()
-        self._committer = ThreadPoolExecutor(1, thread_name_prefix="scratchd-commit")
-        self._staged: list[_Staged] = []
-        self._committing = False  # a group commit is under way in the committer thread
+        self._staged: list[tuple[list[Statement], list[NewEvent], float, asyncio.Future[None]]] = []
         page_size = self._db.execute("PRAGMA page_size").fetchone()[0]
         self._checkpointer = _Checkpointer(self.path, rewind_frames=max(1, WAL_REWIND_BYTES // page_size))
 
     def close(self) -> None:
-        self._committer.shutdown(wait=True)  # a group commit under way finishes first
-        with self._lock:
-            staged = self._take_staged()
-            _settle(staged, self._apply(staged))
+        self._commit_staged()
         self._checkpointer.stop()
-        self._reader.close()
         self._db.close()  # the last connection out checkpoints what is left and removes the WAL
 
     # -- writes: each one transaction, lease change and its event together --------------
 
     @contextmanager
     def _transaction(self) -> Iterator[sqlite3.Connection]:
-        """A write from the event loop itself; what is staged was asked for first, so it commits first."""
-        with self._lock:
-            staged = self._take_staged()
-            _settle(staged, self._apply(staged))
-            with self._transaction_held() as db:
-                yield db
-
-    @contextmanager
-    def _transaction_held(self) -> Iterator[sqlite3.Connection]:
+        if self._staged:
+            self._commit_staged()  # what is staged was asked for first: keep the order
         try:
             self._db.execute("BEGIN IMMEDIATE")
             try:
@@ -336,68 +303,37 @@ class Store:
 
     async def write_grouped(self, statements: list[Statement], events: list[NewEvent], now: float) -> None:
         """Durable when this returns, like ``_write``, but in one transaction with every other
-        change asked for meanwhile (group commit), committed by a thread of its own.
-
-        Under concurrent requests a commit's cost is shared instead of paid by each, and
-        SQLite's work (the GIL released) overlaps the event loop's instead of stalling it.
-        Changes asked for while a commit is under way form the next group."""
+        change asked for in the same turn of the event loop (group commit): under concurrent
+        requests a commit's cost is shared instead of paid by each."""
         loop = asyncio.get_running_loop()
         waiter = loop.create_future()
         self._staged.append((statements, events, now, waiter))
-        if not self._committing:
-            self._committing = True
-            loop.call_soon(self._start_commit)  # after this turn of the loop: its requests join in
+        if len(self._staged) == 1:
+            loop.call_soon(self._commit_staged)
         await waiter
 
-    def _take_staged(self) -> list[_Staged]:
+    def _commit_staged(self) -> None:
         staged, self._staged = self._staged, []
-        return staged
-
-    def _start_commit(self) -> None:
-        staged = self._take_staged()
-        if not staged:  # a write from the loop committed them meanwhile
-            self._committing = False
-            return
-        # Taken here, on the loop, and released by the committer thread: no write from the
-        # loop can overtake this group (an UPDATE of a lease whose INSERT is in it).
-        self._lock.acquire()
-        try:
-            done = asyncio.get_running_loop().run_in_executor(self._committer, self._apply_and_unlock, staged)
-        except BaseException:
-            self._lock.release()
-            raise
-        done.add_done_callback(lambda future: self._committed(staged, future))
-
-    def _apply_and_unlock(self, staged: list[_Staged]) -> StoreError | None:
-        try:
-            return self._apply(staged)
-        finally:
-            self._lock.release()
-
-    def _committed(self, staged: list[_Staged], future: asyncio.Future[StoreError | None]) -> None:
-        if future.cancelled():  # the loop is shutting down: the commit's outcome is unknown
-            _settle(staged, StoreError("shutting down before the commit completed"))
-        else:
-            _settle(staged, future.exception() or future.result())
-        if self._staged:
-            self._start_commit()
-        else:
-            self._committing = False
-
-    def _apply(self, staged: list[_Staged]) -> StoreError | None:
-        """One transaction for every staged change; the caller holds the lock."""
         if not staged:
-            return None
+            return
         try:
-            with self._transaction_held() as db:
+            with self._transaction() as db:
                 for statements, events, now, _ in staged:
                     for sql, params in statements:
                         db.execute(sql, params)
                     for event in events:
                         self._insert_event(event, now)
         except StoreError as exc:
-            return exc
-        return None
+            outcome: StoreError | None = exc
+        else:
+            outcome = None
+        for *_, waiter in staged:
+            if waiter.done():
+                continue  # its request was cancelled; the change is committed (or not) all the same
+            if outcome is None:
+                waiter.set_result(None)
+            else:
+                waiter.set_exception(outcome)
 
     def _insert_event(self, event: NewEvent, now: float) -> int:
         cursor = self._db.execute(
@@ -431,18 +367,18 @@ class Store:
     # -- reads ----------------------------------------------------------------------------
 
     def active_leases(self) -> list[Lease]:
-        return [_lease(r) for r in self._reader.execute(f"SELECT {_COLUMNS} FROM leases WHERE state = 'active'")]
+        return [_lease(r) for r in self._db.execute(f"SELECT {_COLUMNS} FROM leases WHERE state = 'active'")]
 
     def get_lease(self, lease_id: str) -> Lease | None:
-        row = self._reader.execute(f"SELECT {_COLUMNS} FROM leases WHERE id = ?", (lease_id,)).fetchone()
+        row = self._db.execute(f"SELECT {_COLUMNS} FROM leases WHERE id = ?", (lease_id,)).fetchone()
         return _lease(row) if row else None
 
     def ended_leases(self) -> Iterator[Lease]:
-        cursor = self._reader.execute(f"SELECT {_COLUMNS} FROM leases WHERE state = 'ended' ORDER BY ended_at DESC")
+        cursor = self._db.execute(f"SELECT {_COLUMNS} FROM leases WHERE state = 'ended' ORDER BY ended_at DESC")
         return (_lease(r) for r in cursor)
 
     def events(self, since: int, limit: int) -> list[Event]:
-        rows = self._reader.execute(
+        rows = self._db.execute(
             "SELECT seq, at, kind, lease_id, pool, tenant, reason, details FROM events WHERE seq > ? ORDER BY seq LIMIT ?",
             (since, limit),
         )
@@ -451,7 +387,7 @@ class Store:
     # -- orphan sightings: grace counts from the first sighting, across restarts -----------
 
     def orphan_sightings(self) -> dict[tuple[str, str], float]:
-        return {(p, n): t for p, n, t in self._reader.execute("SELECT pool, name, first_seen FROM orphans")}
+        return {(p, n): t for p, n, t in self._db.execute("SELECT pool, name, first_seen FROM orphans")}
 
     def record_orphans(self, seen: Iterable[tuple[str, str, float]], gone: Iterable[tuple[str, str]]) -> None:
         with self._transaction() as db:

@@ -73,23 +73,6 @@ def test_a_direct_write_commits_what_was_staged_first(tmp_path):
     assert store.get_lease("l1").end_reason is EndReason.EXPIRED
 
 
-def test_a_direct_write_waits_for_the_group_commit_under_way(tmp_path):
-    store = Store(str(tmp_path))
-
-    async def in_flight_then_direct() -> None:
-        waiter = asyncio.ensure_future(store.write_grouped([lease_inserted(lease(1))], [], 1.0))
-        while store._staged or not store._committing:  # handed to the committer thread
-            await asyncio.sleep(0)
-        ended = end(lease(1), EndReason.EXPIRED, 2.0)
-        store.save_lease(ended, NewEvent.for_lease("lease_ended", ended), 2.0)  # must land after the insert
-        await waiter
-
-    for _ in range(20):  # the thread and the loop race for the connection: give a wrong order its chances
-        asyncio.run(in_flight_then_direct())
-        assert store.get_lease("l1").end_reason is EndReason.EXPIRED
-        store._write([("DELETE FROM leases", ())], [], 3.0)
-
-
 def test_a_locked_database_is_a_store_error(tmp_path):
     store = Store(str(tmp_path))
     store._db.execute("PRAGMA busy_timeout=50")
