@@ -2,8 +2,14 @@
 
 ``scratchd run`` wraps every CI job, so its start-up is paid on every job. This
 starts a throwaway daemon (temp config, socket, state and pool) unless
-``--socket`` names a running one, then times the three, interleaved, and prints
+``--socket`` names a running one, then times the cases, interleaved, and prints
 medians, the overhead and the ratios.
+
+A fourth case is the floor no Python CLI installed by pip gets under: the same
+interpreter and site-packages running what pip's console-script launcher runs
+before it imports the package (``import re, sys``, and its ``re.sub`` of argv[0]).
+What ``scratchd run`` adds above that is scratchd's own share: its imports, two
+requests, the spawn and the wait.
 
     python bench/run_overhead.py [-n 200] [--socket PATH] [--scratchd CMD]
 """
@@ -50,6 +56,9 @@ def main() -> int:
         def scratchd_run() -> None:
             subprocess.run([*scratchd, "run", "--", "true"], env=env, check=True)
 
+        def launcher_floor() -> None:
+            subprocess.run([sys.executable, "-c", LAUNCHER], env=env, check=True)
+
         def mktemp_rm() -> None:
             path = subprocess.run(["mktemp", "-d"], check=True, capture_output=True, text=True).stdout.strip()
             subprocess.run(["rm", "-rf", path], check=True)
@@ -57,17 +66,25 @@ def main() -> int:
         cases: dict[str, Callable[[], None]] = {
             "true": bare,
             "mktemp -d + rm -rf": mktemp_rm,
+            "pip launcher, no scratchd": launcher_floor,
             "scratchd run -- true": scratchd_run,
         }
         medians = time_interleaved(cases, args.n)
 
     for name, median in medians.items():
-        print(f"{name:<22} {median * 1000:8.2f} ms  (median of {args.n})")
+        print(f"{name:<25} {median * 1000:8.2f} ms  (median of {args.n})")
     run, true, mktemp = medians["scratchd run -- true"], medians["true"], medians["mktemp -d + rm -rf"]
     print(f"overhead of scratchd run over true: {(run - true) * 1000:.2f} ms")
     print(f"scratchd run / true:               {run / true:.1f}x")
     print(f"scratchd run / (mktemp -d + rm):   {run / mktemp:.1f}x")
+    floor = medians["pip launcher, no scratchd"]
+    print(f"the launcher floor over true:      {(floor - true) * 1000:.2f} ms (interpreter start, site, `import re`)")
+    print(f"scratchd's own share (run - floor): {(run - floor) * 1000:.2f} ms")
     return 0
+
+
+# What pip's console-script launcher (pip 23-26) runs before `from scratchd.cli import main`.
+LAUNCHER = "import re\nimport sys\nsys.argv[0] = re.sub(r'(-script\\.pyw|\\.exe)?$', '', sys.argv[0])"
 
 
 def time_interleaved(cases: dict[str, Callable[[], None]], runs: int) -> dict[str, float]:

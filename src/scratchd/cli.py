@@ -8,7 +8,6 @@ single command needs are imported inside the functions that use them.
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 from types import SimpleNamespace  # loaded already: enum, which re imports, uses it
@@ -691,7 +690,7 @@ def cmd_events(args: SimpleNamespace, client: Client) -> int:
                 _print_json(data)
                 return EXIT_OK
             for event in data["events"]:
-                print(json.dumps(event) if args.json else _event_line(event), flush=True)
+                print(_json_text(event) if args.json else _event_line(event), flush=True)
                 since = event["seq"]
             if not args.follow:
                 return EXIT_OK
@@ -714,7 +713,13 @@ def _say(message: str) -> None:
 
 def _print_json(data: object) -> None:
     """The API's body as it came: one line, serialized as the daemon does."""
-    print(json.dumps(data))
+    print(_json_text(data))
+
+
+def _json_text(data: object) -> str:
+    import json  # only for --json: not on `scratchd run`'s path
+
+    return json.dumps(data)
 
 
 def _table(header: Sequence[str], rows: Iterable[Sequence[str]]) -> None:

@@ -187,6 +187,28 @@ def test_run_path_imports_nothing_heavy() -> None:
     loaded = set(modules.split())
     assert "scratchd.client" in loaded
     assert not [name for name in loaded if name.split(".")[0] in HEAVY or name in HEAVY]
+    assert "json" not in loaded  # 5 ms: the client speaks JSON through _json, the C accelerator
+
+
+def test_the_clients_json_is_the_json_modules() -> None:
+    """What the client sends and reads through _json is exactly what the json package would."""
+    import json
+
+    from scratchd import client
+
+    bodies = [{}, {"near": "/home/ünï/src", "labels": {"k": "a\"b\\c\n\u2028"}, "ttl_seconds": 3600,
+                   "evictable": True, "max_bytes": None, "ratio": 0.5, "list": [1, [2, {}]]}]
+    for body in bodies:
+        assert client._dumps(body) == json.dumps(body)
+        assert client._loads(json.dumps(body).encode()) == body
+        assert client._loads(f" {json.dumps(body, indent=2)}\n".encode()) == body
+    for not_json in (b"{", b"{} {}", b"NaN", b"[Infinity]", b"{'a': 1}", b"\xff", b"[1,]"):
+        with pytest.raises(ValueError):
+            client._loads(not_json)
+    with pytest.raises(ValueError):
+        client._dumps({"x": float("nan")})
+    with pytest.raises(TypeError, match="cannot be sent as JSON"):
+        client._dumps({"x": object()})
 
 
 def test_importtime_of_the_cli_lists_nothing_heavy() -> None:
