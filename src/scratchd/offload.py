@@ -16,9 +16,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ctypes
+import importlib
 import multiprocessing
 import os
 import signal
+from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
 
 PR_SET_PDEATHSIG = 1
@@ -35,15 +37,20 @@ def _init_worker(parent: int, niceness: int) -> None:
     os.nice(niceness)
 
 
-def disk_worker(niceness: int) -> ProcessPoolExecutor:
+def _import(module: str) -> None:
+    importlib.import_module(module)
+
+
+def disk_worker(niceness: int, work: Callable[..., object]) -> ProcessPoolExecutor:
     """One worker process from a fresh interpreter (spawn: no fork of a threaded daemon).
 
-    Started now, in the background, so the first deletion does not wait for an
-    interpreter to boot.
+    Started now, in the background, with the module of the ``work`` it will run already
+    imported, so the first deletion waits neither for an interpreter to boot nor for
+    its imports (70-90 ms here, against ~1 s for ``rm -rf`` of a 100k-file tree on tmpfs).
     """
     executor = ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn"),
                                    initializer=_init_worker, initargs=(os.getpid(), niceness))
-    executor.submit(os.getpid)
+    executor.submit(_import, work.__module__)
     return executor
 
 

@@ -356,14 +356,14 @@ def helper() -> ProcessPoolExecutor | None:
     """The helper process once it has booted (the first call starts it), or None: meanwhile, walk alone.
 
     None too where this process may only use one CPU. ``os.nice`` is relative,
-    so ``disk_worker(0)`` leaves the helper at the scanner's own niceness. A
+    so ``disk_worker(0, …)`` leaves the helper at the scanner's own niceness. A
     forked child starts its own: its parent's executor has no threads here.
     """
     global _helper
     if _helper is None or _helper[0] != os.getpid():
         if len(os.sched_getaffinity(0)) < 2:
             return None
-        executor = disk_worker(0)
+        executor = disk_worker(0, scan_parts)
         _helper = (os.getpid(), executor, executor.submit(os.getpid))
     return _helper[1] if _helper[2].done() else None
 

@@ -51,7 +51,7 @@ class UsageMonitor:
         self._queued: set[str] = set()
         self._dirty: dict[str, Lease] = {}
         self._wakeup = asyncio.Event()
-        self._executor = disk_worker(SCANNER_NICENESS)
+        self._executor = disk_worker(SCANNER_NICENESS, scan_tree)
         self._task: asyncio.Task[None] | None = None
         daemon.manager.listeners.append(self._lease_changed)
 
@@ -114,7 +114,7 @@ class UsageMonitor:
             except FileNotFoundError:
                 sample = None
             except BrokenProcessPool:
-                self._executor = disk_worker(SCANNER_NICENESS)
+                self._executor = disk_worker(SCANNER_NICENESS, scan_tree)
                 self._schedule(lease_id, self._clock())
                 continue
             except (OSError, TreeChanged) as exc:

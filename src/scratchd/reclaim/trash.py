@@ -49,7 +49,7 @@ class Trash:
         self._report_failure = report_failure
         self._queue: deque[TrashItem] = deque()
         self._wakeup = asyncio.Event()
-        self._executor = disk_worker(DELETER_NICENESS)
+        self._executor = disk_worker(DELETER_NICENESS, _delete_all)
         self._task: asyncio.Task[None] | None = None
         self.pending_bytes_by_pool: Counter[str] = Counter()  # what eviction counts as being freed
         self.reclaimed_total = 0
@@ -116,7 +116,7 @@ class Trash:
                 self._busy = []
                 raise
             except BrokenProcessPool as exc:  # the worker died (killed, out of memory): a new one
-                self._executor = disk_worker(DELETER_NICENESS)
+                self._executor = disk_worker(DELETER_NICENESS, _delete_all)
                 results = [exc] * len(batch)
             self._busy = []
             for item, result in zip(batch, results):
