@@ -192,6 +192,10 @@ def test_events_and_follow(daemon) -> None:
         stdout=subprocess.PIPE,
         text=True,
         env={**os.environ, "SCRATCHD_SOCKET": daemon.socket},
+        # As from a terminal: a suite started in the background (`cmd &` without job
+        # control) ignores SIGINT, the follower would inherit that, and Python then
+        # leaves it ignored -- rightly, so a Ctrl-C would never reach it.
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     try:
         daemon.request("DELETE", f"/v1/leases/{lease['id']}")
