@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import secrets
+import time
 from dataclasses import dataclass, field
 from enum import StrEnum
 
@@ -36,8 +37,10 @@ class LeaseEnded(Exception):
 
 
 def new_lease_id() -> str:
-    """32 hex digits: 128 random bits, ``[a-z0-9]`` only (SPEC §8); a ninth of base32's cost."""
-    return secrets.token_hex(16)
+    """The creation time in µs (13 hex digits), then 80 random bits (20): ``[a-z0-9]`` only
+    and unguessable (SPEC §8). In creation order, a group commit's new ids land on the
+    last page of the records' primary-key index instead of one random page each."""
+    return f"{time.time_ns() // 1000:013x}{secrets.token_hex(10)}"
 
 
 @dataclass(slots=True)
