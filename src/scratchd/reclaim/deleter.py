@@ -117,24 +117,25 @@ class DeleteResult:
     errors: list[str] = field(default_factory=list)  # one line each, for a reclaim_failed event
 
 
-class ForeignMount(OSError):
+class _WalkError(OSError):
+    """An OSError made from one name, and pickled as such: a worker process can raise it to its parent."""
+
+    def __reduce__(self) -> tuple[object, ...]:
+        return type(self), (self.filename,), self.__dict__ or None
+
+
+class ForeignMount(_WalkError):
     """A directory on another mount than the top's: it is never entered."""
 
     def __init__(self, name: str) -> None:
         super().__init__(errno.EXDEV, "on another mount", name)
 
-    def __reduce__(self) -> tuple[object, ...]:  # picklable, so a worker process can raise it to its parent
-        return type(self), (self.filename,), self.__dict__ or None
 
-
-class TreeChanged(OSError):
+class TreeChanged(_WalkError):
     """A directory re-opened through ``..`` is not the one the walk left there."""
 
     def __init__(self, where: str) -> None:
         super().__init__(errno.ESTALE, "moved during the walk", where)
-
-    def __reduce__(self) -> tuple[object, ...]:  # picklable, so a worker process can raise it to its parent
-        return type(self), (self.filename,), self.__dict__ or None
 
 
 def mount_id(fd: int) -> int:
