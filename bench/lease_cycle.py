@@ -133,12 +133,14 @@ def main() -> None:
             fstype = mount_of(os.path.realpath(pool), read_mounts()).fstype
             print(f"pool on {fstype} ({pool.parent}); bare os.mkdir+os.rmdir there: {bare:,.0f} cycles/s")
             print(f"limits.create_rate = {UNLIMITED_CREATE_RATE:,}/s: the daemon's capacity, not the per-tenant policy\n")
-            print("| clients | scratchd cycles/s | p50 ms | p99 ms | hello req/s | cycles ÷ hello | cycles ÷ mkdir+rmdir |")
-            print("|---:|---:|---:|---:|---:|---:|---:|")
+            print("| clients | scratchd cycles/s | p50 ms | p99 ms | hello req/s | hello p50 ms | hello p99 ms "
+                  "| cycles ÷ hello | cycles ÷ mkdir+rmdir |")
+            print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
             for clients in client_counts:
                 rate, p50, p99 = drive(socket_path, clients, args.seconds, "lease")
-                hello_rate, _, _ = drive(hello_socket, clients, args.seconds, "hello")
+                hello_rate, hello_p50, hello_p99 = drive(hello_socket, clients, args.seconds, "hello")
                 print(f"| {clients} | {rate:,.0f} | {p50:.2f} | {p99:.2f} | {hello_rate:,.0f} | "
+                      f"{hello_p50:.2f} | {hello_p99:.2f} | "
                       f"{rate / hello_rate:.2f}× | {rate / bare:.3f}× |")
         finally:
             for process in (daemon, hello):
