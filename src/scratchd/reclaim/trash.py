@@ -28,9 +28,10 @@ log = logging.getLogger("scratchd.reclaim")
 RETRY_BASE_SECONDS = 1.0
 RETRY_MAX_SECONDS = 300.0
 BATCH = 256
-# A trip to the worker wakes three threads and a process. Under churn, trees arriving
-# within this long of the first go with it: a release's path is gone when it answers
-# (the rename into the trash), so this only delays freeing the space, by a blink.
+# A trip to the worker wakes three threads and a process. Under churn (a trip ended
+# less than this long ago), trees arriving within this long of the first go with it:
+# a release's path is gone when it answers (the rename into the trash), so this only
+# delays freeing the space, by a blink. A lone tree goes at once.
 GATHER_SECONDS = 0.01
 
 
@@ -98,12 +99,13 @@ class Trash:
 
     async def _drain(self) -> None:
         loop = asyncio.get_running_loop()
+        last_trip = float("-inf")  # when the last trip to the worker ended
         while True:
             if not self._queue:
                 self._wakeup.clear()
                 await self._wakeup.wait()
                 continue
-            if len(self._queue) < BATCH:
+            if len(self._queue) < BATCH and loop.time() - last_trip < GATHER_SECONDS:
                 await asyncio.sleep(GATHER_SECONDS)
             # Everything queued goes in one round trip: under churn the trash fills with
             # small trees, and a trip to the worker costs more than deleting one of them.
@@ -119,6 +121,7 @@ class Trash:
                 self._executor = disk_worker(DELETER_NICENESS, _delete_all)
                 results = [exc] * len(batch)
             self._busy = []
+            last_trip = loop.time()
             for item, result in zip(batch, results):
                 self._settle(item, result)
 
