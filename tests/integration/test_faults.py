@@ -172,6 +172,21 @@ def create_and_release(daemon: Daemon, rounds: int, timeout: float) -> float:
 # -- 1. the state directory on a full filesystem ------------------------------------------------
 
 
+def assert_release_recorded(daemon: Daemon, database: Path, lease_id: str) -> None:
+    """The release is on record (``manager.retry_unrecorded`` writes one the store refused,
+    every GC cycle, once it takes writes again), and still is after a restart."""
+
+    def recorded() -> bool:
+        with contextlib.closing(sqlite3.connect(f"file:{database}?mode=ro", uri=True)) as db:
+            row = db.execute("SELECT state, end_reason FROM leases WHERE id = ?", (lease_id,)).fetchone()
+        return row == ("ended", "released")
+
+    wait_for(recorded, timeout=5, what="the end record written once the store takes writes")
+    daemon.restart()
+    ended = lease_state(daemon, lease_id)
+    assert ended["state"] == "ended" and ended["end_reason"] == "released", ended
+
+
 def create_until_refused(daemon: Daemon, most: int = 300) -> tuple[list[dict[str, Any]], httpx.Response, set[str]]:
     """Creates on a full state filesystem until one is refused: (the leases created, the refusal,
     the pool's entries just before it).
@@ -223,21 +238,12 @@ def test_full_state_filesystem_refuses_creates_and_still_ends_leases(make_daemon
             still_active = {kept["id"]} | {lease["id"] for lease in created}
             assert {lease["id"] for lease in active_leases(daemon)} == still_active
 
-            # Room again: creates work, and the end is on record (at once, or written by
-            # manager.retry_unrecorded every GC cycle once the store takes writes again).
+            # Room again: creates work, and the end is on record (at once, or written later).
             filler.unlink()
             again = daemon.lease()
             assert_healthy(daemon)
 
-            def recorded() -> bool:
-                with contextlib.closing(sqlite3.connect(f"file:{state}/scratchd.db?mode=ro", uri=True)) as db:
-                    row = db.execute("SELECT state, end_reason FROM leases WHERE id = ?", (doomed["id"],)).fetchone()
-                return row == ("ended", "released")
-
-            wait_for(recorded, timeout=5, what="the end record written once the disk has room")
-            daemon.restart()
-            ended = lease_state(daemon, doomed["id"])
-            assert ended["state"] == "ended" and ended["end_reason"] == "released", ended
+            assert_release_recorded(daemon, state / "scratchd.db", doomed["id"])
             # The creates that succeeded on the full filesystem were durable.
             assert {lease["id"] for lease in active_leases(daemon)} == still_active | {again["id"]}
             assert_healthy(daemon)
@@ -310,16 +316,7 @@ def test_a_release_whose_record_cannot_be_written_ends_all_the_same(make_daemon:
         assert active_leases(daemon) == []
         assert db.execute("SELECT state FROM leases WHERE id = ?", (lease["id"],)).fetchone() == ("active",)
 
-    def recorded() -> bool:
-        with contextlib.closing(sqlite3.connect(f"file:{daemon.state_dir}/scratchd.db?mode=ro", uri=True)) as db:
-            row = db.execute("SELECT state, end_reason FROM leases WHERE id = ?", (lease["id"],)).fetchone()
-        return row == ("ended", "released")
-
-    # Written by manager.retry_unrecorded, every GC cycle, once the store takes writes again.
-    wait_for(recorded, timeout=5, what="the lost end record written once the lock is gone")
-    daemon.restart()
-    ended = lease_state(daemon, lease["id"])
-    assert ended["state"] == "ended" and ended["end_reason"] == "released", ended
+    assert_release_recorded(daemon, daemon.state_dir / "scratchd.db", lease["id"])
     assert_healthy(daemon)
 
 
