@@ -1,8 +1,10 @@
 """The SQLite store on a real database file: records with their events, and group commit."""
 
 import asyncio
+import linecache
 import os
 import sqlite3
+import sys
 
 import pytest
 
@@ -113,6 +115,30 @@ def test_commits_only_append_to_the_wal_and_a_thread_checkpoints_them(tmp_path):
     wait_for(lambda: database.stat().st_size > before, what="a checkpoint into the database file")
     store.close()
     assert Store(str(tmp_path)).get_lease("l299") is not None
+
+
+def test_checkpoint_passes_follow_commits_and_an_idle_store_makes_none(tmp_path):
+    store = Store(str(tmp_path))
+    checkpointer = store._checkpointer
+    passes = []
+    checkpoint = checkpointer.checkpoint
+    checkpointer.checkpoint = lambda db: (passes.append(db), checkpoint(db))[1]
+
+    def parked() -> bool:
+        """The thread waits for the next commit (not for a clock): it cannot pass again without one."""
+        frame = sys._current_frames().get(checkpointer._thread.ident)
+        while frame is not None and frame.f_code.co_name != "_run":
+            frame = frame.f_back
+        return frame is not None and "_committed.wait()" in linecache.getline(frame.f_code.co_filename,
+                                                                               frame.f_lineno)
+
+    wait_for(parked, what="the thread waiting for a first commit")
+    assert passes == []
+    store._write([lease_inserted(lease(1))], [NewEvent.for_lease("lease_created", lease(1))], 1.0)
+    wait_for(lambda: passes, what="a pass after the commit")
+    wait_for(lambda: parked() and not checkpointer._committed.is_set(), what="the thread idle again")
+    assert len(passes) == 1
+    store.close()
 
 
 def test_the_wal_starts_over_though_a_commit_lands_in_every_checkpoint(tmp_path, monkeypatch):
