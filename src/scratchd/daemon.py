@@ -51,7 +51,7 @@ class Daemon:
                                     clock)
         self.manager.listeners.append(self._lease_changed)
         self.pids = PidWatch(self._process_exited)
-        self.watcher = PoolWatcher(self._entry_gone)
+        self.watcher = PoolWatcher(self._entry_gone, self._removals_missed)
         self.activity = ActivityWatch(self._activity)
         self.usage = UsageMonitor(self, clock)
         self._watched: set[str] = set()
@@ -284,6 +284,11 @@ class Daemon:
         lease = self.manager.active.get(name)
         if lease is not None and lease.pool == pool:
             self.lease_directory_gone(lease)
+
+    def _removals_missed(self, pools: set[str]) -> None:
+        for lease in list(self.manager.active.values()):
+            if lease.pool in pools:
+                self.lease_directory_gone(lease)
 
     def lease_directory_gone(self, lease: Lease) -> None:
         """Someone reported the directory gone: believe the disk, not the report."""

@@ -28,6 +28,14 @@ class EndReason(StrEnum):
     POOL_LOST = "pool_lost"
 
 
+class LinkMode(StrEnum):
+    """What a tool can do between the lease and ``near``: link, clone, or only copy out of its cache."""
+
+    HARDLINK = "hardlink"  # the same mount
+    CLONE = "clone"  # another mount of the same filesystem, which clones (Linux reflinks across its mounts)
+    COPY = "copy"
+
+
 class LeaseEnded(Exception):
     """A transition that needs an active lease was asked of an ended one."""
 
@@ -63,6 +71,7 @@ class Lease:
     ttl_seconds: int
     mount_point: str | None = None
     same_filesystem: bool | None = None
+    link_mode: LinkMode | None = None
     idle_timeout_seconds: int | None = None
     pid: int | None = None
     pid_start_time: int | None = None

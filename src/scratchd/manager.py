@@ -28,7 +28,7 @@ from scratchd.config import Config
 from scratchd.errors import Refused
 from scratchd.leases import EndReason, Lease, Usage
 from scratchd.mounts import MountTable, mount_of, resolve_near
-from scratchd.placement import Placement, PlacementError, place
+from scratchd.placement import Near, Placement, PlacementError, place
 from scratchd.pools import PoolSet, make_lease_dir, move_to_trash, remove_if_empty
 from scratchd.reclaim import procs
 from scratchd.store import NewEvent, Store, StoreError, lease_inserted, lease_updated
@@ -259,7 +259,7 @@ class LeaseManager:
                 self.pools.statuses(),
                 reserved=self.reserved_by_pool(),
                 pool_name=spec.pool,
-                near_mount_id=near_mount.mount_id if near_mount else None,
+                near=Near(near_mount.mount_id, near_mount.device) if near_mount else None,
                 placement=spec.placement,
                 expected_bytes=spec.expected_bytes or 0,
             )
@@ -280,7 +280,7 @@ class LeaseManager:
             id=lease_id, path=path, pool=pool.name, tenant=tenant.name,
             uid=tenant.uid if chown else os.geteuid(), gid=tenant.gid if chown else os.getegid(),
             created_at=now, expires_at=now + ttl, ttl_seconds=ttl, mount_point=pool.mount_point,
-            same_filesystem=placed.same_filesystem, idle_timeout_seconds=spec.idle_timeout_seconds,
+            same_filesystem=placed.same_filesystem, link_mode=placed.link_mode, idle_timeout_seconds=spec.idle_timeout_seconds,
             pid=spec.pid, pid_start_time=pid_start, max_bytes=spec.max_bytes,
             expected_bytes=spec.expected_bytes, evictable=spec.evictable, labels=dict(spec.labels),
             last_activity_at=now,

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from enum import StrEnum
 
 from scratchd.errors import Refused
+from scratchd.leases import LinkMode
 from scratchd.pools import PoolState, PoolStatus
 from scratchd.units import format_size
 
@@ -18,9 +19,27 @@ class Placement(StrEnum):
 
 
 @dataclass(frozen=True, slots=True)
+class Near:
+    """The mount a request's ``near`` is on, and the filesystem instance behind it."""
+
+    mount_id: int
+    device: str  # "maj:min": one per superblock, shared by every mount (bind mounts too) of it
+
+
+@dataclass(frozen=True, slots=True)
 class Placed:
     pool: PoolStatus
     same_filesystem: bool | None  # None when the request named no `near`
+    link_mode: LinkMode | None = None  # None when the request named no `near`
+
+
+def link_mode(pool: PoolStatus, near: Near) -> LinkMode:
+    """Hard links need the same mount; clones only the same filesystem, if it clones at all."""
+    if pool.mount_id == near.mount_id:
+        return LinkMode.HARDLINK
+    if pool.reflink and pool.device == near.device:
+        return LinkMode.CLONE
+    return LinkMode.COPY
 
 
 class PlacementError(Refused):
@@ -32,11 +51,16 @@ def place(
     *,
     reserved: Mapping[str, int],
     pool_name: str | None,
-    near_mount_id: int | None,
+    near: Near | None,
     placement: Placement,
     expected_bytes: int,
 ) -> Placed:
-    """The pool with the most room left after its reserve and the space promised to other leases."""
+    """The pool with the most room left after its reserve and the space promised to other leases.
+
+    With ``near`` and ``prefer-same-filesystem``, pools are tried by what a tool could do
+    from them (hardlink, then clone, then copy): the first of those tiers where the lease
+    fits is chosen from.
+    """
 
     def room(pool: PoolStatus) -> int:
         return pool.free_bytes - pool.reserve_bytes - reserved.get(pool.name, 0)
@@ -44,16 +68,20 @@ def place(
     def fitting(candidates: Sequence[PoolStatus]) -> list[PoolStatus]:
         return [pool for pool in candidates if room(pool) >= expected_bytes]
 
-    candidates = _usable(pools, pool_name)
-    if near_mount_id is not None and placement is not Placement.ANY:
-        same = [pool for pool in candidates if pool.mount_id == near_mount_id]
-        if placement is Placement.SAME_FILESYSTEM and not same:
+    usable = candidates = _usable(pools, pool_name)
+    if near is not None and placement is Placement.SAME_FILESYSTEM:
+        candidates = [pool for pool in usable if pool.mount_id == near.mount_id]
+        if not candidates:
             raise PlacementError(
                 409, "no_pool_on_filesystem", "No usable pool is on the same filesystem as near.",
-                {"near_mount_id": near_mount_id, "pools": [pool.name for pool in candidates]},
+                {"near_mount_id": near.mount_id, "pools": [pool.name for pool in usable]},
             )
-        if placement is Placement.SAME_FILESYSTEM or fitting(same):
-            candidates = same
+    elif near is not None and placement is Placement.PREFER_SAME_FILESYSTEM:
+        for mode in (LinkMode.HARDLINK, LinkMode.CLONE):
+            tier = [pool for pool in candidates if link_mode(pool, near) is mode]
+            if fitting(tier):
+                candidates = tier
+                break
     fit = fitting(candidates)
     if not fit:
         wanted = f"{format_size(expected_bytes)} free" if expected_bytes else "free space"
@@ -63,8 +91,10 @@ def place(
             {"expected_bytes": expected_bytes, "available_bytes": available},
         )
     chosen = min(fit, key=lambda pool: (-room(pool), pool.name))
-    same_filesystem = None if near_mount_id is None else chosen.mount_id == near_mount_id
-    return Placed(chosen, same_filesystem)
+    if near is None:
+        return Placed(chosen, None)
+    mode = link_mode(chosen, near)
+    return Placed(chosen, mode is LinkMode.HARDLINK, mode)
 
 
 def _usable(pools: Sequence[PoolStatus], pool_name: str | None) -> list[PoolStatus]:

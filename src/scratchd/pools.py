@@ -8,6 +8,8 @@ now), so only the mount id tells the daemon its pool was lost.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import fcntl
 import os
 import re
 import secrets
@@ -21,6 +23,7 @@ from scratchd.mounts import Mount, mount_of
 from scratchd.units import format_size
 
 TRASH_DIR = ".trash"
+FICLONE = 0x40049409  # _IOW(0x94, 9, int) in linux/fs.h
 
 _LEASE_ID = re.compile(r"[a-z0-9-]+")
 # Room for ".<16 hex>" after the name within NAME_MAX (255 bytes).
@@ -62,6 +65,7 @@ class PoolStatus:
     reserve_bytes: int
     labels: tuple[str, ...]
     reason: str | None  # why it is not ok, one sentence for logs and events
+    reflink: bool = False  # its filesystem clones files (FICLONE), as probed when the pool came up
 
 
 def pool_state(
@@ -143,6 +147,7 @@ class PoolSet:
         self._configs: dict[str, ConfiguredPool] = {}
         self._mount_ids: dict[str, int] = {}
         self._statuses: dict[str, PoolStatus] = {}
+        self._reflink: dict[str, bool] = {}
         self.replace_configs(configs)
 
     def refresh(self, mounts: Sequence[Mount]) -> list[tuple[PoolStatus | None, PoolStatus]]:
@@ -150,6 +155,10 @@ class PoolSet:
         changed = []
         for name, cfg in self._configs.items():
             new = probe_pool(cfg, mounts, expected_mount_id=self._mount_ids.get(name))
+            if new.state is PoolState.UNAVAILABLE:
+                self._reflink.pop(name, None)  # probed again when it comes back: maybe on another filesystem
+            elif name in self._reflink:
+                new = dataclasses.replace(new, reflink=self._reflink[name])
             if new.state is not PoolState.UNAVAILABLE and new.mount_id is not None:
                 self._mount_ids.setdefault(name, new.mount_id)
             old = self._statuses.get(name)
@@ -157,6 +166,13 @@ class PoolSet:
             if old is None or old.state is not new.state:
                 changed.append((old, new))
         return changed
+
+    def set_reflink(self, name: str, reflink: bool) -> None:
+        """Record what ``probe_reflink`` found when the pool came up, until it next does."""
+        self._reflink[name] = reflink
+        status = self._statuses.get(name)
+        if status is not None:
+            self._statuses[name] = dataclasses.replace(status, reflink=reflink)
 
     def get(self, name: str) -> PoolStatus | None:
         return self._statuses.get(name)
@@ -189,6 +205,46 @@ def prepare_pool_dir(path: str) -> None:
         finally:
             os.close(trash_fd)
     finally:
+        os.close(pool_fd)
+
+
+def probe_reflink(pool_path: str) -> bool:
+    """Whether the pool's filesystem clones files (FICLONE): tried on two files of the daemon's own.
+
+    They are made in the trash, so a crash half-way leaves nothing that the trash's own
+    resumption does not delete. Errors mean no: a tool then copies, which always works.
+    """
+    names = [f"reflink-probe.{secrets.token_hex(8)}" for _ in range(2)]
+    flags = os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC  # a clone's source is read
+    try:
+        pool_fd = os.open(pool_path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    except OSError:
+        return False
+    try:
+        trash_fd = _open_trash(pool_fd)
+    except OSError:
+        os.close(pool_fd)
+        return False
+    try:
+        source = os.open(names[0], flags, 0o600, dir_fd=trash_fd)
+        try:
+            os.write(source, bytes(4096))  # an empty file clones anywhere a no-op would
+            target = os.open(names[1], flags, 0o600, dir_fd=trash_fd)
+            try:
+                fcntl.ioctl(target, FICLONE, source)
+            finally:
+                os.close(target)
+        finally:
+            os.close(source)
+    except OSError:
+        return False
+    else:
+        return True
+    finally:
+        for name in names:
+            with contextlib.suppress(OSError):
+                os.unlink(name, dir_fd=trash_fd)
+        os.close(trash_fd)
         os.close(pool_fd)
 
 

@@ -28,6 +28,7 @@ from scratchd.api.app import create_app
 from scratchd.api.identity import PEER_KEY
 from scratchd.config import Config, ConfigError, embedded_default, load_config
 from scratchd.daemon import Daemon
+from scratchd.store import StoreError
 
 log = logging.getLogger("scratchd")
 
@@ -256,7 +257,14 @@ def serve(config_path: str | None, log_level: str = "info") -> int:
         print(f"scratchd: {exc}", file=sys.stderr)
         return EXIT_START
 
-    daemon = Daemon(config, config_path)
+    try:
+        daemon = Daemon(config, config_path)
+    except StoreError as exc:  # a state database it must not touch (a later release's), or cannot open
+        print(f"scratchd: state database: {exc}", file=sys.stderr)
+        for sock in sockets:
+            sock.close()
+        os.unlink(config.server.socket)
+        return EXIT_START
     app = create_app(daemon)
     server = uvicorn.Server(uvicorn.Config(
         app, http=PeerCredProtocol, loop="uvloop", lifespan="on", access_log=False, log_config=None,

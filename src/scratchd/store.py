@@ -37,7 +37,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from scratchd.leases import EndReason, Lease, LeaseState, Usage
+from scratchd.leases import EndReason, Lease, LeaseState, LinkMode, Usage
 
 log = logging.getLogger("scratchd.store")
 
@@ -91,10 +91,20 @@ CREATE TABLE IF NOT EXISTS orphans (
 );
 """
 
+# What takes a database from the version in its ``PRAGMA user_version`` (SCHEMA alone is
+# version 0, the first release's) to the next, in order. Each one runs in a transaction
+# with its version bump: a crash half-way leaves the previous version, whole, and an
+# upgrade keeps every record.
+MIGRATIONS: tuple[str, ...] = (
+    # 1: a lease's link mode. Leases placed before it was known keep what same_filesystem said.
+    "ALTER TABLE leases ADD COLUMN link_mode TEXT;"
+    "UPDATE leases SET link_mode = CASE same_filesystem WHEN 1 THEN 'hardlink' WHEN 0 THEN 'copy' END;",
+)
+
 _COLUMNS = (
     "id, path, pool, tenant, uid, gid, state, end_reason, created_at, expires_at, ended_at, ttl_seconds, "
     "idle_timeout_seconds, pid, pid_start_time, max_bytes, expected_bytes, evictable, labels, same_filesystem, "
-    "mount_point, last_activity_at, usage_bytes, usage_files, usage_measured_at"
+    "mount_point, last_activity_at, usage_bytes, usage_files, usage_measured_at, link_mode"
 )
 _PLACEHOLDERS = ", ".join("?" * len(_COLUMNS.split(",")))
 
@@ -156,13 +166,14 @@ def _row(lease: Lease) -> tuple[Any, ...]:
         lease.max_bytes, lease.expected_bytes, int(lease.evictable), json.dumps(lease.labels),
         None if lease.same_filesystem is None else int(lease.same_filesystem), lease.mount_point,
         lease.last_activity_at, lease.usage.bytes, lease.usage.files, lease.usage.measured_at,
+        lease.link_mode.value if lease.link_mode else None,
     )
 
 
 def _lease(row: tuple[Any, ...]) -> Lease:
     (id_, path, pool, tenant, uid, gid, state, end_reason, created_at, expires_at, ended_at, ttl, idle, pid,
      pid_start, max_bytes, expected, evictable, labels, same_fs, mount_point, last_activity, u_bytes, u_files,
-     u_at) = row
+     u_at, link_mode) = row
     return Lease(
         id=id_, path=path, pool=pool, tenant=tenant, uid=uid, gid=gid, state=LeaseState(state),
         end_reason=EndReason(end_reason) if end_reason else None, created_at=created_at,
@@ -170,7 +181,7 @@ def _lease(row: tuple[Any, ...]) -> Lease:
         pid_start_time=pid_start, max_bytes=max_bytes, expected_bytes=expected, evictable=bool(evictable),
         labels=json.loads(labels), same_filesystem=None if same_fs is None else bool(same_fs),
         mount_point=mount_point, last_activity_at=last_activity,
-        usage=Usage(bytes=u_bytes, files=u_files, measured_at=u_at),
+        link_mode=LinkMode(link_mode) if link_mode else None, usage=Usage(bytes=u_bytes, files=u_files, measured_at=u_at),
     )
 
 
@@ -268,6 +279,22 @@ class _Checkpointer:
             pass  # the commit stands; the thread asks again after its next pass
 
 
+def migrate(db: sqlite3.Connection) -> None:
+    """Bring a database of any earlier version up to this one's, in place."""
+    version = db.execute("PRAGMA user_version").fetchone()[0]
+    if version > len(MIGRATIONS):
+        raise StoreError(f"the state database is at version {version}, newer than this scratchd's "
+                         f"{len(MIGRATIONS)}: it was written by a later release; refusing to change it")
+    for number in range(version, len(MIGRATIONS)):
+        try:
+            db.executescript(f"BEGIN IMMEDIATE; {MIGRATIONS[number]} PRAGMA user_version = {number + 1}; COMMIT;")
+        except sqlite3.Error as exc:
+            if db.in_transaction:
+                db.execute("ROLLBACK")
+            raise StoreError(f"cannot upgrade the state database to version {number + 1}: {exc}") from exc
+        log.info("state database upgraded", extra={"version": number + 1})
+
+
 class Store:
     def __init__(self, state_dir: str, *, synchronous: str = "NORMAL") -> None:
         if synchronous not in SYNCHRONOUS:
@@ -285,6 +312,7 @@ class Store:
         # transaction pins it) is cut back to this when it does, rather than kept on disk.
         self._db.execute(f"PRAGMA journal_size_limit={WAL_REWIND_BYTES}")
         self._db.executescript(SCHEMA)
+        migrate(self._db)
         self._staged: list[tuple[list[Statement], list[NewEvent], float, asyncio.Future[None]]] = []
         page_size = self._db.execute("PRAGMA page_size").fetchone()[0]
         self._checkpointer = _Checkpointer(self.path, rewind_frames=max(1, WAL_REWIND_BYTES // page_size))

@@ -5,26 +5,30 @@ from collections.abc import Mapping, Sequence
 
 import pytest
 
-from scratchd.placement import Placed, Placement, PlacementError, place
+from scratchd.leases import LinkMode
+from scratchd.placement import Near, Placed, Placement, PlacementError, link_mode, place
 from scratchd.pools import PoolState, PoolStatus
 
 GiB = 1 << 30
 NEAR = 100  # the mount id of the request's `near`
+NEAR_DEVICE = "0:99"  # the filesystem instance behind it
+HARDLINK, CLONE, COPY = LinkMode.HARDLINK, LinkMode.CLONE, LinkMode.COPY
 
 
 def pool(name: str, *, mount_id: int = 1, free: int = 100 * GiB, reserve: int = 0,
-         state: PoolState = PoolState.OK, device: str = "8:1") -> PoolStatus:
+         state: PoolState = PoolState.OK, device: str = "8:1", reflink: bool = False) -> PoolStatus:
     return PoolStatus(
         name=name, path=f"/pools/{name}", mount_point=f"/mnt/{mount_id}", fstype="ext4", device=device,
         mount_id=mount_id, state=state, capacity_bytes=1000 * GiB, free_bytes=free, reserve_bytes=reserve,
-        labels=(), reason=None if state is PoolState.OK else f"{name} is {state}",
+        labels=(), reason=None if state is PoolState.OK else f"{name} is {state}", reflink=reflink,
     )
 
 
 def choose(pools: Sequence[PoolStatus], *, reserved: Mapping[str, int] | None = None, pool_name: str | None = None,
-           near: int | None = None, placement: Placement = Placement.PREFER_SAME_FILESYSTEM,
-           expected: int = 0) -> Placed:
-    return place(pools, reserved=reserved or {}, pool_name=pool_name, near_mount_id=near, placement=placement,
+           near: int | None = None, near_device: str = NEAR_DEVICE,
+           placement: Placement = Placement.PREFER_SAME_FILESYSTEM, expected: int = 0) -> Placed:
+    return place(pools, reserved=reserved or {}, pool_name=pool_name,
+                 near=None if near is None else Near(near, near_device), placement=placement,
                  expected_bytes=expected)
 
 
@@ -166,7 +170,7 @@ def test_named_pool_on_another_filesystem_with_same_filesystem() -> None:
 
 def test_named_pool_on_another_filesystem_with_prefer_same_filesystem() -> None:
     pools = [pool("a", mount_id=1), pool("b", mount_id=NEAR)]
-    assert choose(pools, pool_name="a", near=NEAR) == Placed(pools[0], False)
+    assert choose(pools, pool_name="a", near=NEAR) == Placed(pools[0], False, COPY)
 
 
 # -- no usable pool at all ------------------------------------------------------------------
@@ -195,7 +199,7 @@ def test_every_pool_down_and_one_full_is_a_storage_problem() -> None:
 
 def test_same_filesystem_keeps_only_pools_on_near() -> None:
     pools = [pool("big", mount_id=1, free=900 * GiB), pool("near", mount_id=NEAR, free=GiB)]
-    assert choose(pools, near=NEAR, placement=Placement.SAME_FILESYSTEM) == Placed(pools[1], True)
+    assert choose(pools, near=NEAR, placement=Placement.SAME_FILESYSTEM) == Placed(pools[1], True, HARDLINK)
 
 
 def test_same_filesystem_best_of_several_on_near() -> None:
@@ -225,8 +229,8 @@ def test_same_filesystem_pool_there_too_small_does_not_fall_back() -> None:
 def test_same_filesystem_a_bind_mount_of_the_same_device_is_not_the_same_filesystem() -> None:
     # The pool's device is bind-mounted where `near` is: hard links would still fail (EXDEV).
     pools = [pool("source", mount_id=7, device="259:3"), pool("bound", mount_id=NEAR, device="259:3")]
-    assert choose(pools, near=7, placement=Placement.SAME_FILESYSTEM) == Placed(pools[0], True)
-    assert choose(pools, near=NEAR, placement=Placement.SAME_FILESYSTEM) == Placed(pools[1], True)
+    assert choose(pools, near=7, placement=Placement.SAME_FILESYSTEM) == Placed(pools[0], True, HARDLINK)
+    assert choose(pools, near=NEAR, placement=Placement.SAME_FILESYSTEM) == Placed(pools[1], True, HARDLINK)
     error = refused([pools[0]], near=NEAR, placement=Placement.SAME_FILESYSTEM)
     assert error.code == "no_pool_on_filesystem"
 
@@ -236,35 +240,35 @@ def test_same_filesystem_a_bind_mount_of_the_same_device_is_not_the_same_filesys
 
 def test_prefer_same_filesystem_is_the_default() -> None:
     pools = [pool("big", mount_id=1, free=900 * GiB), pool("near", mount_id=NEAR, free=GiB)]
-    assert choose(pools, near=NEAR) == Placed(pools[1], True)
+    assert choose(pools, near=NEAR) == Placed(pools[1], True, HARDLINK)
 
 
 def test_prefer_same_filesystem_falls_back_when_nothing_is_there() -> None:
     pools = [pool("a", mount_id=1, free=GiB), pool("b", mount_id=2, free=2 * GiB)]
-    assert choose(pools, near=NEAR) == Placed(pools[1], False)
+    assert choose(pools, near=NEAR) == Placed(pools[1], False, COPY)
 
 
 def test_prefer_same_filesystem_falls_back_when_it_does_not_fit_there() -> None:
     pools = [pool("near", mount_id=NEAR, free=GiB), pool("a", mount_id=1, free=5 * GiB),
              pool("b", mount_id=2, free=3 * GiB)]
-    assert choose(pools, near=NEAR, expected=2 * GiB) == Placed(pools[1], False)
+    assert choose(pools, near=NEAR, expected=2 * GiB) == Placed(pools[1], False, COPY)
 
 
 def test_prefer_same_filesystem_falls_back_when_reservations_fill_it() -> None:
     pools = [pool("near", mount_id=NEAR, free=10 * GiB), pool("a", mount_id=1, free=2 * GiB)]
-    assert choose(pools, near=NEAR, reserved={"near": 10 * GiB}) == Placed(pools[0], True)  # room 0 fits 0
-    assert choose(pools, near=NEAR, reserved={"near": 10 * GiB + 1}) == Placed(pools[1], False)
+    assert choose(pools, near=NEAR, reserved={"near": 10 * GiB}) == Placed(pools[0], True, HARDLINK)  # room 0 fits 0
+    assert choose(pools, near=NEAR, reserved={"near": 10 * GiB + 1}) == Placed(pools[1], False, COPY)
 
 
 def test_prefer_same_filesystem_falls_back_when_the_pool_there_is_full() -> None:
     pools = [pool("near", mount_id=NEAR, state=PoolState.FULL), pool("a", mount_id=1)]
-    assert choose(pools, near=NEAR) == Placed(pools[1], False)
+    assert choose(pools, near=NEAR) == Placed(pools[1], False, COPY)
 
 
 def test_prefer_same_filesystem_picks_among_fitting_pools_there() -> None:
     pools = [pool("n1", mount_id=NEAR, free=3 * GiB), pool("n2", mount_id=NEAR, free=GiB),
              pool("far", mount_id=1, free=900 * GiB)]
-    assert choose(pools, near=NEAR, expected=2 * GiB) == Placed(pools[0], True)
+    assert choose(pools, near=NEAR, expected=2 * GiB) == Placed(pools[0], True, HARDLINK)
 
 
 def test_prefer_same_filesystem_fitting_nowhere() -> None:
@@ -279,12 +283,12 @@ def test_prefer_same_filesystem_fitting_nowhere() -> None:
 
 def test_any_ignores_near_when_choosing() -> None:
     pools = [pool("near", mount_id=NEAR, free=GiB), pool("big", mount_id=1, free=900 * GiB)]
-    assert choose(pools, near=NEAR, placement=Placement.ANY) == Placed(pools[1], False)
+    assert choose(pools, near=NEAR, placement=Placement.ANY) == Placed(pools[1], False, COPY)
 
 
 def test_any_still_reports_landing_on_near() -> None:
     pools = [pool("near", mount_id=NEAR, free=900 * GiB), pool("small", mount_id=1, free=GiB)]
-    assert choose(pools, near=NEAR, placement=Placement.ANY) == Placed(pools[0], True)
+    assert choose(pools, near=NEAR, placement=Placement.ANY) == Placed(pools[0], True, HARDLINK)
 
 
 def test_any_without_a_pool_on_near_is_fine() -> None:
@@ -298,3 +302,53 @@ def test_any_without_a_pool_on_near_is_fine() -> None:
 def test_without_near_same_filesystem_is_unknown(placement: Placement) -> None:
     pools = [pool("a", mount_id=1, free=GiB), pool("b", mount_id=2, free=2 * GiB)]
     assert choose(pools, placement=placement) == Placed(pools[1], None)
+
+
+# -- link modes -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("mount_id", "device", "reflink", "mode"), [
+    (NEAR, NEAR_DEVICE, False, HARDLINK),  # same mount: links, whatever else is true
+    (NEAR, NEAR_DEVICE, True, HARDLINK),
+    (7, NEAR_DEVICE, True, CLONE),  # another mount (a bind mount) of a filesystem that clones
+    (7, NEAR_DEVICE, False, COPY),  # ... of one that does not (tmpfs, ext4)
+    (7, "8:1", True, COPY),  # another filesystem that clones: clones never cross filesystems
+    (7, "8:1", False, COPY),
+])
+def test_link_mode(mount_id: int, device: str, reflink: bool, mode: LinkMode) -> None:
+    assert link_mode(pool("p", mount_id=mount_id, device=device, reflink=reflink), Near(NEAR, NEAR_DEVICE)) is mode
+
+
+def test_prefer_same_filesystem_ranks_clone_before_copy() -> None:
+    pools = [pool("far", mount_id=1, free=900 * GiB, reflink=True),
+             pool("bound", mount_id=7, device=NEAR_DEVICE, free=GiB, reflink=True)]
+    assert choose(pools, near=NEAR) == Placed(pools[1], False, CLONE)
+
+
+def test_prefer_same_filesystem_ranks_hardlink_before_clone() -> None:
+    pools = [pool("bound", mount_id=7, device=NEAR_DEVICE, free=900 * GiB, reflink=True),
+             pool("near", mount_id=NEAR, device=NEAR_DEVICE, free=GiB)]
+    assert choose(pools, near=NEAR) == Placed(pools[1], True, HARDLINK)
+
+
+def test_a_bind_mount_that_cannot_clone_ranks_with_the_rest() -> None:
+    pools = [pool("bound", mount_id=7, device=NEAR_DEVICE, free=GiB),
+             pool("far", mount_id=1, free=900 * GiB)]
+    assert choose(pools, near=NEAR) == Placed(pools[1], False, COPY)
+
+
+def test_the_clone_tier_is_skipped_when_the_lease_does_not_fit_there() -> None:
+    pools = [pool("bound", mount_id=7, device=NEAR_DEVICE, free=GiB, reflink=True),
+             pool("far", mount_id=1, free=900 * GiB)]
+    assert choose(pools, near=NEAR, expected=2 * GiB) == Placed(pools[1], False, COPY)
+
+
+def test_same_filesystem_does_not_take_a_clone_capable_bind_mount() -> None:
+    pools = [pool("bound", mount_id=7, device=NEAR_DEVICE, reflink=True)]
+    assert refused(pools, near=NEAR, placement=Placement.SAME_FILESYSTEM).code == "no_pool_on_filesystem"
+
+
+def test_any_reports_the_link_mode_it_landed_on() -> None:
+    pools = [pool("bound", mount_id=7, device=NEAR_DEVICE, free=900 * GiB, reflink=True),
+             pool("near", mount_id=NEAR, free=GiB)]
+    assert choose(pools, near=NEAR, placement=Placement.ANY) == Placed(pools[0], False, CLONE)

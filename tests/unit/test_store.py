@@ -10,7 +10,7 @@ import pytest
 
 from conftest import wait_for
 from scratchd import store as store_module
-from scratchd.leases import EndReason, Lease, end
+from scratchd.leases import EndReason, Lease, LinkMode, end
 from scratchd.store import NewEvent, Store, StoreError, lease_inserted, lease_updated
 
 
@@ -192,3 +192,68 @@ def test_pruning_keeps_ended_history_newer_than_the_cutoff_and_never_reuses_a_se
     store.close()
     reopened = Store(str(tmp_path))
     assert [e.seq for e in reopened.events(0, 10)] == [newest[0].seq, newest[0].seq + 1]
+
+
+# -- upgrades: a state directory of an earlier release, in place ------------------------------
+
+STATE_V0 = os.path.join(os.path.dirname(__file__), os.pardir, "data", "state-v0.sql")
+
+
+def state_of_the_first_release(state_dir) -> str:
+    path = os.path.join(state_dir, "scratchd.db")
+    with open(STATE_V0) as dump, sqlite3.connect(path) as db:
+        db.executescript(dump.read())
+    db.close()
+    return path
+
+
+def test_an_earlier_releases_state_upgrades_in_place_and_keeps_every_lease(tmp_path):
+    path = state_of_the_first_release(tmp_path)
+    store = Store(str(tmp_path))
+    active = {lease.labels["job"]: lease for lease in store.active_leases()}
+    assert {job: lease.link_mode for job, lease in active.items()} == {
+        "1": LinkMode.HARDLINK, "2": LinkMode.COPY, "3": None}  # what same_filesystem said
+    assert [lease.same_filesystem for _, lease in sorted(active.items())] == [True, False, None]
+    assert [lease.id for lease in store.ended_leases()] == ["00000000000004aaaaaaaaaaaaaaaaaaa"]
+    assert [event.kind for event in store.events(0, 10)] == ["lease_created"] * 3
+    store.close()
+    with sqlite3.connect(path) as db:
+        assert db.execute("PRAGMA user_version").fetchone() == (len(store_module.MIGRATIONS),)
+    db.close()
+
+
+def test_an_upgraded_state_opens_again_unchanged(tmp_path):
+    state_of_the_first_release(tmp_path)
+    Store(str(tmp_path)).close()
+    store = Store(str(tmp_path))
+    assert len(store.active_leases()) == 3
+
+
+def test_a_new_state_is_at_the_latest_version(tmp_path):
+    Store(str(tmp_path)).close()
+    with sqlite3.connect(tmp_path / "scratchd.db") as db:
+        assert db.execute("PRAGMA user_version").fetchone() == (len(store_module.MIGRATIONS),)
+    db.close()
+
+
+def test_a_failed_upgrade_leaves_the_earlier_version_whole(tmp_path, monkeypatch):
+    path = state_of_the_first_release(tmp_path)
+    monkeypatch.setattr(store_module, "MIGRATIONS", (*store_module.MIGRATIONS, "UPDATE nowhere SET x = 1;"))
+    with pytest.raises(StoreError, match=f"version {len(store_module.MIGRATIONS)}"):
+        Store(str(tmp_path))
+    with sqlite3.connect(path) as db:  # the migrations before the failing one are committed, each whole
+        assert db.execute("PRAGMA user_version").fetchone() == (len(store_module.MIGRATIONS) - 1,)
+        assert db.execute("SELECT count(*) FROM leases WHERE state = 'active'").fetchone() == (3,)
+    db.close()
+
+
+def test_a_state_from_a_later_release_is_refused_untouched(tmp_path):
+    path = state_of_the_first_release(tmp_path)
+    with sqlite3.connect(path) as db:
+        db.execute(f"PRAGMA user_version = {len(store_module.MIGRATIONS) + 1}")
+    db.close()
+    with pytest.raises(StoreError, match="later release"):
+        Store(str(tmp_path))
+    with sqlite3.connect(path) as db:
+        assert "link_mode" not in {row[1] for row in db.execute("PRAGMA table_info(leases)")}
+    db.close()

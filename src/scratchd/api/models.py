@@ -94,6 +94,7 @@ class LeaseOut(BaseModel):
     evictable: bool
     labels: dict[str, str]
     same_filesystem: bool | None
+    link_mode: Literal["hardlink", "clone", "copy"] | None
     mount_point: str | None
     last_activity_at: str | None
     usage: UsageOut
@@ -117,6 +118,7 @@ class PoolOut(BaseModel):
     leased_bytes: int
     active_leases: int
     labels: list[str]
+    reflink: bool
 
 
 class PoolList(BaseModel):
@@ -212,6 +214,7 @@ def lease_json(lease: Lease) -> dict[str, Any]:
         "evictable": lease.evictable,
         "labels": lease.labels,
         "same_filesystem": lease.same_filesystem,
+        "link_mode": lease.link_mode.value if lease.link_mode else None,
         "mount_point": lease.mount_point,
         "last_activity_at": timestamp(lease.last_activity_at),
         "usage": {"bytes": lease.usage.bytes, "files": lease.usage.files,
@@ -234,4 +237,5 @@ def pool_json(pool: PoolStatus, *, reserved: int, leased: int, active: int) -> d
         "leased_bytes": leased,
         "active_leases": active,
         "labels": list(pool.labels),
+        "reflink": pool.reflink,
     }
