@@ -2,9 +2,10 @@
 
 import asyncio
 import os
+import time
 from pathlib import Path
 
-from watchdog.observers.inotify_c import InotifyConstants, InotifyFD
+from test_inotify import needs_queue_sysctl, queued_events
 
 from scratchd.reclaim import watcher
 from scratchd.reclaim.watcher import ActivityWatch
@@ -43,40 +44,86 @@ def test_writes_deep_in_new_directories_are_reported(tmp_path, monkeypatch):
 def test_a_lease_with_many_directories_stays_within_its_budget(tmp_path, monkeypatch):
     monkeypatch.setattr(watcher, "WATCHES_PER_LEASE", 8)
 
-    class Probe:
-        """Another callback on the same watch: events reach it in the same order."""
-
-        def __init__(self) -> None:
-            self.names: list[bytes] = []
-
-        def on_event(self, event) -> None:
-            self.names.append(event.name)
-
-        def on_watch_deleted(self, wd) -> None:
-            pass
-
-        def on_queue_overflow(self) -> None:
-            pass
-
     async def scenario() -> None:
         watch = ActivityWatch(lambda lease_id, at: None)
         watch.bind("big", str(tmp_path))
-        probe = Probe()
-        inotify = InotifyFD.get_instance()
-        wd = inotify.add_callback(os.fsencode(tmp_path), InotifyConstants.IN_CREATE, probe, "probe")
         try:
             for i in range(50):
                 (tmp_path / f"d{i}").mkdir()
-            (tmp_path / "sentinel").write_text("")
-            # once the probe saw the sentinel, the lease's callback has seen every mkdir
-            await _collect_until([], lambda: b"sentinel" in probe.names)
+            watch._read()  # every mkdir's event is queued already: one read takes them all
             assert watch.watches == 8
         finally:
-            inotify.remove_callbacks([(wd, "probe")])
             watch.close()
         assert watch.watches == 0
 
     asyncio.run(scenario())
+
+
+def test_past_the_total_budget_leases_are_bound_without_a_watch_and_logged_once(tmp_path, monkeypatch, caplog):
+    monkeypatch.setattr(watcher, "WATCHES_TOTAL", 2)
+    for name in "abcd":
+        (tmp_path / name).mkdir()
+
+    async def scenario() -> None:
+        watch = ActivityWatch(lambda lease_id, at: None)
+        try:
+            for name in "abcd":
+                watch.bind(name, str(tmp_path / name))
+            assert watch.watches == 2 and all(name in watch for name in "abcd")
+            watch.unbind("a")
+            watch.unbind("c")  # had none: nothing to give back
+            assert watch.watches == 1
+        finally:
+            watch.close()
+
+    asyncio.run(scenario())
+    assert sum("budget spent" in r.getMessage() for r in caplog.records) == 1
+
+
+def test_a_deleted_subdirectory_gives_its_watch_back(tmp_path):
+    async def scenario() -> None:
+        watch = ActivityWatch(lambda lease_id, at: None)
+        watch.bind("l", str(tmp_path))
+        try:
+            (tmp_path / "sub").mkdir()
+            await _collect_until([], lambda: watch.watches == 2)
+            (tmp_path / "sub").rmdir()
+            await _collect_until([], lambda: watch.watches == 1)
+        finally:
+            watch.close()
+
+    asyncio.run(scenario())
+
+
+@needs_queue_sysctl
+def test_after_an_overflow_every_watched_lease_counts_as_written_and_writes_are_still_seen(
+        tmp_path, caplog, monkeypatch):
+    monkeypatch.setattr(watcher, "ACTIVITY_DEBOUNCE_SECONDS", 0.0)
+    busy, quiet = tmp_path / "busy", tmp_path / "quiet"
+    busy.mkdir()
+    quiet.mkdir()
+
+    async def scenario() -> list[tuple[str, float]]:
+        reports: list[tuple[str, float]] = []
+        watch = ActivityWatch(lambda lease_id, at: reports.append((lease_id, at)))
+        with queued_events(16):
+            watch.bind("busy", str(busy))
+        watch.bind("quiet", str(quiet))
+        try:
+            for i in range(1000):  # no await: the queue overflows before the first read
+                (busy / f"f{i}").write_text("x")
+            await _collect_until(reports, lambda: any(lease_id == "quiet" for lease_id, _ in reports))
+            flooded = time.time()
+            (busy / "after").write_text("x")
+            await _collect_until(reports, lambda: any(at >= flooded for lease_id, at in reports
+                                                      if lease_id == "busy"))
+        finally:
+            watch.close()
+        return reports
+
+    reports = asyncio.run(scenario())
+    assert {"busy", "quiet"} <= {lease_id for lease_id, _ in reports}
+    assert sum("inotify queue overflowed" in r.getMessage() for r in caplog.records) == 1
 
 
 def test_symlinked_directory_is_not_followed(tmp_path):

@@ -4,6 +4,8 @@ import asyncio
 import os
 from pathlib import Path
 
+from test_inotify import needs_queue_sysctl, queued_events
+
 from scratchd.reclaim.watcher import PoolWatcher
 
 
@@ -12,6 +14,10 @@ async def _until(condition, what: str, timeout: float = 5.0) -> None:
     while not condition():
         assert asyncio.get_running_loop().time() < deadline, f"timed out waiting for {what}"
         await asyncio.sleep(0.01)
+
+
+def _lost(pools: set[str]) -> None:
+    raise AssertionError(f"no event may be lost here: {pools}")
 
 
 def _open_fds() -> int:
@@ -27,7 +33,7 @@ def test_removed_and_renamed_entries_are_reported_hidden_ones_and_creations_are_
 
     async def scenario() -> list[tuple[str, str]]:
         gone: list[tuple[str, str]] = []
-        watcher = PoolWatcher(lambda pool_name, name: gone.append((pool_name, name)))
+        watcher = PoolWatcher(lambda pool_name, name: gone.append((pool_name, name)), _lost)
         assert watcher.watch("p", str(pool))
         try:
             (pool / ".trash-item").rmdir()  # the daemon's own dot-entries: never a lease
@@ -49,7 +55,7 @@ def test_unwatching_one_of_two_pools_on_a_directory_keeps_the_other(tmp_path):
 
     async def scenario() -> list[tuple[str, str]]:
         gone: list[tuple[str, str]] = []
-        watcher = PoolWatcher(lambda pool_name, name: gone.append((pool_name, name)))
+        watcher = PoolWatcher(lambda pool_name, name: gone.append((pool_name, name)), _lost)
         assert watcher.watch("a", str(tmp_path)) and watcher.watch("b", str(tmp_path))
         assert watcher.watch("a", str(tmp_path))  # again: a no-op
         try:
@@ -73,7 +79,7 @@ def test_a_pool_directory_that_goes_away_is_forgotten_and_stop_closes_the_fd(tmp
     before = _open_fds()
 
     async def scenario() -> None:
-        watcher = PoolWatcher(lambda pool_name, name: None)
+        watcher = PoolWatcher(lambda pool_name, name: None, _lost)
         assert not watcher.watch("missing", str(tmp_path / "missing"))
         assert watcher.watch("p", str(pool))
         pool.rmdir()
@@ -95,7 +101,7 @@ def test_many_removals_queued_while_the_loop_was_busy_all_arrive(tmp_path):
 
     async def scenario() -> list[str]:
         gone: list[str] = []
-        watcher = PoolWatcher(lambda pool_name, name: gone.append(name))
+        watcher = PoolWatcher(lambda pool_name, name: gone.append(name), _lost)
         assert watcher.watch("p", str(tmp_path))
         try:
             for name in names:  # no await: every event queues before the first read
@@ -106,3 +112,35 @@ def test_many_removals_queued_while_the_loop_was_busy_all_arrive(tmp_path):
         return gone
 
     assert asyncio.run(scenario()) == names
+
+
+@needs_queue_sysctl
+def test_lost_removals_have_every_watched_pool_rechecked_and_later_ones_still_arrive(tmp_path, caplog):
+    pool, other = tmp_path / "pool", tmp_path / "other"
+    pool.mkdir()
+    other.mkdir()
+    names = [f"lease-{i:03}" for i in range(100)]
+    for name in [*names, "after"]:
+        (pool / name).mkdir()
+
+    async def scenario() -> tuple[list[set[str]], list[str]]:
+        lost: list[set[str]] = []
+        gone: list[str] = []
+        watcher = PoolWatcher(lambda pool_name, name: gone.append(name), lost.append)
+        with queued_events(16):
+            assert watcher.watch("p", str(pool))
+        assert watcher.watch("q", str(other))
+        try:
+            for name in names:  # no await: the queue overflows before the first read
+                (pool / name).rmdir()
+            await _until(lambda: lost, "the overflow")
+            (pool / "after").rmdir()
+            await _until(lambda: "after" in gone, "a removal after the overflow")
+        finally:
+            watcher.stop()
+        return lost, gone
+
+    lost, gone = asyncio.run(scenario())
+    assert lost == [{"p", "q"}]
+    assert len(gone) == 16 + 1  # what fit in the queue, then the one after
+    assert sum("inotify queue overflowed" in r.getMessage() for r in caplog.records) == 1

@@ -1,11 +1,15 @@
-"""Filesystem events: lease directories removed by their users, and activity inside leases.
+"""Filesystem events: lease directories removed by their users, and writes inside leases.
 
-One watch per pool directory, read on the event loop: a pool's direct children are
-its leases, so deletions and renames of lease directories arrive on the pool's own
-watch, whatever the number of leases. Activity inside leases with an idle timeout
-comes from ``ActivityWatch`` below, on watchdog's shared inotify instance (one fd and
-one thread for any number of watches), within a budget, and otherwise from the usage
-scan's newest ctime.
+Two inotify instances of our own (:mod:`scratchd.reclaim.inotify`), each an fd read on
+the event loop: no thread, no hop between threads per event. One watches pool
+directories: a pool's direct children are its leases, so deletions and renames of lease
+directories arrive on the pool's own watch, whatever the number of leases. The other
+watches inside leases, within a budget; beyond it, the usage scan's newest ctime and
+its periodic pass stand in.
+
+A full queue drops events (``IN_Q_OVERFLOW``); each watch then falls back to what a
+scan can tell: the pool watch has every lease of its pools re-checked on disk, the
+activity watch reports every lease it watches as written, so each is measured again.
 
 The handler of a removal re-checks the disk, so a rename the daemon made itself (into
 the trash) is never mistaken for the user's.
@@ -14,56 +18,59 @@ the trash) is never mistaken for the user's.
 from __future__ import annotations
 
 import asyncio
-import ctypes
 import logging
 import os
-import struct
-import threading
 import time
 from collections.abc import Callable
 
-from watchdog.observers.inotify_c import (
-    InotifyConstants,
-    InotifyEvent,
-    InotifyFD,
-    inotify_add_watch,
-    inotify_init,
-    inotify_rm_watch,
+from scratchd.reclaim.inotify import (
+    IN_ATTRIB,
+    IN_CLOSE_WRITE,
+    IN_CREATE,
+    IN_DELETE,
+    IN_DONT_FOLLOW,
+    IN_IGNORED,
+    IN_ISDIR,
+    IN_MODIFY,
+    IN_MOVED_FROM,
+    IN_MOVED_TO,
+    IN_ONLYDIR,
+    IN_Q_OVERFLOW,
+    Inotify,
+    OverflowLog,
 )
 
 log = logging.getLogger("scratchd.watcher")
 
 EntryGone = Callable[[str, str], None]  # (pool name, entry name)
+PoolsLost = Callable[[set[str]], None]  # pools whose removals may have been missed
 
-
-_POOL_MASK = (InotifyConstants.IN_DELETE | InotifyConstants.IN_MOVED_FROM | InotifyConstants.IN_ONLYDIR
-              | InotifyConstants.IN_DONT_FOLLOW)
-_EVENT = struct.Struct("iIII")  # struct inotify_event: wd, mask, cookie, len; then the name
-_READ_SIZE = 64 * 1024
+_POOL_MASK = IN_DELETE | IN_MOVED_FROM | IN_ONLYDIR | IN_DONT_FOLLOW
 
 
 class PoolWatcher:
     """Deletions and renames of a pool's entries, read on the event loop itself.
 
-    One watch per pool directory on an inotify fd of our own, added to the loop as a
-    reader: every release removes or renames a lease directory, so this fires on every
-    lease end, and a thread hop per event (GIL hand-off, ``call_soon_threadsafe``, a loop
-    wake-up) cost more than the lease's own syscalls. The kernel filters: creations never
-    reach user space. Under load, one read drains every event that queued meanwhile.
+    Every release removes or renames a lease directory, so this fires on every lease
+    end; a thread hop per event (GIL hand-off, ``call_soon_threadsafe``, a loop
+    wake-up) cost more than the lease's own syscalls. The kernel filters: creations
+    never reach user space. Under load, one read drains every event that queued meanwhile.
     """
 
-    def __init__(self, on_gone: EntryGone) -> None:
+    def __init__(self, on_gone: EntryGone, on_lost: PoolsLost) -> None:
         self._on_gone = on_gone
-        self._fd = -1
+        self._on_lost = on_lost
+        self._inotify: Inotify | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._wd_of: dict[str, int] = {}
         self._pools_of: dict[int, set[str]] = {}  # two pools may name one directory
+        self._overflows = OverflowLog(log, "pools")
 
     def stop(self) -> None:
-        if self._fd >= 0 and self._loop is not None:
-            self._loop.remove_reader(self._fd)
-            os.close(self._fd)
-        self._fd, self._loop = -1, None
+        if self._inotify is not None and self._loop is not None:
+            self._loop.remove_reader(self._inotify.fd)
+            self._inotify.close()
+        self._inotify, self._loop = None, None
         self._wd_of.clear()
         self._pools_of.clear()
 
@@ -72,7 +79,8 @@ class PoolWatcher:
         if pool in self._wd_of:
             return True
         try:
-            wd = self._add_watch(os.path.realpath(path))
+            inotify = self._instance()
+            wd = inotify.add_watch(os.path.realpath(path), _POOL_MASK)
         except OSError as exc:
             log.warning("cannot watch pool; falling back to periodic checks",
                         extra={"pool": pool, "error": exc.strerror})
@@ -83,50 +91,34 @@ class PoolWatcher:
 
     def unwatch(self, pool: str) -> None:
         wd = self._wd_of.pop(pool, None)
-        if wd is None:
+        if wd is None or self._inotify is None:
             return
         pools = self._pools_of.get(wd, set())
         pools.discard(pool)
         if not pools:
             self._pools_of.pop(wd, None)
-            inotify_rm_watch(self._fd, wd)  # EINVAL if the directory went already: nothing to undo
+            self._inotify.rm_watch(wd)
 
-    def _add_watch(self, path: str) -> int:
-        if self._fd < 0:
-            fd = inotify_init()
-            if fd < 0:
-                raise _errno_error()
-            os.set_blocking(fd, False)
-            os.set_inheritable(fd, False)  # inotify_init has no CLOEXEC; spawned helpers must not hold it
+    def _instance(self) -> Inotify:
+        if self._inotify is None:
+            inotify = Inotify()
             self._loop = asyncio.get_running_loop()
-            self._loop.add_reader(fd, self._read)
-            self._fd = fd
-        wd = inotify_add_watch(self._fd, os.fsencode(path), _POOL_MASK)
-        if wd < 0:
-            raise _errno_error()
-        return wd
+            self._loop.add_reader(inotify.fd, self._read)
+            self._inotify = inotify
+        return self._inotify
 
     def _read(self) -> None:
-        try:
-            buffer = os.read(self._fd, _READ_SIZE)
-        except (BlockingIOError, InterruptedError):
-            return
-        offset = 0
-        while offset + _EVENT.size <= len(buffer):
-            wd, mask, _cookie, length = _EVENT.unpack_from(buffer, offset)
-            name = buffer[offset + _EVENT.size:offset + _EVENT.size + length].rstrip(b"\0")
-            offset += _EVENT.size + length
-            if mask & InotifyConstants.IN_IGNORED:  # the pool directory itself went: the GC's pool checks
-                for pool in self._pools_of.pop(wd, set()):
+        assert self._inotify is not None
+        for event in self._inotify.read():
+            if event.mask & IN_Q_OVERFLOW:
+                self._overflows.note("re-checking every lease of the watched pools")
+                self._on_lost(set(self._wd_of))
+            elif event.mask & IN_IGNORED:  # the pool directory itself went: the GC's pool checks
+                for pool in self._pools_of.pop(event.wd, set()):
                     self._wd_of.pop(pool, None)
-            elif name and not name.startswith(b"."):  # a queue overflow has no name: the GC checks
-                for pool in tuple(self._pools_of.get(wd, ())):
-                    self._on_gone(pool, os.fsdecode(name))
-
-
-def _errno_error() -> OSError:
-    err = ctypes.get_errno()
-    return OSError(err, os.strerror(err))
+            elif event.name and not event.name.startswith(b"."):
+                for pool in tuple(self._pools_of.get(event.wd, ())):
+                    self._on_gone(pool, os.fsdecode(event.name))
 
 
 # Budget for activity watches: a lease with 100k subdirectories must not exhaust the
@@ -134,99 +126,118 @@ def _errno_error() -> OSError:
 # program of the user). Past the budget, the usage scan's newest ctime is the signal.
 WATCHES_PER_LEASE = 64
 WATCHES_TOTAL = 4096
-# One report per lease per this many seconds reaches the event loop, however busy the lease.
+# One report per lease per this many seconds, however busy the lease.
 ACTIVITY_DEBOUNCE_SECONDS = 0.5
-_ACTIVITY_MASK = (
-    InotifyConstants.IN_MODIFY | InotifyConstants.IN_CLOSE_WRITE | InotifyConstants.IN_CREATE
-    | InotifyConstants.IN_DELETE | InotifyConstants.IN_MOVED_FROM | InotifyConstants.IN_MOVED_TO
-    | InotifyConstants.IN_ATTRIB | InotifyConstants.IN_DONT_FOLLOW | InotifyConstants.IN_ONLYDIR
-)
+_ACTIVITY_MASK = (IN_MODIFY | IN_CLOSE_WRITE | IN_CREATE | IN_DELETE | IN_MOVED_FROM | IN_MOVED_TO | IN_ATTRIB
+                  | IN_DONT_FOLLOW | IN_ONLYDIR)
+_NEW_DIRECTORY = IN_CREATE | IN_MOVED_TO
+
+
+class _Lease:
+    __slots__ = ("id", "wds", "last_report")
+
+    def __init__(self, lease_id: str) -> None:
+        self.id = lease_id
+        self.wds: set[int] = set()
+        self.last_report = float("-inf")
 
 
 class ActivityWatch:
-    """Immediate write activity for leases with an idle timeout, within an inotify budget.
+    """Writes under active leases, as they happen, within an inotify budget.
 
-    Uses watchdog's shared inotify instance (one fd, one thread, any number of
-    watches) instead of an observer per lease. A lease's top directory is watched when
-    it is bound; subdirectories as they are created, up to the per-lease and total caps.
+    A lease's top directory is watched when it is bound; subdirectories as they are
+    created, up to WATCHES_PER_LEASE a lease and WATCHES_TOTAL in all. A lease beyond
+    the budget is told of by the usage scan alone (logged once while the budget is spent).
     """
 
     def __init__(self, on_activity: Callable[[str, float], None]) -> None:
         self._on_activity = on_activity
-        self._leases: dict[str, _LeaseWatch] = {}
-        self._lock = threading.Lock()
+        self._inotify: Inotify | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._leases: dict[str, _Lease] = {}
+        self._owner: dict[int, tuple[_Lease, bytes]] = {}  # wd -> the lease, and the directory's path
+        self._overflows = OverflowLog(log, "activity")
+        self._spent = False  # the total budget ran out (logged once until a watch fits again)
         self.watches = 0
 
     def __contains__(self, lease_id: str) -> bool:
         return lease_id in self._leases
 
     def bind(self, lease_id: str, path: str) -> None:
-        watch = _LeaseWatch(self, lease_id, asyncio.get_running_loop())
-        self._leases[lease_id] = watch
-        watch.add(os.fsencode(path))
+        lease = self._leases[lease_id] = _Lease(lease_id)
+        self._add(lease, os.fsencode(path))
 
     def unbind(self, lease_id: str) -> None:
-        watch = self._leases.pop(lease_id, None)
-        if watch is not None:
-            watch.close()
+        lease = self._leases.pop(lease_id, None)
+        if lease is None or self._inotify is None:
+            return
+        for wd in lease.wds:
+            del self._owner[wd]
+            self._inotify.rm_watch(wd)
+        self.watches -= len(lease.wds)
 
     def close(self) -> None:
-        for lease_id in list(self._leases):
-            self.unbind(lease_id)
+        if self._inotify is not None and self._loop is not None:
+            self._loop.remove_reader(self._inotify.fd)
+            self._inotify.close()
+        self._inotify = self._loop = None
+        self._leases.clear()
+        self._owner.clear()
+        self.watches = 0
 
-    def _take(self, held: int) -> bool:
-        with self._lock:
-            if held >= WATCHES_PER_LEASE or self.watches >= WATCHES_TOTAL:
-                return False
-            self.watches += 1
-            return True
-
-    def _give_back(self, count: int) -> None:
-        with self._lock:
-            self.watches -= count
-
-
-class _LeaseWatch:
-    """watchdog's WatchCallback for one lease; its methods run on the inotify thread."""
-
-    def __init__(self, owner: ActivityWatch, lease_id: str, loop: asyncio.AbstractEventLoop) -> None:
-        self._owner = owner
-        self._lease_id = lease_id
-        self._loop = loop
-        self._dirs: dict[int, bytes] = {}
-        self._last_report = 0.0
-        self._closed = False
-
-    def add(self, path: bytes) -> None:
-        if self._closed or not self._owner._take(len(self._dirs)):
+    def _add(self, lease: _Lease, path: bytes) -> None:
+        if len(lease.wds) >= WATCHES_PER_LEASE:
+            return
+        if self.watches >= WATCHES_TOTAL:
+            if not self._spent:
+                self._spent = True
+                log.warning("activity watch budget spent: more leases are measured by the periodic scan alone",
+                            extra={"watches": self.watches})
             return
         try:
-            wd = InotifyFD.get_instance().add_callback(path, _ACTIVITY_MASK, self, id(self))
+            inotify = self._instance()
+            wd = inotify.add_watch(path, _ACTIVITY_MASK)
         except OSError:
-            self._owner._give_back(1)  # gone already, or inotify itself is exhausted
+            return  # gone already, or inotify itself is exhausted: the scan covers for it
+        if wd in self._owner:  # one directory reached twice (a bind mount inside): already watched
             return
-        if wd in self._dirs:
-            self._owner._give_back(1)
-        self._dirs[wd] = path
+        self._spent = False
+        lease.wds.add(wd)
+        self._owner[wd] = (lease, path)
+        self.watches += 1
 
-    def close(self) -> None:
-        self._closed = True
-        dirs, self._dirs = self._dirs, {}
-        if dirs:  # with none, the shared instance may not exist (inotify exhausted): leave it be
-            InotifyFD.get_instance().remove_callbacks([(wd, id(self)) for wd in dirs])
-            self._owner._give_back(len(dirs))
+    def _instance(self) -> Inotify:
+        if self._inotify is None:
+            inotify = Inotify()
+            self._loop = asyncio.get_running_loop()
+            self._loop.add_reader(inotify.fd, self._read)
+            self._inotify = inotify
+        return self._inotify
 
-    def on_event(self, event: InotifyEvent) -> None:
+    def _read(self) -> None:
+        assert self._inotify is not None
+        written: set[_Lease] = set()
+        for event in self._inotify.read():
+            if event.mask & IN_Q_OVERFLOW:
+                self._overflows.note("every watched lease counts as written and is measured again")
+                written.update(self._leases.values())
+                continue
+            owner = self._owner.get(event.wd)
+            if owner is None:  # a lease unbound since
+                continue
+            lease, path = owner
+            if event.mask & IN_IGNORED:  # the directory was deleted
+                del self._owner[event.wd]
+                lease.wds.discard(event.wd)
+                self.watches -= 1
+                continue
+            written.add(lease)
+            if event.mask & IN_ISDIR and event.mask & _NEW_DIRECTORY:
+                self._add(lease, path + b"/" + event.name)
+        if not written:
+            return
         now = time.time()
-        if now - self._last_report >= ACTIVITY_DEBOUNCE_SECONDS:
-            self._last_report = now
-            self._loop.call_soon_threadsafe(self._owner._on_activity, self._lease_id, now)
-        if event.is_create and event.is_directory and event.wd in self._dirs:
-            self.add(os.path.join(self._dirs[event.wd], event.name))
-
-    def on_watch_deleted(self, wd: int) -> None:
-        if self._dirs.pop(wd, None) is not None:
-            self._owner._give_back(1)
-
-    def on_queue_overflow(self) -> None:
-        """Events were lost; the usage scan still sees the writes."""
+        for lease in written:
+            if now - lease.last_report >= ACTIVITY_DEBOUNCE_SECONDS and lease.id in self._leases:
+                lease.last_report = now
+                self._on_activity(lease.id, now)
