@@ -436,13 +436,14 @@ def _lease_env(
     path = str(lease["path"])
     env = {"SCRATCHD_LEASE_ID": str(lease["id"]), "SCRATCHD_LEASE_PATH": path}
     directories = []
+    carried: list[tuple[str, str]] = []
     if tools:
-        from scratchd.presets import preset_env
+        from scratchd.presets import lease_link_mode, preset_env
 
-        same_filesystem = lease.get("same_filesystem")
-        plan = preset_env(tools, path, same_filesystem if isinstance(same_filesystem, bool) else None, os.environ)
+        plan = preset_env(tools, path, lease_link_mode(lease), os.environ)
         env.update(plan.env)
         directories += plan.directories
+        carried = [(source, target) for source, target in plan.carried if os.path.exists(source)]
         if verbose:
             for name in plan.skipped:
                 _say(f"{name} is already set ({os.environ[name]!r}): left alone")
@@ -451,11 +452,26 @@ def _lease_env(
         directories.append(env[var])
     for directory in directories:
         os.makedirs(directory, exist_ok=True)
+    if carried:
+        _carry(carried, verbose=verbose)
     if verbose:
         _say(f"lease {lease['id']} in pool {lease.get('pool')} at {path}")
         for name, value in env.items():
             _say(f"  {name}={value}")
     return env
+
+
+def _carry(files: Iterable[tuple[str, str]], *, verbose: bool) -> None:
+    """Copy the user's config files into a tool home the preset moved into the lease."""
+    import shutil
+
+    for source, target in files:
+        if os.path.isdir(source):
+            shutil.copytree(source, target, dirs_exist_ok=True)
+        else:
+            shutil.copy2(source, target)
+        if verbose:
+            _say(f"carried {source} into the lease: {target}")
 
 
 def _run_child(command: Sequence[str], env: Mapping[str, str], renewer: Renewer) -> int:
@@ -538,13 +554,21 @@ def _renew_failed(error: ScratchdError) -> None:
 def _tools_table() -> str:
     from scratchd.presets import PRESETS
 
-    rows = [("TOOL", "VARIABLES (under <lease>/<tool>)", "COPY MODE (lease off near's mount)")]
+    rows = [("TOOL", "VARIABLES (under <lease>/<tool>)", "link_mode copy", "link_mode clone")]
     for preset in PRESETS.values():
-        variables = [*preset.paths, *(f"{k}={v}" for k, v in preset.fixed.items())]
+        variables = [*preset.paths, *(f"{k}=<lease>/{v}" for k, v in preset.scratch.items())]
+        variables += [f"{k}={v}" for k, v in preset.fixed.items()]
         variables += [f"{k}+={v.replace('{dir}', '<dir>')}" for k, v in preset.append.items()]
-        copy_mode = " ".join(f"{k}={v}" for k, v in preset.copy_mode.items()) or "-"
-        rows.append((preset.name, " ".join(variables), copy_mode))
+        modes = [_both_prefixes([f"{k}={v}" for k, v in preset.modes[mode].items()]) or "-" for mode in ("copy", "clone")]
+        rows.append((preset.name, _both_prefixes(variables), *modes))
     return _columns(rows)
+
+
+def _both_prefixes(words: list[str]) -> str:
+    """``npm_config_x pnpm_config_x`` as ``{npm,pnpm}_config_x``: pnpm's settings go under both."""
+    pnpm = {word for word in words if word.startswith("pnpm_config_")}
+    shown = [f"{{npm,pnpm}}_{word[4:]}" if f"p{word}" in pnpm else word for word in words if word not in pnpm]
+    return " ".join(shown)
 
 
 # -- renew, release, ls, show, pools, usage, events ----------------------------

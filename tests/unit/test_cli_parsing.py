@@ -137,7 +137,8 @@ def test_list_tools_prints_every_preset_without_a_daemon() -> None:
     assert result.returncode == 0, result.stderr
     listed = {line.split()[0] for line in result.stdout.splitlines()[1:]}
     assert listed == set(PRESETS)
-    assert "UV_LINK_MODE=copy" in result.stdout
+    assert "UV_LINK_MODE=copy" in result.stdout and "UV_LINK_MODE=clone" in result.stdout
+    assert "{npm,pnpm}_config_package_import_method=clone" in result.stdout
     assert "symlink" not in result.stdout
 
 
