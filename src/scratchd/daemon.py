@@ -87,6 +87,7 @@ class Daemon:
         self.activity.close()
         self.watcher.stop()
         self.mounts.close()
+        self.pools.close()
         self.store.close()
 
     def _reconcile(self) -> None:
@@ -167,8 +168,9 @@ class Daemon:
             if lease is not None:
                 self._try_end(lease, ending.reason, **ending.details)
         for lease in list(self.manager.active.values()):
-            if lease.pool not in self._watched:
+            if lease.pool not in self._watched and self.pools.holds(lease.pool):
                 self.lease_directory_gone(lease)
+        self.pools.unlock_dropped(keep={lease.pool for lease in self.manager.active.values()})
         self._review_orphans(now)
         self.manager.retry_unrecorded()
         if now - self._pruned_at >= PRUNE_EVERY_SECONDS:
@@ -194,7 +196,7 @@ class Daemon:
             if status.state is PoolState.UNAVAILABLE:
                 self.watcher.unwatch(status.name)
                 self._watched.discard(status.name)
-            elif status.name not in self._watched:
+            elif status.name not in self._watched and self.pools.holds(status.name):
                 try:
                     prepare_pool_dir(status.path)
                 except OSError as exc:  # a read-only pool serves no new leases anyway
@@ -210,10 +212,12 @@ class Daemon:
                 log.warning("cannot record pool state change", extra={"error": str(exc)})
 
     def _pool_event(self, old: PoolStatus | None, new: PoolStatus) -> NewEvent:
-        log.info("pool state", extra={"pool": new.name, "state": new.state.value, "reason": new.reason})
+        level = logging.WARNING if new.state is PoolState.UNAVAILABLE else logging.INFO
+        log.log(level, "pool state", extra={"pool": new.name, "state": new.state.value, "reason": new.reason,
+                                            "why": new.message})
         return NewEvent("pool_state_changed", pool=new.name, reason=new.state.value,
                         details={"from": old.state.value if old else None, "to": new.state.value,
-                                 "why": new.reason})
+                                 "reason": new.reason, "why": new.message})
 
     def _review_orphans(self, now: float) -> None:
         """Reclaim pool entries without an active lease once ``gc.orphan_grace`` has passed (guarantee 4)."""

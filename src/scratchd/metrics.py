@@ -38,6 +38,11 @@ POOL_GAUGES = {
     "leased_bytes": "Allocated bytes measured in the pool's active leases.",
 }
 
+# Up is "this daemon serves the pool": a full or read-only pool is still mounted where it
+# belongs and its leases still work, so it is up; the states say whether it takes new leases.
+POOL_UP_HELP = ("1 when this daemon serves the pool (state ok, full or read_only); 0 when it is unavailable "
+                "(its reason in /v1/pools: missing, not_on_mount_point, unmounted, locked, inaccessible).")
+
 
 class LeaseCounts:
     """Leases started and ended per pool, told by the manager after every create, renew and end.
@@ -78,9 +83,8 @@ class DaemonCollector(Collector):
         for key, text in POOL_GAUGES.items():
             yield _family(GaugeMetricFamily(f"scratchd_pool_{key}", text, labels=["pool"]),
                           {(p["name"],): p[key] for p in pools})
-        yield _family(GaugeMetricFamily("scratchd_pool_up", "1 when the pool takes leases (state ok), else 0.",
-                                        labels=["pool"]),
-                      {(p["name"],): int(p["state"] == "ok") for p in pools})
+        yield _family(GaugeMetricFamily("scratchd_pool_up", POOL_UP_HELP, labels=["pool"]),
+                      {(p["name"],): int(p["state"] != "unavailable") for p in pools})
 
         active = Counter((lease.pool, lease.tenant) for lease in self._daemon.manager.active.values())
         yield _family(GaugeMetricFamily("scratchd_leases_active", "Active leases.", labels=["pool", "tenant"]),

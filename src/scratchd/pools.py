@@ -23,6 +23,7 @@ from scratchd.mounts import Mount, mount_of
 from scratchd.units import format_size
 
 TRASH_DIR = ".trash"
+LOCK_FILE = ".lock"
 FICLONE = 0x40049409  # _IOW(0x94, 9, int) in linux/fs.h
 
 _LEASE_ID = re.compile(r"[a-z0-9-]+")
@@ -51,6 +52,29 @@ class PoolState(StrEnum):
     UNAVAILABLE = "unavailable"
 
 
+class PoolReason(StrEnum):
+    """Why a pool is not ``ok``: a code for programs; ``PoolStatus.message`` says it for people."""
+
+    MISSING = "missing"  # the path does not exist (its disk not mounted yet, a typo)
+    NOT_ON_MOUNT_POINT = "not_on_mount_point"  # the path is on another mount than the configured mount_point
+    UNMOUNTED = "unmounted"  # the mount the pool was first seen on went away or was covered
+    LOCKED = "locked"  # another daemon serves it
+    INACCESSIBLE = "inaccessible"  # not a directory, on no known mount, or stat/statvfs/lock failed
+    READ_ONLY = "read_only"
+    FULL = "full"
+
+
+REASON_STATES = {
+    PoolReason.MISSING: PoolState.UNAVAILABLE,
+    PoolReason.NOT_ON_MOUNT_POINT: PoolState.UNAVAILABLE,
+    PoolReason.UNMOUNTED: PoolState.UNAVAILABLE,
+    PoolReason.LOCKED: PoolState.UNAVAILABLE,
+    PoolReason.INACCESSIBLE: PoolState.UNAVAILABLE,
+    PoolReason.READ_ONLY: PoolState.READ_ONLY,
+    PoolReason.FULL: PoolState.FULL,
+}
+
+
 @dataclass(frozen=True, slots=True)
 class PoolStatus:
     name: str
@@ -64,27 +88,28 @@ class PoolStatus:
     free_bytes: int
     reserve_bytes: int
     labels: tuple[str, ...]
-    reason: str | None  # why it is not ok, one sentence for logs and events
+    reason: PoolReason | None  # None exactly when the state is ok
+    message: str | None = None  # the reason as one sentence, for logs, events and people
     reflink: bool = False  # its filesystem clones files (FICLONE), as probed when the pool came up
 
 
-def pool_state(
-    *, exists: bool, on_expected_mount: bool, read_only: bool, free_bytes: int, reserve_bytes: int
-) -> PoolState:
-    """The worst thing that is true of a pool: a lost pool is not merely full."""
-    if not exists or not on_expected_mount:
-        return PoolState.UNAVAILABLE
+def pool_state(reason: PoolReason | None) -> PoolState:
+    return PoolState.OK if reason is None else REASON_STATES[reason]
+
+
+def space_reason(*, read_only: bool, free_bytes: int, reserve_bytes: int) -> PoolReason | None:
+    """The worst thing that is true of a mounted pool: read-only trumps full."""
     if read_only:
-        return PoolState.READ_ONLY
+        return PoolReason.READ_ONLY
     if free_bytes == 0 or (reserve_bytes > 0 and free_bytes <= reserve_bytes):
-        return PoolState.FULL
-    return PoolState.OK
+        return PoolReason.FULL
+    return None
 
 
 def probe_pool(cfg: ConfiguredPool, mounts: Sequence[Mount], *, expected_mount_id: int | None) -> PoolStatus:
     """Look at a pool's directory as it is now; never creates anything."""
 
-    def status(state: PoolState, reason: str | None, mount: Mount | None = None, capacity: int = 0,
+    def status(reason: PoolReason | None, message: str | None, mount: Mount | None = None, capacity: int = 0,
                free: int = 0) -> PoolStatus:
         return PoolStatus(
             name=cfg.name,
@@ -93,68 +118,78 @@ def probe_pool(cfg: ConfiguredPool, mounts: Sequence[Mount], *, expected_mount_i
             fstype=mount.fstype if mount else None,
             device=mount.device if mount else None,
             mount_id=mount.mount_id if mount else None,
-            state=state,
+            state=pool_state(reason),
             capacity_bytes=capacity,
             free_bytes=free,
             reserve_bytes=cfg.reserve_bytes(capacity),
             labels=tuple(cfg.labels),
             reason=reason,
+            message=message,
         )
 
-    unavailable = PoolState.UNAVAILABLE
     real = os.path.realpath(cfg.path)
     try:
         st = os.stat(real)
     except FileNotFoundError:
-        return status(unavailable, f"Pool path {cfg.path} does not exist.")
+        return status(PoolReason.MISSING, f"Pool path {cfg.path} does not exist.")
     except OSError as exc:
-        return status(unavailable, f"Pool path {cfg.path} cannot be examined: {exc.strerror}.")
+        return status(PoolReason.INACCESSIBLE, f"Pool path {cfg.path} cannot be examined: {exc.strerror}.")
     if not stat.S_ISDIR(st.st_mode):
-        return status(unavailable, f"Pool path {cfg.path} is not a directory.")
+        return status(PoolReason.INACCESSIBLE, f"Pool path {cfg.path} is not a directory.")
     try:
         mount = mount_of(real, mounts)
     except LookupError:
-        return status(unavailable, f"Pool path {cfg.path} is on no mount in the mount table.")
+        return status(PoolReason.INACCESSIBLE, f"Pool path {cfg.path} is on no mount in the mount table.")
     # Capacity is only worth reporting for the filesystem the pool belongs on:
     # a pool that fell through to the root filesystem must not show its space.
     if cfg.mount_point is not None and mount.mount_point != os.path.realpath(cfg.mount_point):
-        return status(unavailable, f"Pool path {cfg.path} is on {mount.mount_point}, not on {cfg.mount_point}.",
-                      mount)
+        return status(PoolReason.NOT_ON_MOUNT_POINT,
+                      f"Pool path {cfg.path} is on {mount.mount_point}, not on {cfg.mount_point}.", mount)
     if expected_mount_id is not None and mount.mount_id != expected_mount_id:
-        return status(unavailable, f"The filesystem under pool path {cfg.path} was unmounted or replaced.", mount)
+        return status(PoolReason.UNMOUNTED,
+                      f"The filesystem under pool path {cfg.path} was unmounted or replaced.", mount)
     try:
         fs = os.statvfs(real)
     except OSError as exc:
-        return status(unavailable, f"Pool path {cfg.path} cannot be examined: {exc.strerror}.", mount)
+        return status(PoolReason.INACCESSIBLE, f"Pool path {cfg.path} cannot be examined: {exc.strerror}.", mount)
     capacity = fs.f_blocks * fs.f_frsize
     free = fs.f_bavail * fs.f_frsize
     reserve = cfg.reserve_bytes(capacity)
-    read_only = bool(fs.f_flag & os.ST_RDONLY) or mount.read_only
-    state = pool_state(exists=True, on_expected_mount=True, read_only=read_only, free_bytes=free,
-                       reserve_bytes=reserve)
-    reason = None
-    if state is PoolState.READ_ONLY:
-        reason = f"Pool path {cfg.path} is on a read-only filesystem ({mount.mount_point})."
-    elif state is PoolState.FULL:
-        reason = f"Pool {cfg.name} has {format_size(free)} free, not more than its reserve of {format_size(reserve)}."
-    return status(state, reason, mount, capacity, free)
+    reason = space_reason(read_only=bool(fs.f_flag & os.ST_RDONLY) or mount.read_only, free_bytes=free,
+                          reserve_bytes=reserve)
+    message = None
+    if reason is PoolReason.READ_ONLY:
+        message = f"Pool path {cfg.path} is on a read-only filesystem ({mount.mount_point})."
+    elif reason is PoolReason.FULL:
+        message = (f"Pool {cfg.name} has {format_size(free)} free, "
+                   f"not more than its reserve of {format_size(reserve)}.")
+    return status(reason, message, mount, capacity, free)
 
 
 class PoolSet:
-    """The daemon's pools, each bound to the mount it was first found on."""
+    """The daemon's pools, each bound to the mount it was first found on, and locked while served.
+
+    The lock is taken before the daemon does anything else in a pool; one held by another
+    daemon makes the pool ``unavailable`` (``locked``), and each refresh tries again.
+    """
 
     def __init__(self, configs: Iterable[ConfiguredPool]) -> None:
         self._configs: dict[str, ConfiguredPool] = {}
         self._mount_ids: dict[str, int] = {}
         self._statuses: dict[str, PoolStatus] = {}
         self._reflink: dict[str, bool] = {}
+        self._locks: dict[str, int] = {}  # pool name -> the fd holding its lock; two names may share one
         self.replace_configs(configs)
 
     def refresh(self, mounts: Sequence[Mount]) -> list[tuple[PoolStatus | None, PoolStatus]]:
-        """Probe every pool; returns ``(old, new)`` for each pool whose state changed (old is None when new)."""
+        """Probe every pool; returns ``(old, new)`` for each pool whose state or reason changed (old None: new)."""
         changed = []
         for name, cfg in self._configs.items():
             new = probe_pool(cfg, mounts, expected_mount_id=self._mount_ids.get(name))
+            if new.state is PoolState.UNAVAILABLE:
+                self._unlock(name)  # the next filesystem there gets a lock of its own
+            elif name not in self._locks:
+                new = self._lock(name, new)
             if new.state is PoolState.UNAVAILABLE:
                 self._reflink.pop(name, None)  # probed again when it comes back: maybe on another filesystem
             elif name in self._reflink:
@@ -163,9 +198,41 @@ class PoolSet:
                 self._mount_ids.setdefault(name, new.mount_id)
             old = self._statuses.get(name)
             self._statuses[name] = new
-            if old is None or old.state is not new.state:
+            if old is None or (old.state, old.reason) != (new.state, new.reason):
                 changed.append((old, new))
         return changed
+
+    def _lock(self, name: str, status: PoolStatus) -> PoolStatus:
+        try:
+            self._locks[name] = lock_pool(status.path, self._locks.values())
+        except PoolLocked as exc:
+            holder = "pid unknown" if exc.holder is None else f"pid {exc.holder}"
+            return dataclasses.replace(status, state=PoolState.UNAVAILABLE, reason=PoolReason.LOCKED,
+                                       message=f"Pool path {status.path} is locked by another scratchd ({holder}).")
+        except OSError as exc:
+            if status.state is PoolState.READ_ONLY:
+                return status  # nothing can change in it; locked once it is writable
+            return dataclasses.replace(status, state=PoolState.UNAVAILABLE, reason=PoolReason.INACCESSIBLE,
+                                       message=f"Pool path {status.path} cannot be locked: {exc.strerror}.")
+        return status
+
+    def _unlock(self, name: str) -> None:
+        fd = self._locks.pop(name, None)
+        if fd is not None and fd not in self._locks.values():
+            os.close(fd)
+
+    def holds(self, name: str) -> bool:
+        """Whether this daemon holds the pool's lock, so may touch anything inside it."""
+        return name in self._locks
+
+    def unlock_dropped(self, keep: Iterable[str]) -> None:
+        """Release the pools no longer configured, except ``keep`` (they still have active leases)."""
+        for name in set(self._locks) - set(self._configs) - set(keep):
+            self._unlock(name)
+
+    def close(self) -> None:
+        for name in list(self._locks):
+            self._unlock(name)
 
     def set_reflink(self, name: str, reflink: bool) -> None:
         """Record what ``probe_reflink`` found when the pool came up, until it next does."""
@@ -188,10 +255,64 @@ class PoolSet:
             if cfg is None or (cfg.path, cfg.mount_point) != (old.path, old.mount_point):
                 self._mount_ids.pop(name, None)
                 self._statuses.pop(name, None)
+                if cfg is not None:
+                    self._unlock(name)  # a new path is a new pool; a dropped one is kept for its leases
+        for name in (new.keys() & self._locks.keys()) - self._configs.keys():
+            self._unlock(name)  # dropped earlier and back now, perhaps with another path: locked afresh
         self._configs = new
 
 
 # -- on disk (SPEC §8) --------------------------------------------------------------------
+
+
+class PoolLocked(Exception):
+    """Another process holds the pool's lock."""
+
+    def __init__(self, holder: int | None) -> None:
+        super().__init__(holder)
+        self.holder = holder  # the pid it wrote into the lock file, if any
+
+
+def lock_pool(path: str, held: Iterable[int] = ()) -> int:
+    """Take ``<pool>/.lock`` exclusively without waiting; returns the fd that holds it while open.
+
+    ``held``: fds of locks this process already holds; one on the same file (two pools
+    naming one directory) is returned instead of a new fd, which its own lock would refuse.
+    The lock is held on a read-only fd: a writable one would stop the filesystem from
+    being remounted read-only (flock needs no write access, so an existing lock file
+    locks on a read-only filesystem too).
+    """
+    lock_path = os.path.join(path, LOCK_FILE)
+    fd = os.open(lock_path, os.O_RDONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    try:
+        st = os.fstat(fd)
+        for other in held:
+            theirs = os.fstat(other)
+            if (theirs.st_dev, theirs.st_ino) == (st.st_dev, st.st_ino):
+                os.close(fd)
+                return other
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise PoolLocked(_lock_holder(fd)) from None
+    except BaseException:
+        os.close(fd)
+        raise
+    with contextlib.suppress(OSError):  # read-only: locked all the same, without the pid
+        writer = os.open(lock_path, os.O_WRONLY | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC)
+        try:
+            os.write(writer, f"{os.getpid()}\n".encode())
+        finally:
+            os.close(writer)
+    return fd
+
+
+def _lock_holder(fd: int) -> int | None:
+    try:
+        text = os.pread(fd, 32, 0).decode("ascii", "replace").strip()
+    except OSError:
+        return None
+    return int(text) if text.isdigit() else None
 
 
 def prepare_pool_dir(path: str) -> None:

@@ -1,7 +1,9 @@
 """Reclaim decisions: signals -> thresholds -> ranking, all pure."""
 
 from scratchd.leases import EndReason, Lease, Usage
-from scratchd.pools import PoolState, PoolStatus
+import pytest
+
+from scratchd.pools import REASON_STATES, PoolReason, PoolState, PoolStatus
 from scratchd.reclaim.policy import decide, evictions, lease_ending
 
 
@@ -10,10 +12,10 @@ def lease(id="l", pool="p", created=0.0, expires=1000.0, **kw) -> Lease:
                  expires_at=expires, ttl_seconds=1000, **kw)
 
 
-def pool(name="p", state=PoolState.OK, free=100, reserve=0) -> PoolStatus:
+def pool(name="p", state=PoolState.OK, free=100, reserve=0, reason=None) -> PoolStatus:
     return PoolStatus(name=name, path=f"/{name}", mount_point="/", fstype="tmpfs", device="0:1", mount_id=1,
                       state=state, capacity_bytes=1000, free_bytes=free, reserve_bytes=reserve, labels=(),
-                      reason=None)
+                      reason=reason, message=None if reason is None else f"{name} is {reason}")
 
 
 def test_nothing_due():
@@ -39,9 +41,22 @@ def test_over_quota_only_above_the_limit():
     assert ending.reason is EndReason.OVER_QUOTA and ending.details == {"bytes": 101, "max_bytes": 100}
 
 
-def test_pool_lost_wins_and_dropped_pool_lives_on():
-    gone = pool(state=PoolState.UNAVAILABLE)
-    assert lease_ending(lease(expires=0), gone, now=10).reason is EndReason.POOL_LOST
+@pytest.mark.parametrize("reason", [r for r, state in REASON_STATES.items()
+                                    if state is PoolState.UNAVAILABLE and r is not PoolReason.LOCKED])
+def test_pool_lost_wins(reason):
+    ending = lease_ending(lease(expires=0), pool(state=PoolState.UNAVAILABLE, reason=reason), now=10)
+    assert ending.reason is EndReason.POOL_LOST
+    assert ending.details == {"pool_reason": reason, "pool_message": f"p is {reason}"}
+
+
+def test_leases_of_a_pool_another_daemon_holds_wait_as_they_are():
+    locked = pool(state=PoolState.UNAVAILABLE, reason=PoolReason.LOCKED)
+    assert lease_ending(lease(expires=0), locked, now=10) is None  # not lost, and not ours to expire now
+    assert lease_ending(lease(idle_timeout_seconds=1), locked, now=10) is None
+    assert decide([lease(expires=0, evictable=True)], {"p": locked}, now=10) == []
+
+
+def test_dropped_pool_lives_on():
     assert lease_ending(lease(), None, now=10) is None
     assert lease_ending(lease(), pool(state=PoolState.FULL), now=10) is None
     assert lease_ending(lease(), pool(state=PoolState.READ_ONLY), now=10) is None

@@ -5,6 +5,8 @@ import dataclasses
 import os
 import stat
 import subprocess
+import sys
+import typing
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -13,17 +15,24 @@ import pytest
 
 from scratchd import pools
 from scratchd.mounts import Mount, MountTable, mount_of, read_mounts
+from scratchd.api.models import PoolOut
 from scratchd.pools import (
+    LOCK_FILE,
+    REASON_STATES,
     TRASH_DIR,
+    PoolLocked,
+    PoolReason,
     PoolSet,
     PoolState,
     list_entries,
+    lock_pool,
     make_lease_dir,
     move_to_trash,
     pool_state,
     prepare_pool_dir,
     probe_pool,
     remove_if_empty,
+    space_reason,
 )
 
 from conftest import mounted
@@ -70,32 +79,50 @@ def with_fake_mounts(mounts: list[Mount], points: dict[Path, int]) -> list[Mount
     return [*mounts, *fakes]
 
 
-# -- pool_state -----------------------------------------------------------------------------
+# -- state and reason -----------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(("facts", "state"), [
-    ({}, PoolState.OK),
-    ({"exists": False}, PoolState.UNAVAILABLE),
-    ({"on_expected_mount": False}, PoolState.UNAVAILABLE),
-    ({"exists": False, "read_only": True, "free_bytes": 0}, PoolState.UNAVAILABLE),
-    ({"on_expected_mount": False, "read_only": True}, PoolState.UNAVAILABLE),
-    ({"read_only": True}, PoolState.READ_ONLY),
-    ({"read_only": True, "free_bytes": 0}, PoolState.READ_ONLY),
-    ({"free_bytes": 0}, PoolState.FULL),
-    ({"free_bytes": 0, "reserve_bytes": 0}, PoolState.FULL),
-    ({"free_bytes": 100, "reserve_bytes": 100}, PoolState.FULL),
-    ({"free_bytes": 99, "reserve_bytes": 100}, PoolState.FULL),
-    ({"free_bytes": 101, "reserve_bytes": 100}, PoolState.OK),
-    ({"free_bytes": 1, "reserve_bytes": 0}, PoolState.OK),
+@pytest.mark.parametrize(("reason", "state"), [
+    (None, PoolState.OK),
+    (PoolReason.MISSING, PoolState.UNAVAILABLE),
+    (PoolReason.NOT_ON_MOUNT_POINT, PoolState.UNAVAILABLE),
+    (PoolReason.UNMOUNTED, PoolState.UNAVAILABLE),
+    (PoolReason.LOCKED, PoolState.UNAVAILABLE),
+    (PoolReason.INACCESSIBLE, PoolState.UNAVAILABLE),
+    (PoolReason.READ_ONLY, PoolState.READ_ONLY),
+    (PoolReason.FULL, PoolState.FULL),
 ])
-def test_pool_state(facts: dict[str, object], state: PoolState) -> None:
-    given: dict[str, object] = {"exists": True, "on_expected_mount": True, "read_only": False,
-                                "free_bytes": 10 * MiB, "reserve_bytes": MiB, **facts}
-    assert pool_state(**given) is state  # type: ignore[arg-type]
+def test_pool_state_of_each_reason(reason: PoolReason | None, state: PoolState) -> None:
+    assert pool_state(reason) is state
 
 
-def test_pool_state_values_are_the_api_spelling() -> None:
+def test_every_reason_has_a_state_and_only_ok_has_none() -> None:
+    assert set(REASON_STATES) == set(PoolReason)
+    assert PoolState.OK not in REASON_STATES.values()
+
+
+@pytest.mark.parametrize(("facts", "reason"), [
+    ({}, None),
+    ({"read_only": True}, PoolReason.READ_ONLY),
+    ({"read_only": True, "free_bytes": 0}, PoolReason.READ_ONLY),  # read-only trumps full
+    ({"free_bytes": 0}, PoolReason.FULL),
+    ({"free_bytes": 0, "reserve_bytes": 0}, PoolReason.FULL),
+    ({"free_bytes": 100, "reserve_bytes": 100}, PoolReason.FULL),
+    ({"free_bytes": 99, "reserve_bytes": 100}, PoolReason.FULL),
+    ({"free_bytes": 101, "reserve_bytes": 100}, None),
+    ({"free_bytes": 1, "reserve_bytes": 0}, None),
+])
+def test_space_reason(facts: dict[str, object], reason: PoolReason | None) -> None:
+    given: dict[str, object] = {"read_only": False, "free_bytes": 10 * MiB, "reserve_bytes": MiB, **facts}
+    assert space_reason(**given) is reason  # type: ignore[arg-type]
+
+
+def test_pool_state_and_reason_values_are_the_api_spelling() -> None:
     assert [state.value for state in PoolState] == ["ok", "full", "read_only", "unavailable"]
+    assert {reason.value for reason in PoolReason} == {
+        "missing", "not_on_mount_point", "unmounted", "locked", "inaccessible", "read_only", "full"}
+    literal, none = typing.get_args(PoolOut.model_fields["reason"].annotation)
+    assert set(typing.get_args(literal)) == set(PoolReason) and none is type(None)
 
 
 # -- probe_pool -----------------------------------------------------------------------------
@@ -106,7 +133,7 @@ def test_probe_ok_pool_reports_its_mount_and_space(tmp_path: Path) -> None:
     status = probe_pool(PoolCfg("main", str(tmp_path), labels=["fast", "local"]), mounts, expected_mount_id=None)
     mount = mount_of(os.path.realpath(tmp_path), mounts)
     fs = os.statvfs(tmp_path)
-    assert status.state is PoolState.OK and status.reason is None
+    assert status.state is PoolState.OK and (status.reason, status.message) == (None, None)
     assert (status.name, status.path, status.labels) == ("main", str(tmp_path), ("fast", "local"))
     assert (status.mount_point, status.fstype, status.device, status.mount_id) == (
         mount.mount_point, mount.fstype, mount.device, mount.mount_id)
@@ -123,8 +150,8 @@ def test_probe_computes_reserve_from_capacity(tmp_path: Path) -> None:
 def test_probe_missing_path_is_unavailable_and_not_created(tmp_path: Path) -> None:
     path = tmp_path / "gone"
     status = probe_pool(PoolCfg("p", str(path), reserve_fixed=5), read_mounts(), expected_mount_id=None)
-    assert status.state is PoolState.UNAVAILABLE
-    assert "does not exist" in (status.reason or "")
+    assert (status.state, status.reason) == (PoolState.UNAVAILABLE, PoolReason.MISSING)
+    assert status.message == f"Pool path {path} does not exist."
     assert (status.mount_id, status.mount_point, status.capacity_bytes, status.free_bytes) == (None, None, 0, 0)
     assert not path.exists()
 
@@ -132,8 +159,8 @@ def test_probe_missing_path_is_unavailable_and_not_created(tmp_path: Path) -> No
 def test_probe_file_is_unavailable(tmp_path: Path) -> None:
     (tmp_path / "file").write_text("")
     status = probe_pool(PoolCfg("p", str(tmp_path / "file")), read_mounts(), expected_mount_id=None)
-    assert status.state is PoolState.UNAVAILABLE
-    assert "not a directory" in (status.reason or "")
+    assert (status.state, status.reason) == (PoolState.UNAVAILABLE, PoolReason.INACCESSIBLE)
+    assert "not a directory" in (status.message or "")
 
 
 def test_probe_follows_a_configured_symlink(tmp_path: Path) -> None:
@@ -146,8 +173,8 @@ def test_probe_follows_a_configured_symlink(tmp_path: Path) -> None:
 
 def test_probe_full_when_free_space_is_within_the_reserve(tmp_path: Path) -> None:
     status = probe_pool(PoolCfg("p", str(tmp_path), reserve_fraction=1.0), read_mounts(), expected_mount_id=None)
-    assert status.state is PoolState.FULL
-    assert status.reason is not None and "reserve" in status.reason
+    assert (status.state, status.reason) == (PoolState.FULL, PoolReason.FULL)
+    assert status.message is not None and "reserve" in status.message
     assert status.free_bytes > 0  # full, but the numbers are still true
 
 
@@ -156,8 +183,8 @@ def test_probe_read_only_from_the_mount_table(tmp_path: Path) -> None:
     own = mount_of(os.path.realpath(tmp_path), mounts)
     marked = [dataclasses.replace(m, read_only=True) if m == own else m for m in mounts]
     status = probe_pool(PoolCfg("p", str(tmp_path)), marked, expected_mount_id=None)
-    assert status.state is PoolState.READ_ONLY
-    assert "read-only" in (status.reason or "")
+    assert (status.state, status.reason) == (PoolState.READ_ONLY, PoolReason.READ_ONLY)
+    assert "read-only" in (status.message or "")
 
 
 def test_probe_on_its_mount_point(tmp_path: Path) -> None:
@@ -183,8 +210,8 @@ def test_probe_off_its_mount_point_is_unavailable(tmp_path: Path) -> None:
     mounts = read_mounts()
     status = probe_pool(PoolCfg("p", str(tmp_path), mount_point=str(tmp_path)), mounts, expected_mount_id=None)
     below = mount_of(os.path.realpath(tmp_path), mounts)
-    assert status.state is PoolState.UNAVAILABLE
-    assert status.reason == f"Pool path {tmp_path} is on {below.mount_point}, not on {tmp_path}."
+    assert (status.state, status.reason) == (PoolState.UNAVAILABLE, PoolReason.NOT_ON_MOUNT_POINT)
+    assert status.message == f"Pool path {tmp_path} is on {below.mount_point}, not on {tmp_path}."
     assert status.mount_id == below.mount_id  # says where it really is
     assert (status.capacity_bytes, status.free_bytes) == (0, 0)  # but not that filesystem's space
 
@@ -194,8 +221,8 @@ def test_probe_on_another_mount_than_expected_is_unavailable(tmp_path: Path) -> 
     own = mount_of(os.path.realpath(tmp_path), mounts)
     assert probe_pool(PoolCfg("p", str(tmp_path)), mounts, expected_mount_id=own.mount_id).state is PoolState.OK
     status = probe_pool(PoolCfg("p", str(tmp_path)), mounts, expected_mount_id=own.mount_id + 100000)
-    assert status.state is PoolState.UNAVAILABLE
-    assert "unmounted or replaced" in (status.reason or "")
+    assert (status.state, status.reason) == (PoolState.UNAVAILABLE, PoolReason.UNMOUNTED)
+    assert "unmounted or replaced" in (status.message or "")
 
 
 # -- PoolSet --------------------------------------------------------------------------------
@@ -235,8 +262,7 @@ def test_pool_set_binds_a_pool_to_the_mount_it_was_first_found_on(tmp_path: Path
     assert (new.state, new.mount_id) == (PoolState.OK, 1001)
 
     [(_, new)] = pool_set.refresh(with_fake_mounts(real, {tmp_path: 1002}))  # unmounted and mounted again
-    assert (new.state, new.mount_id) == (PoolState.UNAVAILABLE, 1002)
-    assert "unmounted or replaced" in (new.reason or "")
+    assert (new.state, new.reason, new.mount_id) == (PoolState.UNAVAILABLE, PoolReason.UNMOUNTED, 1002)
 
     [(_, new)] = pool_set.refresh(with_fake_mounts(real, {tmp_path: 1001}))  # the original is back on top
     assert new.state is PoolState.OK
@@ -273,6 +299,120 @@ def test_pool_set_replace_configs(tmp_path: Path) -> None:
     assert changes["moved"][0] is None and changes["moved"][1].mount_id == 2002  # a new path is a new pool
     assert changes["kept"][1].state is PoolState.UNAVAILABLE  # still bound to mount 1001
     assert [status.name for status in pool_set.statuses()] == ["new", "kept", "moved"]
+
+
+# -- one daemon per pool: the lock -----------------------------------------------------------
+
+
+def test_lock_pool_writes_the_holders_pid_into_a_private_file(tmp_path: Path) -> None:
+    fd = lock_pool(str(tmp_path))
+    try:
+        assert (tmp_path / LOCK_FILE).read_text() == f"{os.getpid()}\n"
+        assert mode(tmp_path / LOCK_FILE) == 0o600
+        assert list_entries(str(tmp_path)) == []  # the daemon's own: never an orphan
+    finally:
+        os.close(fd)
+
+
+def test_lock_pool_refuses_a_held_lock_naming_the_holder(tmp_path: Path) -> None:
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import os, sys; from scratchd.pools import lock_pool; lock_pool(sys.argv[1]); print(os.getpid(), flush=True);"
+        " sys.stdin.read()"), str(tmp_path)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout is not None
+        pid = int(holder.stdout.readline())
+        with pytest.raises(PoolLocked) as refused:
+            lock_pool(str(tmp_path))
+        assert refused.value.holder == pid == holder.pid
+    finally:
+        holder.communicate("")  # the holder exits: its lock goes with it
+    os.close(lock_pool(str(tmp_path)))
+
+
+def test_lock_pool_shares_a_lock_this_process_holds_on_the_same_file(tmp_path: Path) -> None:
+    (tmp_path / "alias").symlink_to(tmp_path)
+    fd = lock_pool(str(tmp_path))
+    try:
+        assert lock_pool(str(tmp_path / "alias"), [fd]) == fd
+        with pytest.raises(PoolLocked):  # without being told, its own lock refuses it
+            lock_pool(str(tmp_path / "alias"))
+    finally:
+        os.close(fd)
+
+
+def test_lock_pool_in_a_missing_pool_creates_nothing(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError):
+        lock_pool(str(tmp_path / "gone"))
+    assert not (tmp_path / "gone").exists()
+
+
+def test_pool_set_a_pool_locked_by_another_is_unavailable_until_released(tmp_path: Path) -> None:
+    mounts = read_mounts()
+    first, second = PoolSet([PoolCfg("p", str(tmp_path))]), PoolSet([PoolCfg("p", str(tmp_path))])
+    first.refresh(mounts)
+    [(_, locked)] = second.refresh(mounts)
+    assert (locked.state, locked.reason) == (PoolState.UNAVAILABLE, PoolReason.LOCKED)
+    assert locked.message == f"Pool path {tmp_path} is locked by another scratchd (pid {os.getpid()})."
+    assert (first.holds("p"), second.holds("p")) == (True, False)
+    assert second.refresh(mounts) == []  # retried, still locked: no change to report
+    first.close()
+    [(_, free)] = second.refresh(mounts)
+    assert (free.state, free.reason, second.holds("p")) == (PoolState.OK, None, True)
+    second.close()
+
+
+def test_pool_set_two_pools_naming_one_directory_share_its_lock(tmp_path: Path) -> None:
+    (tmp_path / "alias").symlink_to(tmp_path)
+    pool_set = PoolSet([PoolCfg("a", str(tmp_path)), PoolCfg("b", str(tmp_path / "alias"))])
+    assert [new.state for _, new in pool_set.refresh(read_mounts())] == [PoolState.OK, PoolState.OK]
+    pool_set.replace_configs([PoolCfg("b", str(tmp_path / "alias"))])
+    pool_set.unlock_dropped(keep=())
+    assert (pool_set.holds("a"), pool_set.holds("b")) == (False, True)
+    with pytest.raises(PoolLocked):  # "b" still holds it
+        lock_pool(str(tmp_path))
+    pool_set.close()
+
+
+def test_pool_set_releases_an_unavailable_pool_and_locks_it_again_when_back(tmp_path: Path) -> None:
+    pool = tmp_path / "p"
+    pool.mkdir()
+    pool_set = PoolSet([PoolCfg("p", str(pool))])
+    pool_set.refresh(read_mounts())
+    pool.rename(tmp_path / "away")
+    [(_, gone)] = pool_set.refresh(read_mounts())
+    assert (gone.reason, pool_set.holds("p")) == (PoolReason.MISSING, False)
+    os.close(lock_pool(str(tmp_path / "away")))  # free: nothing holds the old directory's lock
+    pool.mkdir()
+    [(_, back)] = pool_set.refresh(read_mounts())
+    assert (back.state, pool_set.holds("p")) == (PoolState.OK, True)
+    assert (pool / LOCK_FILE).exists()
+    pool_set.close()
+
+
+def test_pool_set_dropped_pool_keeps_its_lock_while_it_has_leases(tmp_path: Path) -> None:
+    for name in ("kept", "dropped", "moved", "elsewhere"):
+        (tmp_path / name).mkdir()
+    pool_set = PoolSet([PoolCfg(name, str(tmp_path / name)) for name in ("kept", "dropped", "moved")])
+    pool_set.refresh(read_mounts())
+    pool_set.replace_configs([PoolCfg("kept", str(tmp_path / "kept")),
+                              PoolCfg("moved", str(tmp_path / "elsewhere"))])
+    os.close(lock_pool(str(tmp_path / "moved")))  # a new path is a new pool: the old one is free at once
+    pool_set.unlock_dropped(keep={"dropped"})
+    assert pool_set.holds("dropped")
+    pool_set.unlock_dropped(keep=())
+    assert not pool_set.holds("dropped")
+    os.close(lock_pool(str(tmp_path / "dropped")))
+    pool_set.refresh(read_mounts())
+    assert (pool_set.holds("kept"), pool_set.holds("moved")) == (True, True)
+    pool_set.close()
+
+
+def test_pool_set_close_releases_every_lock(tmp_path: Path) -> None:
+    pool_set = PoolSet([PoolCfg("p", str(tmp_path))])
+    pool_set.refresh(read_mounts())
+    pool_set.close()
+    assert not pool_set.holds("p")
+    os.close(lock_pool(str(tmp_path)))
 
 
 # -- on disk: prepare_pool_dir --------------------------------------------------------------
@@ -530,10 +670,8 @@ def test_real_tmpfs_pool_is_lost_when_unmounted(tmp_path: Path) -> None:
         # The pool path still exists (on the parent filesystem): only the mount id tells.
         assert point.is_dir()
         changes = {new.name: (old, new) for old, new in pool_set.refresh(table.current())}
-    assert changes["p"][1].state is PoolState.UNAVAILABLE
-    assert "unmounted or replaced" in (changes["p"][1].reason or "")
-    assert changes["inner"][1].state is PoolState.UNAVAILABLE
-    assert "does not exist" in (changes["inner"][1].reason or "")
+    assert (changes["p"][1].state, changes["p"][1].reason) == (PoolState.UNAVAILABLE, PoolReason.UNMOUNTED)
+    assert (changes["inner"][1].state, changes["inner"][1].reason) == (PoolState.UNAVAILABLE, PoolReason.MISSING)
 
 
 @needs_root
@@ -568,8 +706,8 @@ def test_real_mount_point_check(tmpfs: Path) -> None:
     assert probe_pool(cfg, read_mounts(), expected_mount_id=None).state is PoolState.OK
     subprocess.run(["umount", str(tmpfs)], check=True)
     status = probe_pool(cfg, read_mounts(), expected_mount_id=None)
-    assert status.state is PoolState.UNAVAILABLE
-    assert f"not on {tmpfs}" in (status.reason or "")
+    assert (status.state, status.reason) == (PoolState.UNAVAILABLE, PoolReason.NOT_ON_MOUNT_POINT)
+    assert f"not on {tmpfs}" in (status.message or "")
 
 
 @needs_root
@@ -605,3 +743,20 @@ def test_real_trash_is_on_the_pools_filesystem(tmpfs: Path) -> None:
     trashed = move_to_trash(str(tmpfs), "abc")
     assert trashed is not None
     assert mount_of(trashed, read_mounts()).mount_point == os.path.realpath(tmpfs)
+
+
+@needs_root
+def test_real_read_only_pool_is_locked_through_an_existing_lock_file_else_once_writable(tmpfs: Path) -> None:
+    subprocess.run(["mount", "-o", "remount,ro", str(tmpfs)], check=True)
+    pool_set = PoolSet([PoolCfg("p", str(tmpfs))])
+    [(_, ro)] = pool_set.refresh(read_mounts())
+    assert (ro.state, ro.reason, pool_set.holds("p")) == (PoolState.READ_ONLY, PoolReason.READ_ONLY, False)
+    subprocess.run(["mount", "-o", "remount,rw", str(tmpfs)], check=True)
+    [(_, rw)] = pool_set.refresh(read_mounts())
+    assert (rw.state, pool_set.holds("p")) == (PoolState.OK, True)
+    # The lock is held on a read-only fd: it never stops a remount read-only.
+    subprocess.run(["mount", "-o", "remount,ro", str(tmpfs)], check=True)
+    with pytest.raises(PoolLocked):
+        lock_pool(str(tmpfs))
+    pool_set.close()
+    os.close(lock_pool(str(tmpfs)))  # an existing lock file locks on a read-only filesystem

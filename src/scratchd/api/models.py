@@ -111,6 +111,9 @@ class PoolOut(BaseModel):
     fstype: str | None
     device: str | None
     state: Literal["ok", "full", "read_only", "unavailable"]
+    reason: Literal["missing", "not_on_mount_point", "unmounted", "locked", "inaccessible", "read_only",
+                    "full"] | None = Field(description="Why the pool is not ok: a code; null when ok.")
+    message: str | None = Field(description="The reason in one sentence for a person; null when ok.")
     capacity_bytes: int
     free_bytes: int
     reserve_bytes: int
@@ -230,6 +233,8 @@ def pool_json(pool: PoolStatus, *, reserved: int, leased: int, active: int) -> d
         "fstype": pool.fstype,
         "device": pool.device,
         "state": pool.state.value,
+        "reason": pool.reason.value if pool.reason else None,
+        "message": pool.message,
         "capacity_bytes": pool.capacity_bytes,
         "free_bytes": pool.free_bytes,
         "reserve_bytes": pool.reserve_bytes,

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from scratchd.leases import EndReason, Lease
-from scratchd.pools import PoolState, PoolStatus
+from scratchd.pools import PoolReason, PoolState, PoolStatus
 
 
 @dataclass(frozen=True, slots=True)
@@ -27,9 +27,13 @@ def lease_ending(lease: Lease, pool: PoolStatus | None, now: float) -> Ending | 
     """The reason ``lease`` must end at ``now`` from its own signals, or None.
 
     ``pool`` is None for a pool dropped from the config: its leases live on (SPEC §7).
+    A pool another daemon serves (``locked``) is not ours to touch: its leases wait, as
+    they are, until this daemon holds the pool again.
     """
+    if pool is not None and pool.reason is PoolReason.LOCKED:
+        return None
     if pool is not None and pool.state is PoolState.UNAVAILABLE:
-        return Ending(lease.id, EndReason.POOL_LOST, {"pool_reason": pool.reason})
+        return Ending(lease.id, EndReason.POOL_LOST, {"pool_reason": pool.reason, "pool_message": pool.message})
     if now >= lease.expires_at:
         return Ending(lease.id, EndReason.EXPIRED)
     if lease.max_bytes is not None and lease.usage.bytes > lease.max_bytes:
