@@ -188,8 +188,12 @@ def _key_path(loc: tuple[Any, ...]) -> str:
     return out or "config"
 
 
-def parse_config(data: dict[str, Any], *, check_paths: bool = True) -> Config:
-    """Validate a decoded TOML document; raise ConfigError naming the first bad key."""
+def parse_config(data: dict[str, Any]) -> Config:
+    """Validate a decoded TOML document; raise ConfigError naming the first bad key.
+
+    A pool's path is not looked at here: a disk not mounted yet makes its pool
+    unavailable at run time, not the whole daemon fail to start.
+    """
     try:
         config = Config.model_validate(data)
     except ConfigError:
@@ -202,10 +206,6 @@ def parse_config(data: dict[str, Any], *, check_paths: bool = True) -> Config:
         elif error["type"] == "value_error":
             message = message.removeprefix("Value error, ")
         raise ConfigError(f"{_key_path(error['loc'])}: {message}") from None
-    if check_paths:
-        for index, pool in enumerate(config.pool):
-            if not os.path.isdir(pool.path):
-                raise ConfigError(f"pool[{index}].path: {pool.path} does not exist or is not a directory")
     return config
 
 

@@ -256,7 +256,6 @@ def test_bad_config_exits_2_naming_the_key(tmp_path):
     cases = {
         f'[[pool]]\nname = "a"\npath = "{pool}"\n[[pool]]\nname = "b"\npath = "{pool}"\nreserve = "lots"\n': "pool[1].reserve",
         '[server]\nsokcet = "/x"\n': "server.sokcet",
-        f'[[pool]]\nname = "a"\npath = "{tmp_path}/missing"\n': "pool[0].path",
         f'[[pool]]\nname = "a"\npath = "{pool}"\n[[pool]]\nname = "a"\npath = "{pool}"\n': "pool[1].name",
         '[limits]\nmax_ttl = 5\ndefault_ttl = "1h"\n': "limits",
         '[gc]\ninterval = true\n': "gc.interval",

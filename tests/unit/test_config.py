@@ -56,3 +56,22 @@ def test_errors_name_the_key(data, key):
     with pytest.raises(ConfigError) as excinfo:
         parse_config(data)
     assert str(excinfo.value).startswith(key), str(excinfo.value)
+
+
+def test_a_missing_pool_path_is_not_a_config_error(tmp_path):
+    # Its disk may not be mounted yet: the pool starts unavailable, the daemon serves the rest.
+    config = parse_config({"pool": [{"name": "later", "path": str(tmp_path / "not-mounted-yet")},
+                                    {"name": "file", "path": "/etc/hostname"}]})
+    assert [pool.name for pool in config.pool] == ["later", "file"]
+    assert not (tmp_path / "not-mounted-yet").exists()
+
+
+@pytest.mark.parametrize("data, key", [
+    ({"pool": [{"name": "a", "path": "/gone"}, {"name": "a", "path": "/gone/too"}]}, "pool[1].name"),
+    ({"pool": [{"name": "a", "path": "/gone", "mount_pt": "/gone"}]}, "pool[0].mount_pt"),
+    ({"pool": [{"name": "a", "path": 5}]}, "pool[0].path"),
+])
+def test_missing_pools_do_not_hide_other_errors(data, key):
+    with pytest.raises(ConfigError) as excinfo:
+        parse_config(data)
+    assert str(excinfo.value).startswith(key), str(excinfo.value)

@@ -76,7 +76,7 @@ def test_every_model_key_appears_as_a_value() -> None:
 
 
 def test_parses_as_shipped() -> None:
-    config = parse_config(tomllib.loads(EXAMPLE.read_text()), check_paths=False)
+    config = parse_config(tomllib.loads(EXAMPLE.read_text()))
     assert [pool.name for pool in config.pool] == ["nvme", "bulk"]
     assert config.limits.default_ttl == 3600
     assert config.server.listen_address == ("127.0.0.1", 8787)

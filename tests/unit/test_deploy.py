@@ -334,7 +334,7 @@ def test_dockerfile_baked_config_is_valid() -> None:
     (baked,) = [rest for rest in dockerfile("COPY") if rest.startswith("<<")]
     header, _, body = baked.partition("\n")
     assert header.endswith("/etc/scratchd/config.toml")
-    config = parse_config(tomllib.loads(body), check_paths=False)
+    config = parse_config(tomllib.loads(body))
     assert config.server.socket == healthcheck_command()[-2]
     assert [pool.path for pool in config.pool] == ["/scratch"]
 
@@ -409,13 +409,13 @@ def test_servicemonitor_scrapes_the_service_with_the_token() -> None:
     secret_ref = endpoint["authorization"]["credentials"]
     secret = kubernetes_object("Secret", secret_ref["name"])
     token = secret["stringData"][secret_ref["key"]]
-    config = parse_config(tomllib.loads(kubernetes_object("ConfigMap")["data"]["config.toml"]), check_paths=False)
+    config = parse_config(tomllib.loads(kubernetes_object("ConfigMap")["data"]["config.toml"]))
     viewers = {t.sha256 for t in config.token if t.role in ("viewer", "admin")}
     assert hashlib.sha256(token.encode()).hexdigest() in viewers
 
 
 def test_configmap_config_matches_the_daemonset() -> None:
-    config = parse_config(tomllib.loads(kubernetes_object("ConfigMap")["data"]["config.toml"]), check_paths=False)
+    config = parse_config(tomllib.loads(kubernetes_object("ConfigMap")["data"]["config.toml"]))
     container = daemonset_container()
     mounts = {m["mountPath"]: m for m in container["volumeMounts"]}
     assert os.path.dirname(config.server.socket) in mounts
@@ -440,7 +440,7 @@ def test_ci_pod_sees_pool_and_socket_at_the_daemons_paths() -> None:
     pod = kubernetes_object("Pod")
     ci = host_paths(pod["spec"], pod["spec"]["containers"][0])
     assert all(mount == host for mount, host in ci.items()), ci
-    config = parse_config(tomllib.loads(kubernetes_object("ConfigMap")["data"]["config.toml"]), check_paths=False)
+    config = parse_config(tomllib.loads(kubernetes_object("ConfigMap")["data"]["config.toml"]))
     env = {e["name"]: e["value"] for e in pod["spec"]["containers"][0]["env"]}
     assert env["SCRATCHD_SOCKET"] == config.server.socket
     # The pool and the workspace sit below ONE mount in the CI pod, as in the daemon's.

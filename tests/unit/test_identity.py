@@ -34,7 +34,7 @@ def config(**server: Any) -> Config:
             {"name": "grafana", "sha256": sha(VIEWER_TOKEN), "role": "viewer"},
             {"name": "ops", "sha256": sha(ADMIN_TOKEN), "role": "admin"},
         ],
-    }, check_paths=False)
+    })
 
 
 def nobody() -> pwd.struct_passwd:
@@ -193,7 +193,7 @@ def test_the_apps_current_identities_decide():
     app.state.identities = Identities(parse_config({
         "server": {"anonymous": "viewer"},
         "token": [{"name": "new", "sha256": sha(new_token), "role": "admin"}],
-    }, check_paths=False))
+    }))
     with pytest.raises(Refused):  # revoked by the reload
         authenticate(request(app, f"Bearer {TENANT_TOKEN}"), anonymous_ok=False)
     assert authenticate(request(app, f"Bearer {new_token}"), anonymous_ok=False).role is Role.ADMIN
