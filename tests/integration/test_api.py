@@ -156,7 +156,7 @@ def test_record_without_directory_ends_directory_removed_on_start(daemon):
     "body, field",
     [
         ({"ttl_seconds": "60"}, "ttl_seconds"),
-        ({"ttl_seconds": 60.0}, "ttl_seconds"),
+        ({"ttl_seconds": 60.5}, "ttl_seconds"),
         ({"ttl_seconds": 0}, "ttl_seconds"),
         ({"ttl_seconds": True}, "ttl_seconds"),
         ({"near": "relative/path"}, "near"),
@@ -177,6 +177,38 @@ def test_bad_input_is_refused_and_changes_nothing(daemon, body, field):
     assert any(name.startswith(field) for name in error["details"]["fields"]), error
     assert pool_entries(daemon) == before
     assert daemon.request("GET", "/v1/leases", params={"state": "all"}).json()["leases"] == []
+
+
+@pytest.mark.parametrize(("body", "said"), [
+    ({"ttl_seconds": 0}, "ttl_seconds must be ≥ 1"),
+    ({"ttl_seconds": "60"}, "ttl_seconds must be an integer"),
+    ({"placement": "nearby"}, "placement must be one of 'prefer-same-filesystem', 'same-filesystem' or 'any'"),
+    ({"near": "relative"}, "near must be an absolute path"),
+    ({"colour": "red"}, "colour is not a field of this request"),
+])
+def test_a_refusal_says_why(daemon, body, said):
+    error = assert_envelope(daemon.request("POST", "/v1/leases", json=body), 422, "invalid_request")
+    assert error["message"] == f"Invalid request: {said}."
+
+
+def test_an_integral_number_is_an_integer_as_the_published_schema_says(daemon):
+    """JSON Schema's ``integer`` (what /openapi.json publishes) takes ``88.0``; strings stay refused."""
+    lease = daemon.lease(ttl_seconds=88.0, max_bytes=1e6)
+    assert (lease["ttl_seconds"], lease["max_bytes"]) == (88, 1_000_000)
+    renewed = daemon.request("POST", f"/v1/leases/{lease['id']}/renew", json={"ttl_seconds": 99.0})
+    assert renewed.status_code == 200 and renewed.json()["ttl_seconds"] == 99
+
+
+@pytest.mark.parametrize(("method", "path", "allowed"), [
+    ("OPTIONS", "/v1/leases", "GET, POST"),
+    ("PUT", "/v1/leases", "GET, POST"),
+    ("PATCH", "/v1/leases/someid", "DELETE, GET"),
+    ("GET", "/v1/leases/someid/renew", "POST"),
+])
+def test_a_405_names_every_method_of_the_path(daemon, method, path, allowed):
+    answer = daemon.request(method, path)
+    assert_envelope(answer, 405, "method_not_allowed")
+    assert answer.headers["allow"] == allowed
 
 
 def test_transport_level_errors_use_the_envelope(daemon):

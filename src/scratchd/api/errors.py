@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Mapping
 from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException
 from starlette.responses import Response
+from starlette.routing import Match
 
 from scratchd.errors import Refused
 
@@ -58,21 +60,62 @@ async def _invalid(_: Request, exc: RequestValidationError) -> Response:
         return error_response(422, "invalid_request", "The request body is not valid JSON.", {"fields": {"body": "invalid JSON"}})
     fields: dict[str, str] = {}
     for error in errors:
-        message = str(error.get("msg", "invalid")).removeprefix("Value error, ")
-        if error.get("type") == "extra_forbidden":
-            message = "unknown field"
-        fields.setdefault(_field_name(tuple(error.get("loc", ()))), message)
-    names = ", ".join(sorted(fields))
-    return error_response(422, "invalid_request", f"Invalid request: {names}.", {"fields": fields})
+        fields.setdefault(_field_name(tuple(error.get("loc", ()))), _reason(error))
+    said = "; ".join(f"{name} {reason}" for name, reason in sorted(fields.items()))
+    return error_response(422, "invalid_request", f"Invalid request: {said}.", {"fields": fields})
 
 
-async def _http(_: Request, exc: HTTPException) -> Response:
+def _reason(error: Mapping[str, Any]) -> str:
+    """What is wrong with a field, worded to follow its name: ``ttl_seconds must be ≥ 1``."""
+    kind, ctx = error.get("type"), error.get("ctx") or {}
+    if kind in _REASONS:
+        return _REASONS[kind].format(**ctx)
+    message = str(error.get("msg", "is invalid")).removeprefix("Value error, ")
+    return message if kind == "value_error" else f"is invalid: {message[:1].lower()}{message[1:]}"
+
+
+_REASONS = {
+    "extra_forbidden": "is not a field of this request",
+    "missing": "is required",
+    "int_type": "must be an integer",
+    "bool_type": "must be true or false",
+    "string_type": "must be a string",
+    "dict_type": "must be an object",
+    "greater_than_equal": "must be ≥ {ge}",
+    "greater_than": "must be > {gt}",
+    "less_than_equal": "must be ≤ {le}",
+    "less_than": "must be < {lt}",
+    "string_too_short": "must be at least {min_length} characters",
+    "string_too_long": "must be at most {max_length} characters",
+    "literal_error": "must be one of {expected}",
+    "enum": "must be one of {expected}",
+}
+
+
+async def _http(request: Request, exc: HTTPException) -> Response:
     code = _HTTP_CODES.get(exc.status_code, "error")
     message = {
         404: "No such route.",
         405: "Method not allowed on this route.",
     }.get(exc.status_code, str(exc.detail))
-    return error_response(exc.status_code, code, message, None, dict(exc.headers or {}))
+    headers = dict(exc.headers or {})
+    if exc.status_code == 405:
+        headers["Allow"] = ", ".join(_allowed_methods(request))
+    return error_response(exc.status_code, code, message, None, headers)
+
+
+def _allowed_methods(request: Request) -> list[str]:
+    """Every method some route serves on this path: the router names only the first route's.
+
+    RFC 9110 wants them all in a 405's ``Allow``, and two routes (list and create) share
+    ``/v1/leases``. Each method is tried against the routes as the router would.
+    """
+    routes = request.app.router.routes
+    return [method for method in _METHODS
+            if any(route.matches({**request.scope, "method": method})[0] is Match.FULL for route in routes)]
+
+
+_METHODS = ("DELETE", "GET", "HEAD", "OPTIONS", "PATCH", "POST", "PUT")
 
 
 async def _crash(request: Request, exc: Exception) -> Response:

@@ -12,7 +12,7 @@ import re
 import time
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field
 
 from scratchd.leases import Lease
 from scratchd.pools import PoolStatus
@@ -45,6 +45,18 @@ def _labels(value: dict[str, str]) -> dict[str, str]:
     return value
 
 
+def _integral(value: object) -> object:
+    """``88.0`` is an integer by JSON Schema, which the published schema speaks; ``88.5`` and ``"88"`` are not."""
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return value
+
+
+# Strict, as every request type is, but by JSON's numbers rather than Python's types. After
+# the field's own constraints in ``Annotated``, or they drop out of the JSON Schema.
+INTEGRAL = BeforeValidator(_integral)
+
+
 class _Request(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
 
@@ -53,17 +65,17 @@ class LeaseRequest(_Request):
     near: Annotated[str, Field(min_length=1, max_length=MAX_PATH), AfterValidator(_absolute_path)] | None = None
     pool: Annotated[str, Field(min_length=1, max_length=64)] | None = None
     placement: Literal["prefer-same-filesystem", "same-filesystem", "any"] = "prefer-same-filesystem"
-    ttl_seconds: Annotated[int, Field(ge=1)] | None = None
-    idle_timeout_seconds: Annotated[int, Field(ge=1, le=10 * 365 * 86400)] | None = None
-    pid: Annotated[int, Field(ge=1, le=2**22)] | None = None
-    max_bytes: Annotated[int, Field(ge=1, le=2**63 - 1)] | None = None
-    expected_bytes: Annotated[int, Field(ge=0, le=2**63 - 1)] | None = None
+    ttl_seconds: Annotated[int, Field(ge=1), INTEGRAL] | None = None
+    idle_timeout_seconds: Annotated[int, Field(ge=1, le=10 * 365 * 86400), INTEGRAL] | None = None
+    pid: Annotated[int, Field(ge=1, le=2**22), INTEGRAL] | None = None
+    max_bytes: Annotated[int, Field(ge=1, le=2**63 - 1), INTEGRAL] | None = None
+    expected_bytes: Annotated[int, Field(ge=0, le=2**63 - 1), INTEGRAL] | None = None
     evictable: bool = False
     labels: Annotated[dict[str, str], AfterValidator(_labels)] = Field(default_factory=dict)
 
 
 class RenewRequest(_Request):
-    ttl_seconds: Annotated[int, Field(ge=1)] | None = None
+    ttl_seconds: Annotated[int, Field(ge=1), INTEGRAL] | None = None
 
 
 # -- answers -----------------------------------------------------------------------------
