@@ -101,6 +101,24 @@ def test_xfs_with_reflink_clones_through_a_bind_mount(make_daemon, tmp_path) -> 
             assert forced["link_mode"] == "copy"
 
 
+@needs_root
+def test_uv_clones_on_clone(make_daemon, tmp_path) -> None:
+    """The uv preset sets UV_LINK_MODE from the lease's link mode."""
+    with xfs_with_reflink(tmp_path) as xfs:
+        (xfs / "pool").mkdir()
+        (xfs / "project").mkdir()
+        with bind_mount(xfs / "project", tmp_path / "checkout"):
+            daemon = make_daemon(pool=[{"name": "xfs", "path": str(xfs / "pool")}])
+            wait_for(lambda: pools(daemon)["xfs"]["reflink"], what="the XFS pool probed as cloning")
+            env = {key: value for key, value in os.environ.items() if not key.startswith("UV_")}
+            env["SCRATCHD_SOCKET"] = daemon.socket
+            shown = subprocess.run(
+                [sys.executable, "-m", "scratchd", "lease", "--shell", "--tool", "uv", "--near", str(tmp_path / "checkout")],
+                capture_output=True, text=True, env=env, timeout=60, check=True,
+            ).stdout
+            assert "export UV_LINK_MODE=clone" in shown.splitlines()
+
+
 def test_a_state_directory_of_the_first_release_upgrades_on_start(make_daemon) -> None:
     """Leases recorded by 0.1.0 are still active after the upgrade, with a link mode, and nothing is an orphan."""
     daemon = make_daemon(start=False, gc={"interval": "0.2s", "orphan_grace": "0.5s"})
