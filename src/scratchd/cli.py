@@ -28,6 +28,10 @@ if TYPE_CHECKING:
 EXIT_OK = 0
 EXIT_REFUSED = 1  # the daemon said no
 EXIT_UNREACHABLE = 3
+EXIT_LEASE_ENDED = 4  # the lease ended under `run`'s command
+
+WATCH_SECONDS = 1.0  # how often `run` looks at its lease: it must notice an end within 2 s
+KILL_AFTER_SECONDS = 10.0  # from SIGTERM to SIGKILL, for a command whose lease ended
 
 PLACEMENTS = ("prefer-same-filesystem", "same-filesystem", "any")
 LOG_LEVELS = ("debug", "info", "warning", "error")
@@ -325,6 +329,13 @@ def _run_options(parser: argparse.ArgumentParser) -> None:
 
     _add_options(parser, RUN_OPTIONS)
     parser.add_argument("cmd", nargs=argparse.REMAINDER, metavar="-- CMD", help="the command and its arguments")
+    parser.epilog = (
+        "The command's exit status is run's (128+N for signal N). If run is killed, even with SIGKILL, the\n"
+        "command is killed too. If the lease ends under it (over its size, released by an admin, its\n"
+        "directory removed, ...), run says 'scratchd: lease ID ended: REASON', sends the command SIGTERM\n"
+        f"(SIGKILL {KILL_AFTER_SECONDS:.0f} s later) and exits 4. Otherwise: 1 the daemon refused, 2 usage error,\n"
+        "3 daemon unreachable."
+    )
 
 
 def _id_option(parser: argparse.ArgumentParser) -> None:
@@ -416,10 +427,12 @@ def cmd_run(args: SimpleNamespace, client: Client) -> int:
     try:
         env = _lease_env(lease, args.tool or (), args.env or (), verbose=args.verbose)
         renewer = Renewer(client, lease["id"], lease["ttl_seconds"], on_error=_renew_failed)
-        status = _run_child(command, {**os.environ, **env}, renewer)
+        status, ended = _run_child(command, {**os.environ, **env}, renewer)
     except BaseException:
         client.release(lease["id"])
         raise
+    if ended:
+        return EXIT_LEASE_ENDED
     try:
         client.release(lease["id"])
     except ScratchdError as error:
@@ -474,55 +487,100 @@ def _carry(files: Iterable[tuple[str, str]], *, verbose: bool) -> None:
             _say(f"carried {source} into the lease: {target}")
 
 
-def _run_child(command: Sequence[str], env: Mapping[str, str], renewer: Renewer) -> int:
-    """Run ``command`` and renew the lease until it ends; its exit status, 128+N if signal N killed it.
+def _run_child(
+    command: Sequence[str], env: Mapping[str, str], renewer: Renewer | None
+) -> tuple[int, str | None]:
+    """Run ``command``, watching the lease; its exit status (128+N if signal N killed it),
+    and the lease's end reason if it ended under the command.
 
-    Signals meant for us are forwarded to it. Renewals come from SIGALRM in this,
-    the only thread, while ``os.waitpid`` waits: no thread to start (``import
-    threading`` alone is 1 ms of every CI job's start-up), and every signal
-    interrupts the wait. ``_signal`` rather than ``signal``, whose import builds
-    enums of every signal (1 ms); the functions are the same, on plain ints.
+    Signals meant for us are forwarded to it. The lease is watched from SIGALRM,
+    every second, in this, the only thread, while we wait: no thread to start
+    (``import threading`` alone is 1 ms of every CI job's start-up), and every
+    signal interrupts the wait. The wait does not reap the command, so its pid
+    stays its own until no handler can signal it any more. ``_signal`` rather
+    than ``signal``, whose import builds enums of every signal (1 ms); the
+    functions are the same, on plain ints.
     """
     import _signal as signal
 
     forwarded = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT)
     child = 0
+    ended: str | None = None
 
     def forward(signum: int, frame: object) -> None:
         if child and not _sent_by_terminal(signum):
             os.kill(child, signum)
 
-    def renew(signum: int, frame: object) -> None:
-        # One-shot timer, re-armed after each renewal: two never overlap.
-        signal.setitimer(signal.ITIMER_REAL, renewer.renew())
+    def watch(signum: int, frame: object) -> None:
+        # A one-shot timer, re-armed after each look: two never overlap.
+        nonlocal ended
+        if ended:  # KILL_AFTER_SECONDS after the SIGTERM, and still there
+            os.kill(child, signal.SIGKILL)
+            return
+        ended = renewer.check()
+        if ended:
+            _say(f"lease {renewer.lease_id} ended: {ended}")
+            os.kill(child, signal.SIGTERM)
+            signal.setitimer(signal.ITIMER_REAL, KILL_AFTER_SECONDS)
+        else:
+            signal.setitimer(signal.ITIMER_REAL, min(WATCH_SECONDS, renewer.interval))
 
-    handlers = {**dict.fromkeys(forwarded, forward), signal.SIGALRM: renew}
+    handlers = {**dict.fromkeys(forwarded, forward), signal.SIGALRM: watch}
     previous = {signum: signal.signal(signum, handler) for signum, handler in handlers.items()}
     try:
         # Blocked until `child` is known, so none is lost in between.
         mask = signal.pthread_sigmask(signal.SIG_BLOCK, forwarded)
         try:
-            child = os.posix_spawnp(
-                command[0],
-                list(command),
-                env,
-                setsigmask=mask,
-                # What Python ignores (SIGPIPE, SIGXFSZ) must not stay ignored in the child.
-                setsigdef=(signal.SIGPIPE, signal.SIGXFSZ),
-            )
-        except OSError as error:
-            _say(f"{command[0]}: {error.strerror}")
-            return 127 if isinstance(error, FileNotFoundError) else 126
+            # What Python ignores (SIGPIPE, SIGXFSZ) must not stay ignored in the child.
+            child = _spawn(command, env, mask, (*handlers, signal.SIGPIPE, signal.SIGXFSZ))
         finally:
             signal.pthread_sigmask(signal.SIG_SETMASK, mask)
-        signal.setitimer(signal.ITIMER_REAL, renewer.interval)
-        _, status = os.waitpid(child, 0)
+        if renewer is not None:
+            signal.setitimer(signal.ITIMER_REAL, min(WATCH_SECONDS, renewer.interval))
+        os.waitid(os.P_PID, child, os.WEXITED | os.WNOWAIT)
     finally:
         signal.setitimer(signal.ITIMER_REAL, 0)
         for signum, handler in previous.items():
             signal.signal(signum, handler)
+    _, status = os.waitpid(child, 0)
     code = os.waitstatus_to_exitcode(status)
-    return 128 - code if code < 0 else code
+    return (128 - code if code < 0 else code), ended
+
+
+PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+
+
+def _spawn(command: Sequence[str], env: Mapping[str, str], mask: Iterable[int], defaults: Iterable[int]) -> int:
+    """Start ``command`` as ``posix_spawnp`` would, bound to die with us; its pid.
+
+    The child asks the kernel for SIGKILL when its parent dies
+    (``PR_SET_PDEATHSIG``), so even a SIGKILL of ``run`` cannot leave the
+    command writing into a lease that is reclaimed for ``run``'s exit.
+    posix_spawn has no such attribute, hence fork and exec; ctypes, for
+    ``prctl``, is imported in the child only. A failed exec says why and exits
+    127 (not found) or 126, as a shell does.
+    """
+    parent = os.getpid()
+    pid = os.fork()
+    if pid:
+        return pid
+    try:
+        import _signal as signal
+        import ctypes
+
+        for signum in defaults:
+            signal.signal(signum, signal.SIG_DFL)
+        ctypes.CDLL(None).prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+        if os.getppid() != parent:  # run died before we asked: no signal will come
+            os.kill(os.getpid(), signal.SIGKILL)
+        signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+        try:
+            os.execvpe(command[0], command, env)
+        except OSError as error:
+            os.write(2, f"scratchd: {command[0]}: {error.strerror}\n".encode())
+            os._exit(127 if isinstance(error, FileNotFoundError) else 126)
+    finally:
+        os._exit(127)
 
 
 def _sent_by_terminal(signum: int) -> bool:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import _socket  # not socket.py: 3 ms to import (enums for every constant, selectors)
 import os
+import time
 
 try:  # json's C accelerator alone: the json package costs 5 ms of every CI job's start-up
     import _json
@@ -26,6 +27,7 @@ __all__ = ["Client", "DaemonUnreachable", "Lease", "LeaseBlock", "Renewer", "Scr
 _USER_AGENT = "scratchd-client"
 _MAX_HEADERS = 100
 _MAX_LINE = 65536
+_RETRY_SECONDS = 5.0  # the longest wait before renewing again after a failure
 
 
 class ScratchdError(Exception):
@@ -389,10 +391,11 @@ def _decode(status: int, content: bytes) -> dict:
 
 
 class Renewer:
-    """Keeps a lease alive: ``renew()`` once, or every third of its TTL from a thread in a ``with`` block.
+    """Keeps a lease alive: every third of its TTL from a thread in a ``with`` block, or
+    from its owner calling ``check()`` on a timer of its own.
 
     It borrows the owner's ``Client``: the owner must not use it meanwhile.
-    Failures go to ``on_error``; after one, the next try comes sooner.
+    Failures to renew go to ``on_error``; after one, the next try comes sooner.
     """
 
     def __init__(
@@ -404,28 +407,58 @@ class Renewer:
     ) -> None:
         self.interval = ttl_seconds / 3
         self._client = client
-        self._lease_id = lease_id
+        self.lease_id = lease_id
         self._ttl = int(ttl_seconds)
         self._on_error = on_error
+        self._due = time.monotonic() + self.interval
 
     def renew(self) -> float:
         """Renew once; the seconds until the next renewal, 0 once the lease has ended."""
         try:
-            self._client.renew(self._lease_id, self._ttl)
+            self._client.renew(self.lease_id, self._ttl)
         except ScratchdError as error:
             if self._on_error is not None:
                 self._on_error(error)
             if error.code in ("lease_ended", "lease_not_found"):
                 return 0
-            return min(self.interval, 5.0)
+            return min(self.interval, _RETRY_SECONDS)
         return self.interval
+
+    def check(self) -> str | None:
+        """Renew when due, else look the lease up: its ``end_reason`` once it has ended, else None.
+
+        A lease can end with nobody here asking (an admin's release, over its
+        size, its directory removed): called every second, this notices within
+        one. Only failed renewals are reported: a daemon restarting is not news
+        every second.
+        """
+        renewing = time.monotonic() >= self._due
+        try:
+            if renewing:
+                self._due = time.monotonic() + min(self.interval, _RETRY_SECONDS)
+                lease = self._client.renew(self.lease_id, self._ttl)
+                self._due = time.monotonic() + self.interval
+            else:
+                lease = self._client.get_lease(self.lease_id)
+        except ScratchdError as error:
+            if error.code == "lease_ended":
+                try:
+                    return str(self._client.get_lease(self.lease_id)["end_reason"])
+                except ScratchdError:
+                    return "unknown"
+            if error.code == "lease_not_found":  # ended, and its record dropped already
+                return "unknown"
+            if renewing and self._on_error is not None:
+                self._on_error(error)
+            return None
+        return None if lease["state"] == "active" else str(lease["end_reason"])
 
     def __enter__(self) -> Renewer:
         import signal
         import threading
 
         self._stopped = threading.Event()
-        self._thread = threading.Thread(target=self._run, name=f"scratchd-renew-{self._lease_id}", daemon=True)
+        self._thread = threading.Thread(target=self._run, name=f"scratchd-renew-{self.lease_id}", daemon=True)
         # Signals belong to the main thread: start this one with them blocked, so
         # that they interrupt what the main thread is blocked in, not this one.
         mask = signal.pthread_sigmask(signal.SIG_BLOCK, signal.valid_signals())
