@@ -30,6 +30,7 @@ EXIT_REFUSED = 1  # the daemon said no
 EXIT_UNREACHABLE = 3
 EXIT_LEASE_ENDED = 4  # the lease ended under `run`'s command
 
+FALLBACKS = ("fail", "local")
 WATCH_SECONDS = 1.0  # how often `run` looks at its lease: it must notice an end within 2 s
 KILL_AFTER_SECONDS = 10.0  # from SIGTERM to SIGKILL, for a command whose lease ended
 
@@ -300,6 +301,13 @@ RUN_OPTIONS = (
     _option(
         "--env", metavar="VAR[=SUBDIR]", type=_env, action="append", help="set VAR to the lease (or a subdirectory)"
     ),
+    _option(
+        "--fallback",
+        metavar="F",
+        choices=FALLBACKS,
+        help="when the daemon is unreachable: fail (exit 3, the default) or local: run the command in a private"
+        " directory on --near's mount (else in $TMPDIR), deleted after ($SCRATCHD_FALLBACK)",
+    ),
     _option("--list-tools", action="store_true", help="print the tool presets and exit"),
     _option("-v", "--verbose", action="store_true", help="say what is set and what is left alone"),
 )
@@ -334,7 +342,7 @@ def _run_options(parser: argparse.ArgumentParser) -> None:
         "command is killed too. If the lease ends under it (over its size, released by an admin, its\n"
         "directory removed, ...), run says 'scratchd: lease ID ended: REASON', sends the command SIGTERM\n"
         f"(SIGKILL {KILL_AFTER_SECONDS:.0f} s later) and exits 4. Otherwise: 1 the daemon refused, 2 usage error,\n"
-        "3 daemon unreachable."
+        "3 daemon unreachable (see --fallback)."
     )
 
 
@@ -423,7 +431,16 @@ def cmd_run(args: SimpleNamespace, client: Client) -> int:
     command = args.cmd[1:] if args.cmd[:1] == ["--"] else args.cmd
     if not command:
         raise UsageError("run needs a command: scratchd run [OPTIONS] -- CMD [ARGS…]")
-    lease = client.create_lease(**_lease_request(args), pid=os.getpid())
+    fallback = args.fallback or os.environ.get("SCRATCHD_FALLBACK") or "fail"
+    if fallback not in FALLBACKS:
+        raise UsageError(f"SCRATCHD_FALLBACK must be one of {', '.join(FALLBACKS)}, not {fallback!r}")
+    request = _lease_request(args)
+    try:
+        lease = client.create_lease(**request, pid=os.getpid())
+    except DaemonUnreachable as error:
+        if fallback == "fail":
+            raise
+        return _run_local(command, args, request.get("near"), error)
     try:
         env = _lease_env(lease, args.tool or (), args.env or (), verbose=args.verbose)
         renewer = Renewer(client, lease["id"], lease["ttl_seconds"], on_error=_renew_failed)
@@ -440,6 +457,86 @@ def cmd_run(args: SimpleNamespace, client: Client) -> int:
         # anyway once this process exits (it is bound to our pid).
         _say(f"could not release lease {lease['id']}: {error.message}")
     return status
+
+
+def _run_local(command: Sequence[str], args: SimpleNamespace, near: object, error: DaemonUnreachable) -> int:
+    """``--fallback local``: the command runs in a private directory of its own, deleted when it ends.
+
+    The variables are a lease's, with ``SCRATCHD_LEASE_ID`` empty: there is no lease.
+    """
+    directory, link_mode = _local_directory(near if isinstance(near, str) else None)
+    _say(f"{error.message}; running in {directory} instead (--fallback local)")
+    try:
+        lease = {"id": "", "path": directory, "link_mode": link_mode}
+        env = _lease_env(lease, args.tool or (), args.env or (), verbose=args.verbose)
+        status, _ = _run_child(command, {**os.environ, **env}, None)
+    finally:
+        _remove_tree(directory)
+    return status
+
+
+def _local_directory(near: str | None) -> tuple[str, str | None]:
+    """A new private directory (mode 0700), and the link mode between it and ``near``.
+
+    On ``near``'s mount when we can write there, as a lease's pool would be: in
+    the writable directory nearest that mount's root on the way down to
+    ``near`` (the mount's root for root; often ``$HOME`` or the checkout for
+    others), to stay out of the project when it can. Else in the temp directory.
+    """
+    import tempfile
+
+    for directory in _way_down_to(near) if near is not None else ():
+        if os.access(directory, os.W_OK | os.X_OK):
+            try:
+                return tempfile.mkdtemp(prefix=".scratchd-local-", dir=directory), "hardlink"
+            except OSError:
+                continue
+    return tempfile.mkdtemp(prefix="scratchd-local-"), "copy" if near is not None else None
+
+
+def _way_down_to(near: str) -> list[str]:
+    """The directories from the root of ``near``'s mount down to ``near`` (or its nearest existing ancestor)."""
+    from scratchd.mounts import mount_of, read_mounts, resolve_near
+
+    try:
+        path = resolve_near(near)
+        top = mount_of(path, read_mounts()).mount_point
+    except (OSError, LookupError, ValueError):
+        return []
+    way_up = [path]
+    while way_up[-1] != top and way_up[-1] != "/":
+        way_up.append(os.path.dirname(way_up[-1]))
+    return way_up[::-1]
+
+
+def _remove_tree(path: str) -> None:
+    """Delete ``path`` and what the command left in it, never following a symlink.
+
+    A directory the command made read-only (Go's module cache is) is made
+    writable once and tried again; what still cannot go is said, not raised:
+    the command's status is the answer.
+    """
+    import shutil
+    import stat
+
+    retried = set()
+
+    def unlock(function: Callable[..., object], failed: str, exc_info: tuple[type, OSError, object]) -> None:
+        if failed in retried:
+            raise exc_info[1]
+        retried.add(failed)
+        for directory in (os.path.dirname(failed), failed):
+            if stat.S_ISDIR(os.lstat(directory).st_mode):
+                os.chmod(directory, 0o700)
+        if stat.S_ISDIR(os.lstat(failed).st_mode):
+            shutil.rmtree(failed, onerror=unlock)
+        else:
+            os.unlink(failed)
+
+    try:
+        shutil.rmtree(path, onerror=unlock)
+    except OSError as error:
+        _say(f"could not delete {path}: {error}")
 
 
 def _lease_env(
@@ -468,7 +565,7 @@ def _lease_env(
     if carried:
         _carry(carried, verbose=verbose)
     if verbose:
-        _say(f"lease {lease['id']} in pool {lease.get('pool')} at {path}")
+        _say(f"lease {lease['id']} in pool {lease.get('pool')} at {path}" if lease["id"] else f"local directory {path}")
         for name, value in env.items():
             _say(f"  {name}={value}")
     return env

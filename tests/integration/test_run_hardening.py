@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 
 from conftest import needs_root, tmpfs, wait_for
+from users import as_user, throwaway_user, world_traversable_dir
 
 SCRATCHD = [sys.executable, "-m", "scratchd"]
 SLACK = 3.0  # on top of the contract's 2 s, for a loaded 2-core CI machine
@@ -179,3 +180,111 @@ def test_a_command_that_ignores_sigterm_is_killed_10_s_later(daemon, jobs, tmp_p
     [term] = job.noted("signals")
     # Killed well after the SIGTERM it ignored (10 s; a lower bound that load can only lengthen).
     assert exited - float(term.split()[1]) > 5
+
+
+# -- --fallback local ----------------------------------------------------------------
+
+PROBE = 'stat -c %a "$SCRATCHD_LEASE_PATH"; echo "$SCRATCHD_LEASE_PATH"; echo "id=$SCRATCHD_LEASE_ID"; echo "$TMPDIR"'
+
+
+def run_unreachable(tmp_path: Path, *argv: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    environ = {name: value for name, value in os.environ.items() if name != "SCRATCHD_FALLBACK"}
+    environ.update(SCRATCHD_SOCKET=str(tmp_path / "no-daemon.sock"), **(env or {}))
+    return subprocess.run([*SCRATCHD, "run", *argv], capture_output=True, text=True, timeout=60, env=environ)
+
+
+def test_without_fallback_an_unreachable_daemon_is_still_exit_3(tmp_path) -> None:
+    result = run_unreachable(tmp_path, "--", "sh", "-c", "echo ran")
+    assert result.returncode == 3
+    assert "ran" not in result.stdout
+    assert run_unreachable(tmp_path, "--fallback", "fail", "--", "true").returncode == 3
+
+
+def test_a_bad_fallback_is_a_usage_error(tmp_path) -> None:
+    result = run_unreachable(tmp_path, "--", "true", env={"SCRATCHD_FALLBACK": "maybe"})
+    assert result.returncode == 2
+    assert "SCRATCHD_FALLBACK" in result.stderr and "'maybe'" in result.stderr
+
+
+@pytest.mark.parametrize("how", ["option", "environment"])
+def test_fallback_local_runs_the_command_in_a_private_directory(tmp_path, how: str) -> None:
+    project = tmp_path / "project"
+    project.mkdir()
+    if how == "option":
+        argv, env = ["--fallback", "local"], {}
+    else:
+        argv, env = [], {"SCRATCHD_FALLBACK": "local"}
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "keep").write_text("not the command's")
+    script = f'{PROBE}; ln -s "{outside}" "$SCRATCHD_LEASE_PATH/link"; mkdir -p "$UV_CACHE_DIR/ro"; ' \
+             'touch "$UV_CACHE_DIR/ro/f"; chmod 500 "$UV_CACHE_DIR/ro"; exit 5'
+    result = run_unreachable(tmp_path, *argv, "--near", str(project), "--tool", "uv", "--", "sh", "-c", script, env=env)
+    assert result.returncode == 5, result.stderr
+    mode, path, lease_id, tmpdir = result.stdout.splitlines()
+    assert mode == "700"
+    assert lease_id == "id="
+    assert tmpdir == f"{path}/tmp"  # the uv preset, as in a lease
+    assert os.stat(os.path.dirname(path)).st_dev == os.stat(project).st_dev  # on near's mount
+    assert not os.path.lexists(path)  # deleted, read-only directory and all
+    assert (outside / "keep").read_text() == "not the command's"  # the symlink was not followed
+    warnings = [line for line in result.stderr.splitlines() if line.startswith("scratchd: ")]
+    assert len(warnings) == 1, result.stderr
+    assert "cannot reach scratchd" in warnings[0] and path in warnings[0]
+
+
+@needs_root
+def test_fallback_local_on_a_mount_goes_to_its_root(tmp_path) -> None:
+    with tmpfs(tmp_path / "fs") as fs:
+        project = fs / "src" / "project"
+        project.mkdir(parents=True)
+        result = run_unreachable(tmp_path, "--fallback", "local", "--near", str(project), "--", "sh", "-c", PROBE)
+        assert result.returncode == 0, result.stderr
+        path = result.stdout.splitlines()[1]
+        assert os.path.dirname(path) == str(fs)
+        assert os.path.basename(path).startswith(".scratchd-local-")
+        assert os.listdir(fs) == ["src"]
+
+
+@needs_root
+def test_fallback_local_uses_tmpdir_when_nears_mount_is_read_only(tmp_path) -> None:
+    temp = tmp_path / "temp"
+    temp.mkdir()
+    with tmpfs(tmp_path / "ro", options="ro") as read_only:
+        result = run_unreachable(tmp_path, "--fallback", "local", "--near", str(read_only), "--tool", "uv", "--",
+                                 "sh", "-c", 'echo "$SCRATCHD_LEASE_PATH"; echo "$UV_LINK_MODE"', env={"TMPDIR": str(temp)})
+    assert result.returncode == 0, result.stderr
+    path, link_mode = result.stdout.splitlines()
+    assert os.path.dirname(path) == str(temp)
+    assert link_mode == "copy"  # not on near's mount
+    assert os.listdir(temp) == []
+
+
+@needs_root
+def test_fallback_local_as_a_user_goes_to_their_writable_directory_and_cleans_up() -> None:
+    """Not root: the mount's root is not theirs; what the command made read-only is deleted all the same.
+
+    In this process, as the user (the test's Python may not be theirs to run).
+    """
+    from scratchd.cli import _local_directory, _remove_tree
+
+    def command_leaves_a_read_only_directory(path: str) -> None:
+        os.mkdir(f"{path}/ro")
+        open(f"{path}/ro/f", "w").close()
+        os.chmod(f"{path}/ro", 0o500)
+
+    def fall_back() -> tuple[str, list[str]]:
+        path, link_mode = _local_directory(str(home / "project" / "venv-to-be"))
+        command_leaves_a_read_only_directory(path)
+        _remove_tree(path)
+        return path, link_mode
+
+    with throwaway_user() as user, world_traversable_dir() as top, tmpfs(top / "fs", options="mode=755") as fs:
+        home = fs / "home" / user.name
+        (home / "project").mkdir(parents=True)
+        for directory in (home, home / "project"):
+            os.chown(directory, user.uid, user.gid)
+        path, link_mode = as_user(user, fall_back)
+        assert os.path.dirname(path) == str(home)
+        assert link_mode == "hardlink"
+        assert os.listdir(home) == ["project"]
