@@ -501,24 +501,33 @@ class Lease:
         return f"Lease(id={self.id!r}, path={self.path!r})"
 
 
+_THIS_PROCESS = -1  # lease()'s default pid: the caller's, read when it is called
+
+
 def lease(
     near: str | None = ".",
     ttl_seconds: int | None = None,
     *,
+    pid: int | None = _THIS_PROCESS,
     client: Client | None = None,
     **fields: object,
 ) -> LeaseBlock:
     """Hold a lease for a ``with`` block: renewed while it runs, released when it ends, even on errors.
 
     ``near`` defaults to the current directory, as the CLI does: the cache lands
-    on the mount the build runs from when a pool is there. Other ``fields`` are
-    the API's LeaseRequest fields (pool, placement, max_bytes, labels, …)::
+    on the mount the build runs from when a pool is there. The lease is bound
+    to this process unless ``pid`` names another or is None: a job killed with
+    SIGKILL, which runs no ``__exit__``, loses it within seconds, not at its
+    TTL. Other ``fields`` are the API's LeaseRequest fields (pool, placement,
+    max_bytes, labels, …)::
 
         with scratchd.lease(ttl_seconds=3600, labels={"job": "42"}) as held:
             build(cache_dir=held.path)
     """
     if near is not None:
         fields["near"] = os.path.abspath(near)
+    if pid is not None:
+        fields["pid"] = os.getpid() if pid == _THIS_PROCESS else pid
     if ttl_seconds is not None:
         fields["ttl_seconds"] = ttl_seconds
     return LeaseBlock(client, fields)

@@ -257,6 +257,34 @@ def test_lease_context_manager_renews_and_releases(daemon, tmp_path) -> None:
     assert client.get_lease(held.id)["end_reason"] == "released"
 
 
+def test_a_python_job_killed_by_sigkill_loses_its_lease_within_2_s(daemon) -> None:
+    holder = (
+        "import sys, time, scratchd\n"
+        f"with scratchd.lease(client=scratchd.Client(socket={daemon.socket!r})) as held:\n"
+        "    print(held.id, held.data['pid'], flush=True)\n"
+        "    time.sleep(120)\n"
+    )
+    process = subprocess.Popen([sys.executable, "-c", holder], stdout=subprocess.PIPE, text=True)
+    try:
+        lease_id, pid = process.stdout.readline().split()
+        assert int(pid) == process.pid  # bound to the process that holds it, by default
+        process.kill()
+        process.wait()
+        ended = wait_for(lambda: lease_state(daemon, lease_id)["end_reason"], timeout=2 + 3, what="the lease's end")
+        assert ended == "process_exited"
+    finally:
+        process.kill()
+        process.wait()
+
+
+def test_a_python_lease_may_opt_out_of_the_binding(daemon) -> None:
+    client = scratchd.Client(socket=daemon.socket)
+    with scratchd.lease(pid=None, client=client) as unbound:
+        assert unbound.data["pid"] is None
+    with scratchd.lease(pid=os.getppid(), client=client) as other:
+        assert other.data["pid"] == os.getppid()
+
+
 def test_lease_context_manager_releases_on_errors(daemon, monkeypatch) -> None:
     monkeypatch.setenv("SCRATCHD_SOCKET", daemon.socket)
     with pytest.raises(RuntimeError), scratchd.lease() as held:
