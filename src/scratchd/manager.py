@@ -29,7 +29,7 @@ from scratchd.errors import Refused
 from scratchd.leases import EndReason, Lease, Usage
 from scratchd.mounts import MountTable, mount_of, resolve_near
 from scratchd.placement import Near, Placement, PlacementError, place
-from scratchd.pools import PoolSet, make_lease_dir, move_to_trash, remove_if_empty
+from scratchd.pools import PoolReason, PoolSet, make_lease_dir, move_to_trash, remove_if_empty
 from scratchd.reclaim import procs
 from scratchd.store import NewEvent, Store, StoreError, lease_inserted, lease_updated
 
@@ -341,6 +341,11 @@ class LeaseManager:
     def _begin_end(self, lease: Lease, reason: EndReason, details: dict[str, object]) -> tuple[Lease, NewEvent]:
         ended = lease_sm.end(lease, reason, self._clock())
         if reason is not EndReason.POOL_LOST:
+            pool = self.pools.get(lease.pool)
+            if pool is not None and pool.reason is PoolReason.LOCKED:
+                # Another daemon serves the pool now: nothing in it is ours to move.
+                raise Refused(503, "pool_unavailable", f"Pool {lease.pool} is served by another scratchd.",
+                              {"pool": lease.pool, "reason": pool.reason.value, "message": pool.message})
             pool_path = self._pool_path(lease)
             if remove_if_empty(pool_path, lease.id):
                 self._on_removed(ended)

@@ -109,6 +109,11 @@ def test_the_first_daemon_back_finds_its_pool_taken_and_waits(make_daemon: Any) 
     got = first.request("GET", f"/v1/leases/{lease['id']}").json()
     assert got["state"] == "active", got
     assert os.path.isdir(lease["path"])
+    # Not even its owner's release moves anything in a pool the first does not hold.
+    refused = first.request("DELETE", f"/v1/leases/{lease['id']}")
+    assert refused.status_code == 503 and refused.json()["error"]["code"] == "pool_unavailable", refused.text
+    assert os.path.isdir(lease["path"])
+    assert first.request("GET", f"/v1/leases/{lease['id']}").json()["state"] == "active"
 
     second.stop()
     wait_for(lambda: pool(first, "main")["state"] == "ok", timeout=5, what="the first taking its pool back")
