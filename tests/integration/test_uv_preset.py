@@ -9,6 +9,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -47,14 +48,20 @@ def build_wheel(directory: Path) -> Path:
     return wheel
 
 
-def install_in_a_lease(daemon, project: Path, wheel: Path) -> tuple[subprocess.CompletedProcess[str], int]:
-    """`scratchd run --tool uv -- uv pip install …`; returns the run and the installed file's link count
-    as seen while the lease (and so uv's cache) still exists."""
+def uv_env(daemon, project: Path) -> dict[str, str]:
+    """The environment of a job that knows nothing of uv's settings, and a venv in ``project`` for it."""
     env = {**os.environ, "UV_OFFLINE": "1", "UV_PYTHON_DOWNLOADS": "never", "SCRATCHD_SOCKET": daemon.socket}
-    for name in ("UV_CACHE_DIR", "UV_LINK_MODE", "UV_NO_CACHE"):
+    for name in ("UV_CACHE_DIR", "UV_LINK_MODE", "UV_NO_CACHE", "TMPDIR"):
         env.pop(name, None)
     subprocess.run([UV, "venv", "--python", sys.executable, str(project / ".venv")], check=True, env=env,
                    capture_output=True)
+    return env
+
+
+def install_in_a_lease(daemon, project: Path, wheel: Path) -> tuple[subprocess.CompletedProcess[str], int]:
+    """`scratchd run --tool uv -- uv pip install …`; returns the run and the installed file's link count
+    as seen while the lease (and so uv's cache) still exists."""
+    env = uv_env(daemon, project)
     installed = project / ".venv" / "lib" / f"python{sys.version_info.major}.{sys.version_info.minor}" \
         / "site-packages" / "tinypkg" / "__init__.py"
     script = (f'"{UV}" pip install --python "{project}/.venv/bin/python" --no-index "{wheel}" '
@@ -94,3 +101,38 @@ def test_uv_copies_quietly_when_the_only_pool_is_elsewhere(make_daemon, tmp_path
     assert result.returncode == 0, result.stderr
     assert "failed to hardlink" not in result.stderr.lower(), result.stderr  # UV_LINK_MODE=copy: no warning
     assert nlink == 1
+
+
+def uv_temp_dirs() -> set[str]:
+    """What uv leaves in the system temp directory: its temporary dirs are ``.tmpXXXXXX``."""
+    return {name for name in os.listdir("/tmp") if name.startswith(".tmp")}
+
+
+def test_the_seed_uv_no_cache_links_from_a_temporary_cache_in_the_lease(make_daemon, tmp_path):
+    """`uv --no-cache pip install` with TMPDIR unset and the project on a tmpfs other than /tmp.
+
+    uv makes its throw-away cache in the temp directory and links out of it;
+    `/tmp` is another mount, so without the preset's TMPDIR it warns and copies.
+    """
+    wheel = build_wheel(tmp_path / "dist")
+    with tmpfs(tmp_path / "A", size="64m") as fs:
+        (fs / "pool").mkdir()
+        project = fs / "project"
+        project.mkdir()
+        daemon = make_daemon(pool=[{"name": "a", "path": str(fs / "pool")}])
+        env = uv_env(daemon, project)
+        before = uv_temp_dirs()
+        # -vv: uv's trace names the files of its temporary cache.
+        script = (f'echo "$SCRATCHD_LEASE_PATH"; exec "{UV}" --no-cache -vv pip install '
+                  f'--python "{project}/.venv/bin/python" --no-index "{wheel}"')
+        result = subprocess.run([*SCRATCHD, "run", "--near", str(project), "--tool", "uv", "--", "sh", "-c", script],
+                                env=env, capture_output=True, text=True, timeout=120)
+        daemon.stop()
+    assert result.returncode == 0, result.stderr
+    assert "failed to hardlink" not in result.stderr.lower(), result.stderr
+    lease_path = result.stdout.splitlines()[0]
+    assert lease_path.startswith(f"{fs}/pool/")  # the lease is on the project's mount
+    temporary_caches = set(re.findall(r"(/[^\s`'\"]*/\.tmp\w+)/", result.stderr))
+    assert temporary_caches, result.stderr
+    assert all(path.startswith(f"{lease_path}/tmp/") for path in temporary_caches), temporary_caches
+    assert uv_temp_dirs() <= before  # nothing left in /tmp
