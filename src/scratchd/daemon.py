@@ -106,7 +106,7 @@ class Daemon:
                 self.manager.end(lease, EndReason.DIRECTORY_REMOVED)
             elif lease.pid is not None and not self.pids.bind(lease.id, lease.pid, lease.pid_start_time):
                 self.manager.end(lease, EndReason.PROCESS_EXITED, pid=lease.pid)
-            elif lease.idle_timeout_seconds is not None:
+            else:
                 self.activity.bind(lease.id, lease.path)
 
     def reload(self) -> bool:
@@ -267,7 +267,7 @@ class Daemon:
             self.pids.unbind(lease.id)
             self.activity.unbind(lease.id)
             return
-        if lease.idle_timeout_seconds is not None and lease.id not in self.activity:
+        if lease.id not in self.activity:
             self.activity.bind(lease.id, lease.path)
         if lease.pid is not None and lease.id not in self.pids:
             if not self.pids.bind(lease.id, lease.pid, lease.pid_start_time):
@@ -278,6 +278,7 @@ class Daemon:
         lease = self.manager.active.get(lease_id)
         if lease is not None and (lease.last_activity_at is None or at > lease.last_activity_at):
             lease.last_activity_at = at
+        self.usage.written(lease_id, at)
 
     def _process_exited(self, lease_id: str) -> None:
         lease = self.manager.active.get(lease_id)

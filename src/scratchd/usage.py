@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import heapq
 import logging
+import math
 import os
 import time
 from collections.abc import Callable
@@ -34,12 +35,17 @@ SCAN_DUTY_CYCLE = 0.5
 # Leases whose figures drive a decision (idle timeout, byte limit, reservation) are
 # rescanned every gc.interval; the rest at most this often.
 BACKGROUND_PERIOD_SECONDS = 60.0
+# A lease is measured again once writes under it have stopped this long: longer than the
+# activity watch's debounce, so the scan starts after the last write it was told of.
+SETTLE_SECONDS = 1.0
 FLUSH_SECONDS = 1.0
 
 
 class UsageMonitor:
     """Scans active leases one at a time in a worker process, most overdue first.
 
+    Each lease is due at the earlier of two times: its periodic scan, and SETTLE_SECONDS
+    after the last write the activity watch reported (which moves on while writes go on).
     Results go to the in-memory leases at once (the GC loop decides on them) and to
     the store in batches: a lost batch costs one rescan, not correctness.
     """
@@ -47,8 +53,10 @@ class UsageMonitor:
     def __init__(self, daemon: Daemon, clock: Callable[[], float]) -> None:
         self._daemon = daemon
         self._clock = clock
-        self._due: list[tuple[float, str]] = []
-        self._queued: set[str] = set()
+        self._due: list[tuple[float, str]] = []  # entries whose time is no longer _when's are skipped
+        self._when: dict[str, float] = {}
+        self._periodic: dict[str, float] = {}
+        self._settle: dict[str, float] = {}
         self._dirty: dict[str, Lease] = {}
         self._wakeup = asyncio.Event()
         self._executor = disk_worker(SCANNER_NICENESS, scan_tree)
@@ -72,16 +80,36 @@ class UsageMonitor:
             return interval
         return max(interval, BACKGROUND_PERIOD_SECONDS)
 
+    def written(self, lease_id: str, at: float) -> None:
+        """Writes under a lease were seen at ``at``: measure it once they have stopped."""
+        if lease_id in self._daemon.manager.active:
+            self._settle[lease_id] = at + SETTLE_SECONDS
+            self._push(lease_id)
+
     def _schedule(self, lease_id: str, when: float) -> None:
-        if lease_id not in self._queued:
-            self._queued.add(lease_id)
+        """The next periodic scan: at ``when``, unless one is due sooner."""
+        if when < self._periodic.get(lease_id, math.inf):
+            self._periodic[lease_id] = when
+            self._push(lease_id)
+
+    def _push(self, lease_id: str) -> None:
+        when = min(self._periodic.get(lease_id, math.inf), self._settle.get(lease_id, math.inf))
+        if self._when.get(lease_id) != when:
+            self._when[lease_id] = when
             heapq.heappush(self._due, (when, lease_id))
-            if self._due[0][1] == lease_id:  # due before all the rest: the loop must look again
+            if self._due[0] == (when, lease_id):  # due before all the rest: the loop must look again
                 self._wakeup.set()
+
+    def _forget(self, lease_id: str) -> None:
+        self._when.pop(lease_id, None)
+        self._periodic.pop(lease_id, None)
+        self._settle.pop(lease_id, None)
 
     def _lease_changed(self, lease: Lease) -> None:
         if lease.active:  # a new lease is empty: its first scan can wait a period
             self._schedule(lease.id, self._clock() + self._period(lease))
+        else:
+            self._forget(lease.id)
 
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
@@ -95,6 +123,9 @@ class UsageMonitor:
                 await self._wakeup.wait()
                 continue
             when, lease_id = self._due[0]
+            if self._when.get(lease_id) != when:
+                heapq.heappop(self._due)
+                continue
             wait = when - self._clock()
             if wait > 0:
                 self._wakeup.clear()
@@ -104,7 +135,7 @@ class UsageMonitor:
                     pass
                 continue
             heapq.heappop(self._due)
-            self._queued.discard(lease_id)
+            self._forget(lease_id)
             lease = self._daemon.manager.active.get(lease_id)
             if lease is None:
                 continue

@@ -467,3 +467,17 @@ def test_pid_binding_from_another_pid_namespace(make_daemon):
         inner.stdin.close()
         inner.wait(10)
     assert wait_ended(daemon, lease["id"], timeout=2.0)["end_reason"] == "process_exited"
+
+
+# -- fresh usage -----------------------------------------------------------------------------
+
+
+def test_usage_is_measured_again_within_5s_after_writes_stop(daemon):
+    # No idle timeout, no byte limit: the periodic pass would measure this lease a minute from now.
+    lease = daemon.lease()
+    with open(os.path.join(lease["path"], "data"), "wb") as f:
+        f.write(os.urandom(3 << 20))
+    stopped = time.monotonic()
+    wait_for(lambda: state_of(daemon, lease["id"])["usage"]["bytes"] >= 3 << 20, timeout=5 + 5,
+             what="usage of 3 MiB (5 s, and as much again for a loaded host; the periodic pass is 60 s)")
+    assert time.monotonic() - stopped < 10
