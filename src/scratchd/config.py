@@ -116,6 +116,15 @@ class GcConfig(_Section):
         return value
 
 
+class MetricsConfig(_Section):
+    """``tenants``: how many tenants get series of their own; the rest share ``tenant="other"``.
+
+    A host that gives each CI job its own uid would otherwise grow a series per job.
+    """
+
+    tenants: int = Field(default=50, ge=0)
+
+
 class PoolConfig(_Section):
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
     path: str
@@ -159,6 +168,7 @@ class Config(_Section):
     server: ServerConfig = Field(default_factory=ServerConfig)
     limits: LimitsConfig = Field(default_factory=LimitsConfig)
     gc: GcConfig = Field(default_factory=GcConfig)
+    metrics: MetricsConfig = Field(default_factory=MetricsConfig)
     pool: list[PoolConfig] = Field(default_factory=list)
     tenant: list[TenantConfig] = Field(default_factory=list)
     token: list[TokenConfig] = Field(default_factory=list)

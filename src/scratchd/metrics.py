@@ -4,17 +4,21 @@ Gauges are not updated as things change: a collector reads the daemon when Prome
 asks, so a metric can never drift from what ``/v1/pools`` and ``/v1/usage`` answer.
 Only lease starts and ends need memory (an ended lease leaves the active set), so they
 are counted as they happen, from the manager's listeners, starting at 0 in each process.
-No label names a lease or a raw path: series stay bounded by pools × tenants × reasons
-and by route templates.
+No label names a lease or a path a request chose: series stay bounded by the pools in
+the config, by ``[metrics] tenants`` (the busiest tenants by active leases; the rest
+are summed as ``tenant="other"``), by the reason codes and by the route templates.
 """
 
 from __future__ import annotations
 
+import platform
 import time
 from collections import Counter
 from collections.abc import Iterable, Iterator, Mapping
 
-from prometheus_client import CollectorRegistry, Histogram
+from importlib import metadata
+
+from prometheus_client import CollectorRegistry, Histogram, PlatformCollector, ProcessCollector
 from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 from starlette.applications import Starlette
@@ -23,6 +27,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from scratchd.api.routes import pools_json
 from scratchd.daemon import Daemon
 from scratchd.leases import EndReason, Lease
+from scratchd.pools import REASON_STATES, PoolState
 
 # Most answers take well under a millisecond; the top buckets catch a slow disk or SQLite.
 REQUEST_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
@@ -41,7 +46,39 @@ POOL_GAUGES = {
 # Up is "this daemon serves the pool": a full or read-only pool is still mounted where it
 # belongs and its leases still work, so it is up; the states say whether it takes new leases.
 POOL_UP_HELP = ("1 when this daemon serves the pool (state ok, full or read_only); 0 when it is unavailable "
-                "(its reason in /v1/pools: missing, not_on_mount_point, unmounted, locked, inaccessible).")
+                "(its reason in scratchd_pool_state and /v1/pools).")
+# Every (state, reason) a pool can be in: each pool has one series per pair, 1 for the
+# one it is in, so a change is a value that moves, never a series that appears.
+POOL_STATES = [(PoolState.OK.value, ""), *((state.value, reason.value) for reason, state in REASON_STATES.items())]
+POOL_STATE_HELP = ("1 for the state and reason the pool is in, 0 for the others; reason is \"\" when the state is ok "
+                   "(missing, not_on_mount_point, unmounted, locked, inaccessible, read_only or full otherwise).")
+POOL_INFO_HELP = "The pool as configured and found: its path, mount, filesystem type and labels (comma-joined)."
+
+
+def _version() -> str:
+    try:
+        return metadata.version("scratchd")
+    except metadata.PackageNotFoundError:  # run from a source tree that was never installed
+        return "unknown"
+
+
+BUILD = (_version(), platform.python_version())  # read once: a scrape does no disk work
+
+
+def top_tenants(active: Mapping[tuple[str, str], int], keep: int) -> Counter[tuple[str, str]]:
+    """``(pool, tenant) -> leases`` with only the ``keep`` tenants holding the most leases named.
+
+    The others are summed per pool as ``other`` (ties go by name, so the same tenants
+    keep their series from one scrape to the next).
+    """
+    totals: Counter[str] = Counter()
+    for (_, tenant), count in active.items():
+        totals[tenant] += count
+    named = set(sorted(totals, key=lambda tenant: (-totals[tenant], tenant))[:keep])
+    bounded: Counter[tuple[str, str]] = Counter()
+    for (pool, tenant), count in active.items():
+        bounded[pool, tenant if tenant in named else OTHER] += count
+    return bounded
 
 
 class LeaseCounts:
@@ -85,10 +122,19 @@ class DaemonCollector(Collector):
                           {(p["name"],): p[key] for p in pools})
         yield _family(GaugeMetricFamily("scratchd_pool_up", POOL_UP_HELP, labels=["pool"]),
                       {(p["name"],): int(p["state"] != "unavailable") for p in pools})
+        yield _family(GaugeMetricFamily("scratchd_pool_state", POOL_STATE_HELP, labels=["pool", "state", "reason"]),
+                      {(p["name"], state, reason): int((p["state"], p["reason"] or "") == (state, reason))
+                       for p in pools for state, reason in POOL_STATES})
+        yield _family(GaugeMetricFamily("scratchd_pool_info", POOL_INFO_HELP,
+                                        labels=["pool", "path", "mount_point", "fstype", "labels"]),
+                      {(p["name"], p["path"], p["mount_point"] or "", p["fstype"] or "", ",".join(p["labels"])): 1
+                       for p in pools})
 
         active = Counter((lease.pool, lease.tenant) for lease in self._daemon.manager.active.values())
-        yield _family(GaugeMetricFamily("scratchd_leases_active", "Active leases.", labels=["pool", "tenant"]),
-                      active)
+        yield _family(GaugeMetricFamily("scratchd_leases_active",
+                                        'Active leases; beyond the [metrics] tenants busiest, tenant="other".',
+                                        labels=["pool", "tenant"]),
+                      top_tenants(active, self._daemon.config.metrics.tenants))
         yield _family(CounterMetricFamily("scratchd_leases_created", "Leases started since the daemon started.",
                                           labels=["pool"]),
                       {(pool,): self.counts.created[pool] for pool in names})
@@ -107,6 +153,14 @@ class DaemonCollector(Collector):
                                   value=trash.reclaimed_total)
         yield CounterMetricFamily("scratchd_reclaimed_bytes", "Bytes freed by deletion since the daemon started.",
                                   value=trash.reclaimed_bytes_total)
+        failed = self._daemon.reclaim_failures
+        yield _family(CounterMetricFamily("scratchd_reclaim_failed",
+                                          "Deletions of a tree that failed (each retry counts) since the daemon started.",
+                                          labels=["pool"]),
+                      {(pool,): failed.get(pool, 0) for pool in sorted(set(names) | set(failed))})
+        yield _family(GaugeMetricFamily("scratchd_build_info", "The running scratchd: always 1.",
+                                        labels=["version", "python"]),
+                      {BUILD: 1})
 
 
 def _family(family: GaugeMetricFamily | CounterMetricFamily, samples: Mapping[tuple[str, ...], int]) -> Metric:
@@ -121,6 +175,8 @@ class Metrics:
     def __init__(self, daemon: Daemon) -> None:
         self.registry = CollectorRegistry()
         self.registry.register(DaemonCollector(daemon))
+        ProcessCollector(registry=self.registry)
+        PlatformCollector(registry=self.registry)
         self.request_duration = Histogram(
             "scratchd_request_duration_seconds", "Time to answer an HTTP request, by route template.",
             ["route", "method", "status"], buckets=REQUEST_BUCKETS, registry=self.registry,

@@ -2,13 +2,22 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
+import platform
 import pwd
+import shutil
+import signal
+import subprocess
+from importlib import metadata
 
+import httpx
+import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.samples import Sample
 
-from conftest import wait_for
+from conftest import needs_root, wait_for
+from users import free_port
 
 ME = pwd.getpwuid(os.geteuid()).pw_name
 
@@ -93,3 +102,111 @@ def test_openmetrics_when_asked(daemon):
     assert response.status_code == 200
     assert response.headers["content-type"].startswith("application/openmetrics-text")
     assert response.text.endswith("# EOF\n")
+
+
+def test_pool_state_and_info_carry_the_reason_and_the_labels(make_daemon, tmp_path):
+    main = tmp_path / "main"
+    main.mkdir()
+    late = tmp_path / "late"  # its disk "not mounted yet": missing until the directory appears
+    daemon = make_daemon(pool=[{"name": "main", "path": str(main), "labels": ["fast", "nvme"]},
+                               {"name": "late", "path": str(late)}])
+    samples = scrape(daemon)
+    states = {(s.labels["state"], s.labels["reason"]): s.value for s in samples
+              if s.name == "scratchd_pool_state" and s.labels["pool"] == "late"}
+    assert len(states) == 8 and sum(states.values()) == 1  # every pair, one of them 1: bounded, never absent
+    assert states["unavailable", "missing"] == 1
+    assert value(samples, "scratchd_pool_state", pool="main", state="ok", reason="") == 1
+    assert value(samples, "scratchd_pool_state", pool="main", state="full", reason="full") == 0
+    assert value(samples, "scratchd_pool_up", pool="late") == 0
+    [info] = [s for s in samples if s.name == "scratchd_pool_info" and s.labels["pool"] == "main"]
+    [pool] = [p for p in daemon.request("GET", "/v1/pools").json()["pools"] if p["name"] == "main"]
+    assert info.value == 1 and info.labels == {"pool": "main", "path": str(main), "mount_point": pool["mount_point"],
+                                                "fstype": pool["fstype"], "labels": "fast,nvme"}
+    assert value(samples, "scratchd_pool_info", pool="late", path=str(late), mount_point="", fstype="",
+                 labels="") == 1
+
+    late.mkdir()
+    wait_for(lambda: value(scrape(daemon), "scratchd_pool_state", pool="late", state="ok", reason="") == 1,
+             what="the late pool to come up")
+    assert value(scrape(daemon), "scratchd_pool_state", pool="late", state="unavailable", reason="missing") == 0
+
+
+def test_build_info_and_process_metrics(daemon):
+    samples = scrape(daemon)
+    assert value(samples, "scratchd_build_info", version=metadata.version("scratchd"),
+                 python=platform.python_version()) == 1
+    assert value(samples, "process_resident_memory_bytes") > 0
+    assert value(samples, "process_open_fds") > 0
+    assert value(samples, "process_start_time_seconds") > 0
+    assert [s for s in samples if s.name == "python_info"]
+
+
+def tenant_tokens(*tenants):
+    tokens = {tenant: f"token-of-{tenant}" for tenant in tenants}
+    return tokens, [{"name": tenant, "sha256": hashlib.sha256(token.encode()).hexdigest(), "role": "tenant",
+                     "tenant": tenant} for tenant, token in tokens.items()]
+
+
+def test_tenants_beyond_the_busiest_are_summed_as_other(make_daemon):
+    tokens, entries = tenant_tokens("a", "b", "c")
+    daemon = make_daemon(server={"listen": f"127.0.0.1:{free_port()}"}, token=entries, metrics={"tenants": 1})
+    for tenant, count in (("a", 3), ("b", 2), ("c", 1)):
+        for _ in range(count):
+            response = httpx.post(f"http://{daemon.config['server']['listen']}/v1/leases", json={}, timeout=10,
+                                  headers={"authorization": f"Bearer {tokens[tenant]}"})
+            assert response.status_code == 201, response.text
+
+    def active() -> dict[str, float]:
+        return {s.labels["tenant"]: s.value for s in scrape(daemon) if s.name == "scratchd_leases_active"}
+
+    assert active() == {"a": 3, "other": 3}
+    for tenants, expected in ((2, {"a": 3, "b": 2, "other": 1}), (0, {"other": 6}), (3, {"a": 3, "b": 2, "c": 1})):
+        daemon.config["metrics"] = {"tenants": tenants}
+        daemon.write_config()
+        daemon.process.send_signal(signal.SIGHUP)
+        wait_for(lambda: active() == expected, what=f"[metrics] tenants = {tenants} after the reload")
+
+
+@needs_root
+@pytest.mark.skipif(shutil.which("chattr") is None, reason="chattr (e2fsprogs) is not installed")
+def test_a_failed_deletion_is_counted_per_pool(daemon):
+    assert value(scrape(daemon), "scratchd_reclaim_failed_total", pool="main") == 0
+    lease = daemon.lease()
+    stuck = os.path.join(lease["path"], "stuck")
+    open(stuck, "w").close()
+    if subprocess.run(["chattr", "+i", stuck], capture_output=True).returncode != 0:
+        pytest.skip("this filesystem has no immutable flag (chattr +i)")
+    try:
+        assert daemon.request("DELETE", f"/v1/leases/{lease['id']}").status_code == 200
+        wait_for(lambda: value(scrape(daemon), "scratchd_reclaim_failed_total", pool="main") >= 1,
+                 what="the failed deletion to be counted")
+    finally:  # the retries then delete it, and pytest can clean up
+        subprocess.run(["chattr", "-R", "-i", daemon.pool_path], capture_output=True)
+    wait_for(lambda: value(scrape(daemon), "scratchd_reclaimed_total") == 1, timeout=15, what="the retry to succeed")
+
+
+def test_reclaimed_bytes_count_what_short_leases_held(daemon):
+    """Leases released before any usage scan: the bytes are what deletion freed, rm's share of a big tree too."""
+    def reclaimed() -> tuple[float, int]:
+        usage = daemon.request("GET", "/v1/usage").json()["reclaim"]
+        return value(scrape(daemon), "scratchd_reclaimed_bytes_total"), usage["reclaimed_bytes_total"]
+
+    before = reclaimed()
+    leases = [daemon.lease() for _ in range(20)]
+    for lease in leases:
+        with open(os.path.join(lease["path"], "data"), "wb") as f:
+            f.write(os.urandom(1 << 20))
+    big = daemon.lease()  # more entries than the deleter walks before handing the rest to rm
+    for i in range(3000):
+        with open(os.path.join(big["path"], f"f{i}"), "wb") as f:
+            f.write(os.urandom(4096))
+    for lease in [*leases, big]:
+        assert daemon.request("DELETE", f"/v1/leases/{lease['id']}").status_code == 200
+    assert all(lease["usage"]["measured_at"] is None for lease in leases)
+
+    expected = 20 * (1 << 20) + 3000 * 4096
+    wait_for(lambda: value(scrape(daemon), "scratchd_reclaimed_total") >= 21, what="every tree deleted")
+    after = reclaimed()
+    assert after[0] - before[0] >= expected, (before, after)
+    assert after[1] - before[1] >= expected, (before, after)
+    assert after[0] == after[1]

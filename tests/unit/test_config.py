@@ -17,6 +17,7 @@ def test_defaults_and_units(tmp_path):
     assert config.tenant_limits("nobody") is None
     assert config.server.listen_address is None
     assert config.limits.create_rate == CREATE_RATE == 1000.0
+    assert config.metrics.tenants == 50
 
 
 def test_create_rate_takes_whole_and_fractional_rates():
@@ -45,6 +46,9 @@ def test_reserve_in_bytes(tmp_path):
     ({"limits": {"create_rate": "100/s"}}, "limits.create_rate"),
     ({"limits": {"create_rate": True}}, "limits.create_rate"),
     ({"tenant": [{"name": "a", "max_leases": "5"}]}, "tenant[0].max_leases"),
+    ({"metrics": {"tenants": -1}}, "metrics.tenants"),
+    ({"metrics": {"tenants": "50"}}, "metrics.tenants"),
+    ({"metrics": {"top": 5}}, "metrics.top"),
     ({"token": [{"name": "t", "sha256": "abc", "role": "viewer"}]}, "token[0].sha256"),
     ({"token": [{"name": "t", "sha256": "a" * 64, "role": "tenant"}]}, "token[0]"),
     ({"token": [{"name": "t", "sha256": "a" * 64, "role": "king"}]}, "token[0].role"),
