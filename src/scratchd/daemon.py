@@ -34,6 +34,8 @@ log = logging.getLogger("scratchd")
 # History is kept for days (gc.history_retention); looking for what to drop once a minute
 # is plenty, and spares the database a write every gc.interval.
 PRUNE_EVERY_SECONDS = 60.0
+# [server] keys a reload cannot apply: the socket and the listener are bound, the state opened.
+RESTART_ONLY = frozenset({"socket", "socket_mode", "listen", "state_dir"})
 
 
 class Daemon:
@@ -114,7 +116,9 @@ class Daemon:
         """SIGHUP: take the config file again (SPEC §7); a bad one is refused and changes nothing.
 
         New pools start taking leases; a dropped pool takes no new ones, and its active
-        leases live on until they end. ``server.*`` settings need a restart (logged).
+        leases live on until they end. Of ``[server]``, ``admins`` and ``anonymous`` apply
+        to the next request; what the daemon bound or opened at start (``RESTART_ONLY``)
+        keeps its running value until a restart, and the log names what changed.
         """
         if self.config_path is None:
             log.warning("reload: running on the embedded default, there is no config file to read")
@@ -126,9 +130,10 @@ class Daemon:
             log.error("reload refused: bad config; keeping the running one", extra={"error": str(exc)})
             sdnotify.ready("reload refused: bad config")
             return False
-        if config.server != self.config.server:
-            log.warning("reload: [server] changes take effect at the next restart")
-            config = config.model_copy(update={"server": self.config.server})
+        running = self.config.server.model_dump(include=RESTART_ONLY)
+        if changed := sorted(key for key, value in running.items() if getattr(config.server, key) != value):
+            log.warning("reload: these [server] keys take effect at the next restart", extra={"keys": changed})
+            config = config.model_copy(update={"server": config.server.model_copy(update=running)})
         old_pools = {p.name for p in self.config.pool}
         self.config = self.manager.config = config
         self.pools.replace_configs(config.pool)
