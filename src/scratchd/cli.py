@@ -644,18 +644,14 @@ def _run_child(
     return (128 - code if code < 0 else code), ended
 
 
-PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
-
-
 def _spawn(command: Sequence[str], env: Mapping[str, str], mask: Iterable[int], defaults: Iterable[int]) -> int:
     """Start ``command`` as ``posix_spawnp`` would, bound to die with us; its pid.
 
-    The child asks the kernel for SIGKILL when its parent dies
-    (``PR_SET_PDEATHSIG``), so even a SIGKILL of ``run`` cannot leave the
-    command writing into a lease that is reclaimed for ``run``'s exit.
-    posix_spawn has no such attribute, hence fork and exec; ctypes, for
-    ``prctl``, is imported in the child only. A failed exec says why and exits
-    127 (not found) or 126, as a shell does.
+    The child asks the kernel for SIGKILL when its parent dies, so even a
+    SIGKILL of ``run`` cannot leave the command writing into a lease that is
+    reclaimed for ``run``'s exit. posix_spawn has no such attribute, hence fork
+    and exec. A failed exec says why and exits 127 (not found) or 126, as a
+    shell does.
     """
     parent = os.getpid()
     pid = os.fork()
@@ -663,11 +659,10 @@ def _spawn(command: Sequence[str], env: Mapping[str, str], mask: Iterable[int], 
         return pid
     try:
         import _signal as signal
-        import ctypes
 
         for signum in defaults:
             signal.signal(signum, signal.SIG_DFL)
-        ctypes.CDLL(None).prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+        _die_with_parent(signal.SIGKILL)
         if os.getppid() != parent:  # run died before we asked: no signal will come
             os.kill(os.getpid(), signal.SIGKILL)
         signal.pthread_sigmask(signal.SIG_SETMASK, mask)
@@ -678,6 +673,29 @@ def _spawn(command: Sequence[str], env: Mapping[str, str], mask: Iterable[int], 
             os._exit(127 if isinstance(error, FileNotFoundError) else 126)
     finally:
         os._exit(127)
+
+
+PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+
+
+def _die_with_parent(signum: int) -> None:
+    """``prctl(PR_SET_PDEATHSIG, signum)``, through ``_ctypes`` alone.
+
+    In the child, before the command starts: the ``ctypes`` package would add
+    2 ms to every ``scratchd run`` (its module builds every C type), where one
+    int type and one function type are all this call needs.
+    """
+    import _ctypes
+
+    class Int(_ctypes._SimpleCData):
+        _type_ = "i"
+
+    class Function(_ctypes.CFuncPtr):
+        _flags_ = _ctypes.FUNCFLAG_CDECL
+        _restype_ = Int
+
+    prctl = Function(_ctypes.dlsym(_ctypes.dlopen(None), "prctl"))
+    prctl(PR_SET_PDEATHSIG, signum, 0, 0, 0)
 
 
 def _sent_by_terminal(signum: int) -> bool:
