@@ -21,6 +21,7 @@ from conftest import IS_ROOT, bind_mount, needs_root, tmpfs
 
 from scratchd.reclaim import deleter
 from scratchd.reclaim.deleter import MAX_OPEN_DIRS, DeleteResult, delete_tree
+from scratchd.scan import scan_tree
 
 NOBODY = 65534
 T = TypeVar("T")
@@ -130,7 +131,7 @@ def test_hostile_tree_goes_and_nothing_outside_changes(hostile: Path, outside: P
     baseline = open_fds()
 
     with fd_limit(baseline + MAX_OPEN_DIRS + 8):  # far fewer than the chain is deep
-        result = delete_tree(str(hostile))
+        result = delete_tree(str(hostile), lambda _count: None)  # paced: the walk does it all, no rm
 
     assert result.complete, result
     assert result.errors == [] and result.left_mounts == []
@@ -423,14 +424,30 @@ def test_big_tree_goes_to_rm_which_follows_no_link(hostile: Path, outside: Path)
     assert (result.files, result.dirs) == (deleter.RM_AFTER, 1)
 
 
-def test_counting_bytes_or_pacing_keeps_the_walk(tmp_path: Path) -> None:
-    for counted, paced in [(True, False), (False, True)]:
-        tree = tmp_path / f"tree-{counted}-{paced}"
-        big_tree(tree / "sub")
+def test_pacing_keeps_the_walk(tmp_path: Path) -> None:
+    tree = tmp_path / "tree"
+    big_tree(tree / "sub")
 
-        result = delete_tree(str(tree), (lambda _count: None) if paced else None, count_bytes=counted)
+    result = delete_tree(str(tree), lambda _count: None)
 
-        assert result.complete and (result.files, result.dirs) == (deleter.RM_AFTER + SPILL, 2)
+    assert result.complete and (result.files, result.dirs) == (deleter.RM_AFTER + SPILL, 2)
+
+
+def test_bytes_counted_include_what_rm_was_handed(tmp_path: Path) -> None:
+    """The walk's share counted as it unlinks, rm's measured just before it runs: together, the tree's size."""
+    tree = tmp_path / "tree"
+    big_tree(tree)  # the walk's: RM_AFTER empty files at the top
+    (tree / "sub").mkdir()
+    for i in range(SPILL):  # rm's: the top's SPILL last files, and all of sub
+        (tree / "sub" / f"f{i}").write_bytes(os.urandom(10_000))
+    (tree / "sub" / "linked").write_bytes(os.urandom(10_000))
+    os.link(tree / "sub" / "linked", tree / "sub" / "link")  # counted once
+    size = scan_tree(str(tree)).bytes
+
+    result = delete_tree(str(tree))
+
+    assert result.complete and (result.files, result.dirs) == (deleter.RM_AFTER, 1)  # rm ran
+    assert result.bytes == size
 
 
 @pytest.mark.parametrize("rm", ["missing", "failing"])

@@ -22,7 +22,9 @@ filesystem shares ``st_dev``, so rm runs only when a mount table read just
 before, once detached, has nothing at or below the top: a mount made in there
 while rm runs (by root, here or propagated) is the one thing the walk stops and
 rm does not. Only GNU's rm from /usr/bin or /bin (not a wrapper first on PATH),
-and never for callers counting bytes or pacing the walk: rm can do neither.
+and never for callers pacing the walk: rm cannot be paced. rm counts no bytes
+either: for a caller counting them, what rm is handed is measured first by a
+usage scan (:func:`scratchd.scan.scan_tree`, the same walk's rules).
 
 ``delete_tree`` runs in a worker process: plain arguments in, a plain
 picklable result out, and problems inside the tree are recorded rather than
@@ -111,7 +113,9 @@ class DeleteResult:
     # Counted by the walk only: what rm removed of a big tree is in neither count (see delete_tree).
     files: int = 0  # non-directories unlinked
     dirs: int = 0  # directories removed, the top included
-    bytes: int = 0  # allocated bytes freed: files whose last link was ours
+    # Allocated bytes freed: directories, and files whose last link was ours; what rm is
+    # handed is measured just before, like a usage scan (each inode once).
+    bytes: int = 0
     complete: bool = False  # the top no longer exists
     left_mounts: list[str] = field(default_factory=list)  # mounts inside that could not be detached
     errors: list[str] = field(default_factory=list)  # one line each, for a reclaim_failed event
@@ -306,9 +310,9 @@ def delete_tree(
     it costs more than deleting one); a mount it lacks is still never entered, as
     every directory's mount id is checked, and is detached on the next call.
 
-    Without ``count_bytes`` and ``pace``, a tree past RM_AFTER entries is
-    finished by rm (see the module docstring), and ``files`` and ``dirs`` count
-    only what the walk removed itself.
+    Without ``pace``, a tree past RM_AFTER entries is finished by rm (see the
+    module docstring), and ``files`` and ``dirs`` count only what the walk
+    removed itself; ``bytes`` counts rm's share too.
     """
     path = os.path.abspath(path)
     parent_path, name = os.path.split(path)
@@ -342,8 +346,8 @@ class _Deleter:
     def __init__(self, path: str, pace: Callable[[int], None] | None, count_bytes: bool,
                  mounts: list[Mount] | None) -> None:
         self.path = path
-        # Without a caller's pace or bytes to count, the walk's own pace hands big trees to rm.
-        self.pace = pace or (_no_pace if count_bytes else self.hand_off)
+        # Without a caller's pace, the walk's own pace hands big trees to rm.
+        self.pace = pace or self.hand_off
         self.count_bytes = count_bytes
         self.mounts = mounts
         self.result = DeleteResult()
@@ -413,6 +417,8 @@ class _Deleter:
             return  # the walk says why
         top = tree.current.fd
         try:
+            if self.count_bytes:
+                self.result.bytes += _allocated_below(self.path, tree.current.stat)
             subprocess.run([RM, "-rf", "--one-file-system", "--", f"/proc/self/fd/{top}/"], pass_fds=(top,),
                            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                            preexec_fn=functools.partial(_die_with, os.getpid()), check=False)
@@ -471,6 +477,8 @@ class _Deleter:
                 try:
                     os.rmdir(frame.name, dir_fd=parent_fd)
                     self.result.dirs += 1
+                    if self.count_bytes:
+                        self.result.bytes += frame.stat.blocks * 512
                     self.progress(1)
                 except FileNotFoundError:
                     pass
@@ -590,6 +598,16 @@ def _is_gnu_rm(path: str) -> bool:
     except OSError:
         return False
     return b"(GNU coreutils)" in version.stdout.partition(b"\n")[0]
+
+
+def _allocated_below(path: str, top: DirStat) -> int:
+    """Allocated bytes of everything below the top at ``path``, as a usage scan counts them; 0 if it cannot."""
+    from scratchd.scan import scan_tree  # scan walks with this module's DirStack
+
+    try:
+        return scan_tree(path).bytes - top.blocks * 512
+    except (OSError, TreeChanged):
+        return 0
 
 
 def _die_with(parent: int) -> None:

@@ -3,8 +3,10 @@
 The trash is on disk (``<pool>/.trash``), so the queue is too: a daemon killed
 mid-deletion finds the half-deleted tree there on start and finishes it. Failures
 are retried with exponential backoff and reported as ``reclaim_failed`` events; they
-never stop the queue. Bytes reclaimed are the lease's last measured usage: counting
-them again while deleting would cost a stat per file.
+never stop the queue. Bytes reclaimed are what deletion freed, counted as it goes (a
+stat per file, and a usage scan of what is handed to rm): a lease's last measured
+usage misses whatever was written since, all of it for a lease shorter than a scan
+period. That usage is still the estimate of what is pending, which eviction counts on.
 """
 
 from __future__ import annotations
@@ -72,9 +74,8 @@ class Trash:
         self._wakeup.set()
 
     def removed(self, lease: Lease) -> None:
-        """Count a lease whose directory was empty and removed without coming here."""
+        """Count a lease whose directory was empty and removed without coming here (its bytes: none to speak of)."""
         self.reclaimed_total += 1
-        self.reclaimed_bytes_total += lease.usage.bytes
 
     def resume(self, pool_name: str, pool_path: str) -> int:
         """Queue whatever a previous run left in the pool's trash; returns how many."""
@@ -129,10 +130,11 @@ class Trash:
         self.pending_bytes_by_pool[item.pool] -= item.estimated_bytes
         if self.pending_bytes_by_pool[item.pool] <= 0:
             del self.pending_bytes_by_pool[item.pool]
-        if isinstance(result, DeleteResult) and result.complete:
-            self.reclaimed_total += 1
-            self.reclaimed_bytes_total += item.estimated_bytes
-            return
+        if isinstance(result, DeleteResult):
+            self.reclaimed_bytes_total += result.bytes  # freed, even by an attempt that left something
+            if result.complete:
+                self.reclaimed_total += 1
+                return
         self._report_failure(item, result)
         if isinstance(result, DeleteResult) and result.left_mounts and not result.errors:
             return  # a mount we may not detach stays where it is; retrying cannot change that
@@ -152,7 +154,7 @@ def _delete_all(paths: list[str]) -> list[DeleteResult | BaseException]:
     results: list[DeleteResult | BaseException] = []
     for path in paths:
         try:
-            results.append(delete_tree(path, count_bytes=False, mounts=mounts))
+            results.append(delete_tree(path, mounts=mounts))
         except Exception as exc:  # noqa: BLE001 - reported as reclaim_failed, retried
             results.append(exc)
     return results
