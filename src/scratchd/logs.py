@@ -1,9 +1,14 @@
-"""Logs: one JSON object a line for journald and collectors, plain lines on a terminal."""
+"""Logs: one JSON object a line for journald and collectors, plain lines on a terminal.
+
+On the journal each line starts with its syslog priority (``<4>`` for a warning), which
+journald takes off and keeps as the entry's priority, so ``journalctl -p warning`` works.
+"""
 
 from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 import time
 
@@ -35,6 +40,49 @@ class TextFormatter(logging.Formatter):
         return line
 
 
+# syslog(3) priorities: what journald reads from a "<N>" prefix (SyslogLevelPrefix=).
+PRIORITIES = {logging.CRITICAL: 2, logging.ERROR: 3, logging.WARNING: 4, logging.INFO: 6, logging.DEBUG: 7}
+
+
+def priority(levelno: int) -> int:
+    """The syslog priority of a logging level; a level between two standard ones takes the lower."""
+    return next((p for level, p in sorted(PRIORITIES.items(), reverse=True) if levelno >= level), 7)
+
+
+class SyslogPrefix(logging.Formatter):
+    """Puts ``<N>`` before what ``formatter`` makes of a record; for one-line formats."""
+
+    def __init__(self, formatter: logging.Formatter) -> None:
+        super().__init__()
+        self._formatter = formatter
+
+    def format(self, record: logging.LogRecord) -> str:
+        return f"<{priority(record.levelno)}>{self._formatter.format(record)}"
+
+
+def stderr_is_journal() -> bool:
+    """True when stderr is the stream systemd connected to the journal.
+
+    systemd puts that stream's ``device:inode`` in ``JOURNAL_STREAM``; comparing it with
+    stderr's own tells the journal from a stderr redirected elsewhere by a child.
+    """
+    expected = os.environ.get("JOURNAL_STREAM")
+    if not expected:
+        return False
+    try:
+        st = os.fstat(sys.stderr.fileno())
+    except (OSError, ValueError):  # stderr closed, or not a real file
+        return False
+    return expected == f"{st.st_dev}:{st.st_ino}"
+
+
+def formatter() -> logging.Formatter:
+    """Text on a terminal; JSON lines elsewhere, prefixed with their priority on the journal."""
+    if sys.stderr.isatty():
+        return TextFormatter()
+    return SyslogPrefix(JsonFormatter()) if stderr_is_journal() else JsonFormatter()
+
+
 def setup(level: int = logging.INFO) -> None:
     # Records are made on the event loop: skip the caller, thread and process lookups
     # every one would otherwise pay for.
@@ -43,7 +91,7 @@ def setup(level: int = logging.INFO) -> None:
     logging.logProcesses = False
     logging.logMultiprocessing = False
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(TextFormatter() if sys.stderr.isatty() else JsonFormatter())
+    handler.setFormatter(formatter())
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)
