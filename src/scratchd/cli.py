@@ -522,6 +522,8 @@ def _remove_tree(path: str) -> None:
     retried = set()
 
     def unlock(function: Callable[..., object], failed: str, exc_info: tuple[type, OSError, object]) -> None:
+        if not os.path.lexists(failed):  # gone with a directory tried again below
+            return
         if failed in retried:
             raise exc_info[1]
         retried.add(failed)

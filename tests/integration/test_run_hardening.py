@@ -269,9 +269,11 @@ def test_fallback_local_as_a_user_goes_to_their_writable_directory_and_cleans_up
     from scratchd.cli import _local_directory, _remove_tree
 
     def command_leaves_a_read_only_directory(path: str) -> None:
-        os.mkdir(f"{path}/ro")
-        open(f"{path}/ro/f", "w").close()
-        os.chmod(f"{path}/ro", 0o500)
+        for name, mode in (("ro", 0o500), ("locked", 0o000)):
+            os.makedirs(f"{path}/{name}/sub")
+            open(f"{path}/{name}/sub/f", "w").close()
+            os.chmod(f"{path}/{name}/sub", mode)
+            os.chmod(f"{path}/{name}", mode)
 
     def fall_back() -> tuple[str, list[str]]:
         path, link_mode = _local_directory(str(home / "project" / "venv-to-be"))
