@@ -12,6 +12,7 @@ import pytest
 from starlette.datastructures import State
 from starlette.requests import Request
 
+from scratchd.api.errors import error_response, refusal
 from scratchd.api.identity import ANONYMOUS, PEER_KEY, USER_CACHE_SECONDS, Identities, Role, authenticate
 from scratchd.config import Config, parse_config
 from scratchd.errors import Refused
@@ -198,3 +199,16 @@ def test_the_apps_current_identities_decide():
         authenticate(request(app, f"Bearer {TENANT_TOKEN}"), anonymous_ok=False)
     assert authenticate(request(app, f"Bearer {new_token}"), anonymous_ok=False).role is Role.ADMIN
     assert authenticate(request(app), anonymous_ok=True) is ANONYMOUS
+
+
+# -- the 401 answer ---------------------------------------------------------------------------
+
+
+def test_every_401_names_the_bearer_scheme():
+    # A browser (the dashboard) learns from it that a token would do; made where every error is made.
+    refused = refusal(Refused(401, "unauthenticated", "Send a token."))
+    assert refused.status_code == 401 and refused.headers["www-authenticate"].startswith("Bearer")
+    answer = error_response(401, "unauthenticated", "Send a token.", headers={"X-Other": "kept"})
+    assert answer.headers["www-authenticate"].startswith("Bearer") and answer.headers["x-other"] == "kept"
+    for status in (403, 404, 429):
+        assert "www-authenticate" not in error_response(status, "nope", "No.").headers

@@ -32,6 +32,8 @@ _HTTP_CODES = {
 def error_response(status: int, code: str, message: str, details: Any = None,
                    headers: dict[str, str] | None = None) -> Response:
     body = json.dumps({"error": {"code": code, "message": message, "details": details}})
+    if status == 401:  # RFC 9110: a 401 names the scheme that would do; the dashboard asks for a token on it
+        headers = {"WWW-Authenticate": 'Bearer realm="scratchd"', **(headers or {})}
     return Response(body, status_code=status, media_type="application/json", headers=headers)
 
 
