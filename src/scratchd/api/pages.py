@@ -1,8 +1,10 @@
 """The read-outs that are not JSON: the dashboard at ``/`` and Prometheus at ``/metrics``.
 
-Both are reads: the ``reader`` rule applies (Unix peers, tokens, and anonymous viewers
-where ``server.anonymous = "viewer"``); ``/metrics`` also keeps tenants out. The dashboard is static files that poll the
-JSON API from the browser, so it shows exactly what ``/v1/usage`` and ``/v1/events`` say.
+The dashboard is static files that poll the JSON API from the browser, so it shows
+exactly what ``/v1/usage`` and ``/v1/events`` say to its caller. The files hold no data,
+so they are served to anyone: a browser must load the page before it can ask for a token
+(the page does so when the API answers 401). ``/metrics`` is a read (Unix peers, tokens,
+and anonymous viewers where ``server.anonymous = "viewer"``) that also keeps tenants out.
 """
 
 from __future__ import annotations
@@ -42,12 +44,12 @@ def _file(name: str) -> Response:
 
 
 @router.get("/")
-async def dashboard(caller: Reader) -> Response:
+async def dashboard() -> Response:
     return _file("index.html")
 
 
 @router.get("/dashboard/{name}")
-async def dashboard_file(name: str, caller: Reader) -> Response:
+async def dashboard_file(name: str) -> Response:
     return _file(name)
 
 

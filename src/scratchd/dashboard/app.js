@@ -1,23 +1,41 @@
 // The scratchd dashboard: polls /v1/usage and /v1/events and redraws. Plain JS, no build step.
 // Every value from the daemon goes into the page as text (textContent), never as markup:
 // tenants, labels and event details are chosen by users.
+// The page itself is public; the data is not. When the API answers 401 the page asks for a
+// bearer token and keeps it in this tab's sessionStorage (gone when the tab closes).
 "use strict";
 
 // ?refresh=SECONDS: slower for a wall screen, faster for a test; never below a second.
 const REFRESH_MS = 1000 * Math.max(1, Number(new URLSearchParams(location.search).get("refresh")) || 5);
 const EVENTS_KEPT = 50;
 const EVENTS_PAGE = 1000;
+const TOKEN_KEY = "scratchd.token";
+// What an HTTP header can carry; anything else would make fetch() throw before asking.
+const TOKEN_FORM = /^[\x21-\x7e]+$/;
 
-const seen = { since: null, events: [], lastOk: null };
+let seen;
+let session = 0; // bumped on every sign in and out: answers to an earlier session are dropped
+let timer = null;
+const blankMain = document.querySelector("main").cloneNode(true);
 
 // -- talking to the daemon --------------------------------------------------------------
 
-async function getJSON(path) {
-  const response = await fetch(path, { headers: { Accept: "application/json" }, cache: "no-store" });
-  const body = await response.json().catch(() => null);
-  if (!response.ok) {
-    throw new Error(body?.error?.message ?? `${response.status} ${response.statusText}`);
+class Unauthenticated extends Error {
+  constructor(message, token) {
+    super(message);
+    this.token = token; // the token that was refused, or null if none was sent
   }
+}
+
+async function getJSON(path) {
+  const headers = { Accept: "application/json" };
+  const token = sessionStorage.getItem(TOKEN_KEY);
+  if (token) headers.Authorization = `Bearer ${token}`;
+  const response = await fetch(path, { headers, cache: "no-store" });
+  const body = await response.json().catch(() => null);
+  const message = body?.error?.message ?? `${response.status} ${response.statusText}`;
+  if (response.status === 401) throw new Unauthenticated(message, token);
+  if (!response.ok) throw new Error(message);
   return body;
 }
 
@@ -41,12 +59,19 @@ async function newestEvents() {
   return eventsAfter(Math.max(0, high - EVENTS_KEPT), EVENTS_PAGE);
 }
 
+function poll(delay) {
+  clearTimeout(timer);
+  timer = setTimeout(refresh, delay);
+}
+
 async function refresh() {
+  const current = session;
   try {
     const [usage, events] = await Promise.all([
       getJSON("v1/usage"),
       seen.since === null ? newestEvents() : eventsAfter(seen.since, EVENTS_PAGE),
     ]);
+    if (current !== session) return;
     if (events.length) {
       seen.since = events.at(-1).seq;
       seen.events = seen.events.concat(events).slice(-EVENTS_KEPT);
@@ -56,12 +81,90 @@ async function refresh() {
     seen.lastOk = Date.now();
     draw(usage, seen.events);
     showProblem(null);
+    poll(REFRESH_MS);
   } catch (error) {
+    if (current !== session) return;
+    if (error instanceof Unauthenticated) {
+      // A refused token is wrong or was revoked by a reload: it is of no more use. Nothing
+      // is polled until a token is given: every answer would be the same 401.
+      if (error.token) sessionStorage.removeItem(TOKEN_KEY);
+      askForToken(error.token ? `That token was refused: ${error.message}` : null);
+      return;
+    }
     showProblem(error);
-  } finally {
-    setTimeout(refresh, REFRESH_MS);
+    poll(REFRESH_MS);
   }
 }
+
+// -- the token --------------------------------------------------------------------------
+
+// A token given in the address (/#token=…) is taken once and removed from it: a fragment is
+// never sent to a server, but it would stay on screen, in the history and in bookmarks.
+function tokenFromAddress() {
+  const given = /^#token=(.*)$/s.exec(location.hash);
+  if (given === null) return null;
+  history.replaceState(history.state, "", location.pathname + location.search);
+  try {
+    return decodeURIComponent(given[1]);
+  } catch {
+    return given[1]; // not percent-encoded after all
+  }
+}
+
+// Start over with the token this tab holds (if any): nothing shown so far is kept.
+function start() {
+  session += 1;
+  seen = { since: null, events: [], lastOk: null };
+  document.querySelector("main").replaceWith(blankMain.cloneNode(true));
+  document.getElementById("sign-in").hidden = true;
+  document.getElementById("sign-out").hidden = sessionStorage.getItem(TOKEN_KEY) === null;
+  document.body.classList.remove("locked", "stale");
+  document.getElementById("problem").hidden = true;
+  document.getElementById("status-text").textContent = "Loading…";
+  poll(0);
+}
+
+function useToken(token) {
+  if (!TOKEN_FORM.test(token)) {
+    askForToken("A token is printable ASCII without spaces; that one cannot be sent.");
+    return;
+  }
+  sessionStorage.setItem(TOKEN_KEY, token);
+  start();
+}
+
+function askForToken(error) {
+  session += 1;
+  clearTimeout(timer);
+  document.querySelector("main").replaceWith(blankMain.cloneNode(true)); // no data stays on screen
+  document.body.classList.add("locked");
+  document.body.classList.remove("stale");
+  document.getElementById("problem").hidden = true;
+  document.getElementById("sign-out").hidden = true;
+  document.getElementById("status-text").textContent = "Not signed in";
+  const message = document.getElementById("sign-in-error");
+  message.textContent = error ?? "";
+  message.hidden = error === null;
+  const form = document.getElementById("sign-in");
+  form.hidden = false;
+  form.elements.token.value = "";
+  form.elements.token.focus();
+}
+
+document.getElementById("sign-in").addEventListener("submit", (event) => {
+  event.preventDefault(); // nothing is posted anywhere: the token stays in this tab
+  useToken(event.target.elements.token.value.trim());
+});
+
+document.getElementById("sign-out").addEventListener("click", () => {
+  sessionStorage.removeItem(TOKEN_KEY);
+  start(); // asks for a token again where the daemon wants one; shows anonymous data where it does not
+});
+
+window.addEventListener("hashchange", () => {
+  const token = tokenFromAddress();
+  if (token !== null) useToken(token);
+});
 
 // -- formatting (as the CLI prints: binary units, two largest time units) ---------------
 
@@ -161,7 +264,7 @@ function stat(label, value, title) {
 
 function poolCard(pool) {
   const used = Math.max(0, pool.capacity_bytes - pool.free_bytes);
-  const where = [pool.mount_point, pool.fstype, pool.device].filter(Boolean).join(" · ");
+  const where = [pool.mount_point, pool.fstype, pool.device, pool.reflink ? "reflink" : null].filter(Boolean).join(" · ");
   // An unavailable pool's filesystem is not there: it has no space to show, only its leases.
   const known = pool.state !== "unavailable";
   return el("article", { class: `card state-${pool.state}` },
@@ -169,6 +272,9 @@ function poolCard(pool) {
       el("h3", {}, pool.name),
       el("span", { class: `badge ${pool.state}` }, pool.state.replace("_", " ")),
       el("span", { class: "fill" }, known ? `${percent(used, pool.capacity_bytes).toFixed(0)}% used` : "no filesystem")),
+    pool.labels.length ? el("ul", { class: "chips pool-labels", "aria-label": "labels" },
+      ...pool.labels.map((label) => el("li", {}, label))) : null,
+    pool.reason ? el("p", { class: "reason" }, el("code", {}, pool.reason), " ", pool.message ?? "") : null,
     known ? poolBar(pool) : null,
     known ? el("ul", { class: "legend" },
       el("li", { class: "leased" }, "leases"), el("li", { class: "other" }, "other"),
@@ -237,4 +343,6 @@ function showProblem(error) {
 }
 
 document.getElementById("host").textContent = location.host;
-refresh();
+const given = tokenFromAddress();
+if (given === null) start();
+else useToken(given);
