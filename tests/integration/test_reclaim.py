@@ -87,6 +87,29 @@ def test_pid_reuse_is_not_mistaken_for_the_bound_process():
     assert open_pidfd(os.getpid(), me.start_time + 1) is None  # same pid, another start time
 
 
+def test_a_threads_id_is_not_a_process_to_bind(daemon):
+    """/proc answers for a thread's id too, but the kernel gives no pidfd for it: refused, not a crash."""
+    started, stop = threading.Event(), threading.Event()
+    tids: list[int] = []
+
+    def run() -> None:
+        tids.append(threading.get_native_id())
+        started.set()
+        stop.wait()
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    try:
+        started.wait()
+        refused = daemon.request("POST", "/v1/leases", json={"pid": tids[0]})
+        assert refused.status_code == 422, refused.text
+        assert refused.json()["error"]["details"]["fields"] == {"pid": "not a live process"}
+        assert daemon.lease(pid=os.getpid())["pid"] == os.getpid()  # the process itself binds
+    finally:
+        stop.set()
+        thread.join()
+
+
 # -- directory_removed -----------------------------------------------------------------------
 
 

@@ -21,6 +21,10 @@ MAX_LABELS = 32
 LABEL_KEY = re.compile(r"[a-z0-9][a-z0-9_./-]{0,62}")
 _UNPRINTABLE = re.compile("[\x00-\x1f\x7f-\x9f\ud800-\udfff]")
 MAX_PATH = 4096
+# The largest integer a request carries (8 PiB as bytes): the largest a double holds exactly.
+# JSON's numbers are doubles to many parsers and to JSON Schema tools: above this, values past
+# the maximum compare equal to it, and a client could not tell its limit from the schema.
+MAX_INTEGER = 2**53 - 1
 
 
 def _absolute_path(value: str) -> str:
@@ -57,21 +61,32 @@ def _integral(value: object) -> object:
 INTEGRAL = BeforeValidator(_integral)
 
 
+# What the validators above check, published in the JSON Schema too, so that a request
+# the schema allows is never refused for its form (the validators word the refusals).
+_ABSOLUTE_PATH: dict[str, Any] = {"pattern": "^/[^\\x00]*$"}
+_LABELS: dict[str, Any] = {
+    "maxProperties": MAX_LABELS,
+    "propertyNames": {"pattern": f"^{LABEL_KEY.pattern}$"},
+    "additionalProperties": {"type": "string", "maxLength": 256, "pattern": "^[^\\x00-\\x1f\\x7f-\\x9f]*$"},
+}
+
+
 class _Request(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
 
 
 class LeaseRequest(_Request):
-    near: Annotated[str, Field(min_length=1, max_length=MAX_PATH), AfterValidator(_absolute_path)] | None = None
+    near: Annotated[str, Field(min_length=1, max_length=MAX_PATH, json_schema_extra=_ABSOLUTE_PATH),
+                    AfterValidator(_absolute_path)] | None = None
     pool: Annotated[str, Field(min_length=1, max_length=64)] | None = None
     placement: Literal["prefer-same-filesystem", "same-filesystem", "any"] = "prefer-same-filesystem"
     ttl_seconds: Annotated[int, Field(ge=1), INTEGRAL] | None = None
     idle_timeout_seconds: Annotated[int, Field(ge=1, le=10 * 365 * 86400), INTEGRAL] | None = None
     pid: Annotated[int, Field(ge=1, le=2**22), INTEGRAL] | None = None
-    max_bytes: Annotated[int, Field(ge=1, le=2**63 - 1), INTEGRAL] | None = None
-    expected_bytes: Annotated[int, Field(ge=0, le=2**63 - 1), INTEGRAL] | None = None
+    max_bytes: Annotated[int, Field(ge=1, le=MAX_INTEGER), INTEGRAL] | None = None
+    expected_bytes: Annotated[int, Field(ge=0, le=MAX_INTEGER), INTEGRAL] | None = None
     evictable: bool = False
-    labels: Annotated[dict[str, str], AfterValidator(_labels)] = Field(default_factory=dict)
+    labels: Annotated[dict[str, str], AfterValidator(_labels)] = Field(default_factory=dict, json_schema_extra=_LABELS)
 
 
 class RenewRequest(_Request):

@@ -160,6 +160,8 @@ async def list_leases(
 
 @router.get("/v1/leases/{lease_id}", response_model=models.LeaseOut, responses=ERRORS, tags=["leases"])
 async def get_lease(request: Request, lease_id: str, caller: Reader) -> Response:
+    """One lease. An ended lease stays readable, as ``state: ended`` with its ``end_reason``, for
+    ``gc.history_retention``: a release does not make its lease vanish from the API."""
     return _json(models.lease_json(_visible_lease(_daemon(request), caller, lease_id)))
 
 
@@ -177,7 +179,8 @@ async def renew_lease(request: Request, lease_id: str, caller: Writer,
 
 @router.delete("/v1/leases/{lease_id}", response_model=models.LeaseOut, responses=ERRORS, tags=["leases"])
 async def release_lease(request: Request, lease_id: str, caller: Writer) -> Response:
-    """End the lease as ``released``; its path is gone when this answers. Idempotent."""
+    """End the lease as ``released``; its path is gone when this answers. Idempotent: on a lease
+    that already ended, 200 with the lease as it is. The record stays readable afterwards."""
     return _json(models.lease_json(await end_lease(request, caller, lease_id)))
 
 
@@ -236,7 +239,7 @@ async def usage(request: Request, caller: Reader) -> Response:
 async def events(
     request: Request,
     caller: Reader,
-    since: Annotated[int, Query(ge=0, le=2**63 - 1, description="exclusive: the last seq seen")] = 0,
+    since: Annotated[int, Query(ge=0, le=models.MAX_INTEGER, description="exclusive: the last seq seen")] = 0,
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
 ) -> Response:
     found = _daemon(request).store.events(since, limit)

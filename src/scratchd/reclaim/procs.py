@@ -22,7 +22,8 @@ class ProcessIdentity:
 
 
 def identify(pid: int) -> ProcessIdentity | None:
-    """The live process ``pid`` as (real uid, start time), or None if there is none (zombies count as gone).
+    """The live process ``pid`` as (real uid, start time), or None if there is none (zombies and
+    threads count as none).
 
     The real uid, from /proc/PID/status: the owner of /proc/PID is the effective uid,
     and root for non-dumpable processes (ssh-agent, setuid programs).
@@ -31,8 +32,11 @@ def identify(pid: int) -> ProcessIdentity | None:
         with open(f"/proc/{pid}/stat", "rb") as file:
             stat = file.read()
         with open(f"/proc/{pid}/status", "rb") as file:
-            uid = next(int(line.split()[1]) for line in file if line.startswith(b"Uid:"))
-    except (FileNotFoundError, ProcessLookupError, NotADirectoryError, StopIteration):
+            status = {line.split(b":", 1)[0]: line.split()[1:] for line in file if b":" in line}
+        uid, tgid = int(status[b"Uid"][0]), int(status[b"Tgid"][0])
+    except (FileNotFoundError, ProcessLookupError, NotADirectoryError, KeyError, IndexError):
+        return None
+    if tgid != pid:  # a thread's id: /proc answers for it, but it is no process to outlive
         return None
     # comm (field 2) may contain spaces and parentheses: split after the last ")".
     fields = stat[stat.rindex(b")") + 2 :].split()
