@@ -36,7 +36,9 @@ from scratchd.config import parse_config
 
 REPO = Path(__file__).resolve().parents[2]
 UNIT = REPO / "deploy" / "systemd" / "scratchd.service"
+UNIT_README = REPO / "deploy" / "systemd" / "README.md"
 DOCKERFILE = REPO / "deploy" / "container" / "Dockerfile"
+LOCK = REPO / "deploy" / "container" / "requirements.lock"
 KUBERNETES = REPO / "deploy" / "kubernetes"
 KUBERNETES_VERSION = "1.30.0"
 # Custom resources the bundled schemas cannot know; everything else must validate.
@@ -94,6 +96,38 @@ def test_systemd_analyze_verify(tmp_path: Path) -> None:
     # Unknown keys and bad values are only warnings to verify: any word about our unit fails.
     ours = [line for line in output.splitlines() if "scratchd" in line]
     assert result.returncode == 0 and not ours, output
+
+
+def pools_drop_in() -> str:
+    """The drop-in deploy/systemd/README.md tells operators to write."""
+    (block,) = [b for b in re.findall(r"```ini\n(.*?)```", UNIT_README.read_text(), re.S) if "pools.conf" in b]
+    return block
+
+
+def test_pools_drop_in_requires_the_pool_mounts() -> None:
+    settings: dict[str, list[str]] = {}
+    for line in pools_drop_in().splitlines():
+        key, sep, value = line.partition("=")
+        if sep and not line.startswith("#"):
+            settings.setdefault(key.strip(), []).extend(value.split())
+    # Pool paths (so every mount above them counts), and the mount points they are on.
+    assert settings["RequiresMountsFor"] == ["/mnt/nvme/scratchd", "/srv/scratch/scratchd"]
+    assert settings["ReadWritePaths"] == ["/mnt/nvme", "/srv/scratch"]
+    assert all(any(path.startswith(mount + "/") for mount in settings["ReadWritePaths"])
+               for path in settings["RequiresMountsFor"])
+
+
+@pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="systemd-analyze is not installed")
+def test_systemd_analyze_verify_with_the_pools_drop_in(tmp_path: Path) -> None:
+    scratchd = Path(sys.executable).parent / "scratchd"
+    (tmp_path / "scratchd.service").write_text(UNIT.read_text().replace("/usr/local/bin/scratchd", str(scratchd)))
+    (tmp_path / "scratchd.service.d").mkdir()
+    (tmp_path / "scratchd.service.d" / "pools.conf").write_text(pools_drop_in())
+    # The trailing colon keeps the built-in search path too; the drop-in is found next to the unit.
+    result = subprocess.run(["systemd-analyze", "verify", str(tmp_path / "scratchd.service")], capture_output=True,
+                            text=True, timeout=60, env={**os.environ, "SYSTEMD_UNIT_PATH": f"{tmp_path}:"})
+    output = (result.stdout + result.stderr).strip()
+    assert result.returncode == 0 and "scratchd" not in output, output
 
 
 # -- capabilities: the daemon's whole job with exactly the deployed bounding set --------
@@ -312,12 +346,48 @@ def healthcheck_command() -> list[str]:
 
 
 def test_dockerfile_instructions() -> None:
-    assert dockerfile("FROM")[-1] == "python:3.12-slim"
+    images = {rest.split()[0] for rest in dockerfile("FROM")}
+    assert len(images) == 1, f"one base for both stages: {images}"
+    (image,) = images
+    # A digest, not only a tag: the same bytes on every build until someone updates it.
+    assert re.fullmatch(r"python:3\.12(\.\d+)?-slim(-\w+)?@sha256:[0-9a-f]{64}", image), image
     (user,) = dockerfile("USER")
-    assert user not in ("root", "0") and not user.startswith("0:")
+    # Numeric uid:gid: runAsNonRoot can only verify a number, and 0 is root.
+    uid, _, gid = user.partition(":")
+    assert uid.isdigit() and gid.isdigit() and int(uid) != 0, user
+    (run,) = [rest for rest in dockerfile("RUN") if "useradd" in rest]
+    assert f"--uid {uid}" in run and f"--gid {gid}" in run and f"groupadd --system --gid {gid}" in run
     assert json.loads(dockerfile("ENTRYPOINT")[0]) == ["scratchd"]
     assert json.loads(dockerfile("CMD")[0]) == ["serve", "--config", "/etc/scratchd/config.toml"]
     assert healthcheck_command()[0] == "python3"
+
+
+def locked() -> dict[str, tuple[str, list[str]]]:
+    """``name -> (version, hashes)`` of the lock file (pip's requirements format)."""
+    text = LOCK.read_text().replace("\\\n", " ")
+    found = {}
+    for line in text.splitlines():
+        line = line.split("#", 1)[0].strip()
+        if line:
+            requirement = line.split()[0]
+            name, _, version = requirement.partition("==")
+            found[re.sub(r"[-_.]+", "-", name).lower()] = (version, re.findall(r"--hash=sha256:([0-9a-f]{64})", line))
+    return found
+
+
+def test_dockerfile_installs_only_locked_and_hashed_dependencies() -> None:
+    runs = " ".join(dockerfile("RUN"))
+    assert "pip install --no-cache-dir --require-hashes -r /tmp/requirements.lock" in runs
+    assert "pip install --no-cache-dir --no-deps /wheels/*.whl" in runs  # scratchd itself adds nothing
+    assert "deploy/container/requirements.lock /tmp/requirements.lock" in dockerfile("COPY")
+    lock = locked()
+    for name, (version, hashes) in lock.items():
+        assert re.fullmatch(r"[0-9][0-9A-Za-z.+!-]*", version), f"{name}: not pinned"
+        assert hashes, f"{name}: no hash"
+    with open(REPO / "pyproject.toml", "rb") as file:
+        dependencies = tomllib.load(file)["project"]["dependencies"]
+    wanted = {re.sub(r"[-_.]+", "-", re.match(r"[A-Za-z0-9_.-]+", d).group()).lower() for d in dependencies}
+    assert wanted <= set(lock), f"not in the lock (regenerate it: Dockerfile): {sorted(wanted - set(lock))}"
 
 
 def test_dockerfile_copies_what_the_repository_has() -> None:
@@ -397,8 +467,23 @@ def test_kubernetes_objects_validate() -> None:
             path = ".".join(str(part) for part in exc.path)
             pytest.fail(f"{filename}: {obj['kind']}/{obj['metadata']['name']}: {path}: {exc.message}")
         validated.append(obj["kind"])
-    assert {"DaemonSet", "ConfigMap", "Service", "Secret", "Pod", "Namespace"} <= set(validated)
+    assert {"DaemonSet", "ConfigMap", "Service", "Secret", "Pod", "Namespace", "ResourceQuota"} <= set(validated)
     assert sorted(skipped) == ["PrometheusRule", "ServiceMonitor"]
+
+
+def test_daemonset_runs_on_every_node_and_holds_no_token() -> None:
+    spec = kubernetes_object("DaemonSet")["spec"]["template"]["spec"]
+    assert spec["priorityClassName"] == "system-node-critical"
+    assert spec["tolerations"] == [{"operator": "Exists"}]  # every taint, every effect
+    assert spec["automountServiceAccountToken"] is False
+    resources = daemonset_container()["resources"]
+    assert set(resources["requests"]) == {"cpu", "memory"}
+    assert set(resources["limits"]) == {"memory"}  # no CPU limit: throttling stalls the event loop
+    # Clusters that keep critical priority classes to kube-system admit them under a scoped quota.
+    quota = kubernetes_object("ResourceQuota")
+    assert quota["metadata"]["namespace"] == kubernetes_object("DaemonSet")["metadata"]["namespace"]
+    (scope,) = quota["spec"]["scopeSelector"]["matchExpressions"]
+    assert scope == {"scopeName": "PriorityClass", "operator": "In", "values": [spec["priorityClassName"]]}
 
 
 def test_servicemonitor_scrapes_the_service_with_the_token() -> None:
