@@ -20,7 +20,15 @@ from scratchd.leases import EndReason, Lease
 from scratchd.manager import LeaseManager
 from scratchd.mounts import MountTable
 from scratchd.offload import stop_task
-from scratchd.pools import PoolSet, PoolState, PoolStatus, list_entries, move_to_trash, prepare_pool_dir
+from scratchd.pools import (
+    PoolSet,
+    PoolState,
+    PoolStatus,
+    list_entries,
+    move_to_trash,
+    prepare_pool_dir,
+    probe_reflink,
+)
 from scratchd.reclaim import policy
 from scratchd.reclaim.deleter import DeleteResult
 from scratchd.reclaim.procs import PidWatch
@@ -208,6 +216,7 @@ class Daemon:
                 except OSError as exc:  # a read-only pool serves no new leases anyway
                     log.warning("cannot prepare pool directory", extra={"pool": status.name,
                                                                         "error": exc.strerror})
+                self.pools.set_reflink(status.name, probe_reflink(status.path))
                 self.trash.resume(status.name, status.path)
                 if self.watcher.watch(status.name, status.path):
                     self._watched.add(status.name)
