@@ -223,7 +223,7 @@ def test_transport_level_errors_use_the_envelope(daemon):
     assert_envelope(daemon.request("DELETE", "/v1/leases/doesnotexist"), 404, "lease_not_found")
     assert_envelope(daemon.request("GET", "/v1/leases", params={"state": "gone"}), 422, "invalid_request")
     assert_envelope(daemon.request("POST", "/v1/leases", json={"pool": "nope"}), 404, "pool_not_found")
-    assert_envelope(daemon.request("POST", "/v1/leases", json={"expected_bytes": 2**62}), 507,
+    assert_envelope(daemon.request("POST", "/v1/leases", json={"expected_bytes": 2**53 - 1}), 507,
                     "insufficient_storage")
     assert pool_entries(daemon) == set()
 
