@@ -123,6 +123,16 @@ class Daemon:
         with self.client() as client:
             return client.request(method, path, **kwargs)
 
+    def pool(self, name: str) -> dict[str, Any]:
+        """One pool as ``/v1/pools`` describes it."""
+        return next(p for p in self.request("GET", "/v1/pools").json()["pools"] if p["name"] == name)
+
+    def pool_up(self, name: str) -> float:
+        """``scratchd_pool_up`` of one pool, as scraped."""
+        prefix = f'scratchd_pool_up{{pool="{name}"}}'
+        line = next(line for line in self.request("GET", "/metrics").text.splitlines() if line.startswith(prefix))
+        return float(line.split()[-1])
+
     def lease(self, **body: Any) -> dict[str, Any]:
         response = self.request("POST", "/v1/leases", json=body)
         assert response.status_code == 201, response.text

@@ -45,12 +45,8 @@ def clone(source: Path, target: Path) -> None:
         fcntl.ioctl(dst.fileno(), FICLONE, src.fileno())
 
 
-def pools(daemon) -> dict[str, dict]:
-    return {pool["name"]: pool for pool in daemon.request("GET", "/v1/pools").json()["pools"]}
-
-
 def test_a_pool_on_an_ordinary_filesystem_does_not_clone(daemon, tmp_path) -> None:
-    assert pools(daemon)["main"]["reflink"] is False
+    assert daemon.pool("main")["reflink"] is False
     lease = daemon.lease(near=str(tmp_path))
     assert (lease["link_mode"], lease["same_filesystem"]) == ("hardlink", True)
     assert daemon.lease()["link_mode"] is None  # no near, nothing to say
@@ -64,7 +60,7 @@ def test_a_bind_mount_of_tmpfs_is_copy(make_daemon, tmp_path) -> None:
         (fs / "project").mkdir()
         with bind_mount(fs / "project", tmp_path / "bound"):
             daemon = make_daemon(pool=[{"name": "tmp", "path": str(fs / "pool")}])
-            assert pools(daemon)["tmp"]["reflink"] is False
+            assert daemon.pool("tmp")["reflink"] is False
             lease = daemon.lease(near=str(tmp_path / "bound"))
             assert (lease["link_mode"], lease["same_filesystem"]) == ("copy", False)
             with pytest.raises(OSError):  # what copy mode is for: a hard link fails here
@@ -82,8 +78,8 @@ def test_xfs_with_reflink_clones_through_a_bind_mount(make_daemon, tmp_path) -> 
             # The tmpfs pool has more room than the XFS one...
             daemon = make_daemon(pool=[{"name": "xfs", "path": str(xfs / "pool")},
                                        {"name": "tmp", "path": str(other / "pool")}])
-            wait_for(lambda: pools(daemon)["xfs"]["reflink"], what="the XFS pool probed as cloning")
-            assert pools(daemon)["tmp"]["reflink"] is False
+            wait_for(lambda: daemon.pool("xfs")["reflink"], what="the XFS pool probed as cloning")
+            assert daemon.pool("tmp")["reflink"] is False
 
             # ...but a clone beats a copy: the pool on the same filesystem wins, by another mount.
             lease = daemon.lease(near=str(tmp_path / "checkout"))
@@ -109,7 +105,7 @@ def test_uv_clones_on_clone(make_daemon, tmp_path) -> None:
         (xfs / "project").mkdir()
         with bind_mount(xfs / "project", tmp_path / "checkout"):
             daemon = make_daemon(pool=[{"name": "xfs", "path": str(xfs / "pool")}])
-            wait_for(lambda: pools(daemon)["xfs"]["reflink"], what="the XFS pool probed as cloning")
+            wait_for(lambda: daemon.pool("xfs")["reflink"], what="the XFS pool probed as cloning")
             env = {key: value for key, value in os.environ.items() if not key.startswith("UV_")}
             env["SCRATCHD_SOCKET"] = daemon.socket
             shown = subprocess.run(

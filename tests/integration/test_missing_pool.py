@@ -5,18 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from conftest import Daemon, needs_root, tmpfs, wait_for
-
-
-def pool(daemon: Daemon, name: str) -> dict[str, Any]:
-    pools = daemon.request("GET", "/v1/pools").json()["pools"]
-    return next(p for p in pools if p["name"] == name)
-
-
-def pool_up(daemon: Daemon, name: str) -> float:
-    text = daemon.request("GET", "/metrics").text
-    line = next(line for line in text.splitlines() if line.startswith(f'scratchd_pool_up{{pool="{name}"}}'))
-    return float(line.split()[-1])
+from conftest import needs_root, tmpfs, wait_for
 
 
 def test_a_pool_missing_at_start_comes_up_when_its_directory_appears(make_daemon: Any, tmp_path: Path) -> None:
@@ -24,11 +13,11 @@ def test_a_pool_missing_at_start_comes_up_when_its_directory_appears(make_daemon
     main.mkdir()
     daemon = make_daemon(pool=[{"name": "main", "path": str(main)}, {"name": "later", "path": str(later)}])
 
-    status = pool(daemon, "later")
+    status = daemon.pool("later")
     assert (status["state"], status["reason"]) == ("unavailable", "missing"), status
     assert status["message"] == f"Pool path {later} does not exist."
-    assert (pool(daemon, "main")["state"], pool(daemon, "main")["reason"]) == ("ok", None)
-    assert (pool_up(daemon, "later"), pool_up(daemon, "main")) == (0, 1)
+    assert (daemon.pool("main")["state"], daemon.pool("main")["reason"]) == ("ok", None)
+    assert (daemon.pool_up("later"), daemon.pool_up("main")) == (0, 1)
     warning = next(line for line in daemon.log().splitlines() if '"pool": "later"' in line)
     assert '"level": "warning"' in warning and "does not exist" in warning, warning
     assert daemon.lease()["pool"] == "main"
@@ -38,8 +27,8 @@ def test_a_pool_missing_at_start_comes_up_when_its_directory_appears(make_daemon
     assert not later.exists()  # never created by the daemon
 
     later.mkdir()
-    wait_for(lambda: pool(daemon, "later")["state"] == "ok", timeout=5, what="the pool coming up")
-    assert pool_up(daemon, "later") == 1
+    wait_for(lambda: daemon.pool("later")["state"] == "ok", timeout=5, what="the pool coming up")
+    assert daemon.pool_up("later") == 1
     assert daemon.lease(pool="later")["path"].startswith(f"{later}/")
     assert (later / ".lock").read_text() == f"{daemon.process.pid}\n"
 
@@ -57,8 +46,8 @@ def test_pool_up_is_0_only_when_unavailable(make_daemon: Any, tmp_path: Path) ->
     (tmp_path / "full").mkdir()
     daemon = make_daemon(pool=[{"name": "full", "path": str(tmp_path / "full"), "reserve": "100%"},
                                {"name": "gone", "path": str(tmp_path / "gone")}])
-    assert (pool(daemon, "full")["state"], pool(daemon, "full")["reason"]) == ("full", "full")
-    assert (pool_up(daemon, "full"), pool_up(daemon, "gone")) == (1, 0)
+    assert (daemon.pool("full")["state"], daemon.pool("full")["reason"]) == ("full", "full")
+    assert (daemon.pool_up("full"), daemon.pool_up("gone")) == (1, 0)
 
 
 @needs_root
@@ -68,15 +57,15 @@ def test_a_pool_whose_disk_is_mounted_after_start(make_daemon: Any, tmp_path: Pa
     (tmp_path / "main").mkdir()
     daemon = make_daemon(pool=[{"name": "main", "path": str(tmp_path / "main")},
                                {"name": "disk", "path": str(disk), "mount_point": str(disk)}])
-    status = pool(daemon, "disk")
+    status = daemon.pool("disk")
     assert (status["state"], status["reason"]) == ("unavailable", "not_on_mount_point"), status
-    assert pool_up(daemon, "disk") == 0
+    assert daemon.pool_up("disk") == 0
     assert not (disk / ".lock").exists()  # nothing written on the parent filesystem
 
     with tmpfs(disk, size="8m"):
-        wait_for(lambda: pool(daemon, "disk")["state"] == "ok", timeout=5, what="the pool coming up")
-        status = pool(daemon, "disk")
+        wait_for(lambda: daemon.pool("disk")["state"] == "ok", timeout=5, what="the pool coming up")
+        status = daemon.pool("disk")
         assert (status["reason"], status["fstype"], status["mount_point"]) == (None, "tmpfs", str(disk))
-        assert pool_up(daemon, "disk") == 1
+        assert daemon.pool_up("disk") == 1
         lease = daemon.lease(pool="disk")
         assert Path(lease["path"]).parent == disk

@@ -17,17 +17,6 @@ from conftest import Daemon, wait_for
 GRACE = {"interval": "0.2s", "orphan_grace": "0.5s"}
 
 
-def pool(daemon: Daemon, name: str) -> dict[str, Any]:
-    pools = daemon.request("GET", "/v1/pools").json()["pools"]
-    return next(p for p in pools if p["name"] == name)
-
-
-def pool_up(daemon: Daemon, name: str) -> float:
-    text = daemon.request("GET", "/metrics").text
-    line = next(line for line in text.splitlines() if line.startswith(f'scratchd_pool_up{{pool="{name}"}}'))
-    return float(line.split()[-1])
-
-
 def reclaimed_orphans(daemon: Daemon, pool_name: str) -> set[str]:
     events = daemon.request("GET", "/v1/events", params={"since": 0, "limit": 1000}).json()["events"]
     return {e["details"]["entry"] for e in events if e["kind"] == "orphan_reclaimed" and e["pool"] == pool_name}
@@ -58,10 +47,10 @@ def test_a_second_daemon_never_touches_a_pool_the_first_serves(make_daemon: Any,
 
     # Refused at once, and said why: unavailable, locked, the holder's pid.
     holder = first.process.pid
-    status = pool(second, "shared")
+    status = second.pool("shared")
     assert (status["state"], status["reason"]) == ("unavailable", "locked"), status
     assert f"pid {holder}" in status["message"], status
-    assert pool_up(second, "shared") == 0 and pool_up(second, "own") == 1
+    assert second.pool_up("shared") == 0 and second.pool_up("own") == 1
     assert f"pid {holder}" in second.log() and "locked" in second.log()
     refused = second.request("POST", "/v1/leases", json={"pool": "shared"})
     assert refused.status_code == 503, refused.text
@@ -81,14 +70,14 @@ def test_a_second_daemon_never_touches_a_pool_the_first_serves(make_daemon: Any,
     assert Path(lease["path"], "work").read_text() == "the first daemon's tenant's data"
     assert first.request("GET", f"/v1/leases/{lease['id']}").json()["state"] == "active"
     assert reclaimed_orphans(second, "shared") == set()
-    assert pool(second, "shared")["reason"] == "locked"
+    assert second.pool("shared")["reason"] == "locked"
 
     # The first stops (its lease and directory stay, guarantee 2): the second takes the pool
     # within gc.interval. To the second, the first's directories are orphans, reclaimed only
     # once its own grace has passed since it first saw them.
     first.stop()
-    wait_for(lambda: pool(second, "shared")["state"] == "ok", timeout=5, what="the second taking the pool")
-    assert pool(second, "shared")["reason"] is None and pool_up(second, "shared") == 1
+    wait_for(lambda: second.pool("shared")["state"] == "ok", timeout=5, what="the second taking the pool")
+    assert second.pool("shared")["reason"] is None and second.pool_up("shared") == 1
     assert Path(shared, ".lock").read_text() == f"{second.process.pid}\n"
     wait_for(lambda: reclaimed_orphans(second, "shared") == {lease["id"], "stray"}, timeout=15,
              what="the first's directories reclaimed as orphans after the second's grace")
@@ -103,7 +92,7 @@ def test_the_first_daemon_back_finds_its_pool_taken_and_waits(make_daemon: Any) 
     first.start()
 
     # Its lease is neither lost nor ended by the first: the pool is someone else's now.
-    status = pool(first, "main")
+    status = first.pool("main")
     assert (status["state"], status["reason"]) == ("unavailable", "locked"), status
     assert f"pid {second.process.pid}" in status["message"]
     got = first.request("GET", f"/v1/leases/{lease['id']}").json()
@@ -116,6 +105,6 @@ def test_the_first_daemon_back_finds_its_pool_taken_and_waits(make_daemon: Any) 
     assert first.request("GET", f"/v1/leases/{lease['id']}").json()["state"] == "active"
 
     second.stop()
-    wait_for(lambda: pool(first, "main")["state"] == "ok", timeout=5, what="the first taking its pool back")
+    wait_for(lambda: first.pool("main")["state"] == "ok", timeout=5, what="the first taking its pool back")
     assert first.request("GET", f"/v1/leases/{lease['id']}").json()["state"] == "active"
     assert os.path.isdir(lease["path"])
