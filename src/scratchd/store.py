@@ -425,10 +425,24 @@ class Store:
         cursor = self._db.execute(f"SELECT {_COLUMNS} FROM leases WHERE state = 'ended' ORDER BY ended_at DESC")
         return (_lease(r) for r in cursor)
 
-    def events(self, since: int, limit: int) -> list[Event]:
+    def events(
+        self, since: int, limit: int, *, before: int | None = None, tenant: str | None = None, newest_first: bool = False
+    ) -> list[Event]:
+        """Up to ``limit`` events between ``since`` and ``before`` (both exclusive), only ``tenant``'s if given.
+
+        Newest first, a client finds the last N without knowing where they start.
+        """
+        where, params = ["seq > ?"], [since]
+        if before is not None:
+            where.append("seq < ?")
+            params.append(before)
+        if tenant is not None:
+            where.append("tenant = ?")
+            params.append(tenant)
         rows = self._db.execute(
-            "SELECT seq, at, kind, lease_id, pool, tenant, reason, details FROM events WHERE seq > ? ORDER BY seq LIMIT ?",
-            (since, limit),
+            "SELECT seq, at, kind, lease_id, pool, tenant, reason, details FROM events"
+            f" WHERE {' AND '.join(where)} ORDER BY seq {'DESC' if newest_first else 'ASC'} LIMIT ?",
+            (*params, limit),
         )
         return [Event(*row[:7], json.loads(row[7]) if row[7] else None) for row in rows]
 

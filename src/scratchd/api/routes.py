@@ -241,10 +241,16 @@ async def events(
     caller: Reader,
     since: Annotated[int, Query(ge=0, le=models.MAX_INTEGER, description="exclusive: the last seq seen")] = 0,
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+    order: Annotated[Literal["asc", "desc"], Query(description="desc: newest first, so with limit the last N")] = "asc",
+    before: Annotated[int | None, Query(ge=1, le=models.MAX_INTEGER,
+                                        description="exclusive: with order=desc, the oldest seq seen")] = None,
 ) -> Response:
-    found = _daemon(request).store.events(since, limit)
-    if not caller.sees_all():
-        found = [e for e in found if e.tenant == caller.name]
+    """The event log after ``since``: a follower polls with the last seq it saw.
+
+    A tenant's page holds ``limit`` of its own events, however many others' came between.
+    """
+    found = _daemon(request).store.events(since, limit, before=before, newest_first=order == "desc",
+                                          tenant=None if caller.sees_all() else caller.name)
     return _json({"events": [
         {"seq": e.seq, "at": models.timestamp(e.at), "kind": e.kind, "lease_id": e.lease_id, "pool": e.pool,
          "tenant": e.tenant, "reason": e.reason, "details": e.details}
