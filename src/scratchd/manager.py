@@ -395,7 +395,8 @@ class LeaseManager:
         ttl = requested if requested is not None else int(limits.default_ttl)
         if ttl > limits.max_ttl:
             raise Refused(422, "invalid_request", f"ttl_seconds may be at most {int(limits.max_ttl)}.",
-                          {"fields": {"ttl_seconds": f"above limits.max_ttl ({int(limits.max_ttl)})"}})
+                          {"fields": {"ttl_seconds": f"above limits.max_ttl ({int(limits.max_ttl)})"},
+                           "max_ttl": int(limits.max_ttl), "requested": ttl})
         own = self.config.tenant_limits(tenant.name)
         if own is not None and own.max_ttl is not None and ttl > own.max_ttl:
             raise Refused(429, "quota_exceeded", f"Tenant {tenant.name} may lease for at most {int(own.max_ttl)}s.",
