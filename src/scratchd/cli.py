@@ -1,9 +1,9 @@
-"""The ``scratchd`` command line (SPEC §6).
+"""The ``scratchd`` command line (SPEC §6): the standard library only.
 
 ``scratchd run`` starts on every CI job, so the module level imports only the
 standard library, and not argparse: ``run``'s options, plainly spelled, are read
-without it. argparse, the server, ``rich`` (tables for people) and whatever a
-single command needs are imported inside the functions that use them.
+without it. argparse, the server (``serve``, installed with ``scratchd[server]``)
+and whatever a single command needs are imported inside the functions that use them.
 """
 
 from __future__ import annotations
@@ -22,29 +22,52 @@ if TYPE_CHECKING:
     from typing import NoReturn
 
     Handler = Callable[[SimpleNamespace, Client], int]
+    LocalHandler = Callable[[SimpleNamespace], int]
     Option = tuple[tuple[str, ...], dict[str, object]]  # add_argument's flags and keywords
 
-# Exit codes (SPEC §6); 2, a usage error, is argparse's own.
+# Exit codes; 2, a usage error, is argparse's own.
 EXIT_OK = 0
-EXIT_REFUSED = 1  # the daemon said no
+EXIT_REFUSED = 1  # the daemon said no (and `serve` could not start)
 EXIT_UNREACHABLE = 3
 EXIT_LEASE_ENDED = 4  # the lease ended under `run`'s command
+EXIT_PIPE = 141  # 128 + SIGPIPE: what a shell reports for a writer whose reader went away
 
 FALLBACKS = ("fail", "local")
 WATCH_SECONDS = 1.0  # how often `run` looks at its lease: it must notice an end within 2 s
 KILL_AFTER_SECONDS = 10.0  # from SIGTERM to SIGKILL, for a command whose lease ended
+FOLLOW_SECONDS = 1.0  # how often `events --follow` asks for more
+EVENTS_PAGE = 1000  # the API's largest `limit`
 
 PLACEMENTS = ("prefer-same-filesystem", "same-filesystem", "any")
 LOG_LEVELS = ("debug", "info", "warning", "error")
+SHELLS = ("bash", "zsh", "fish")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """The command's exit status; a closed pipe on stdout or stderr ends it quietly with 141.
+
+    Output is flushed here, not at the interpreter's exit, where a reader gone
+    (``scratchd ls | head -1``) would be a traceback and exit 1.
+    """
+    try:
+        try:
+            return _main(argv)
+        finally:
+            sys.stdout.flush()
+    except BrokenPipeError:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        for stream in (sys.stdout, sys.stderr):
+            os.dup2(devnull, stream.fileno())  # what is still buffered goes nowhere, quietly
+        return EXIT_PIPE
+
+
+def _main(argv: Sequence[str] | None) -> int:
     args = parse_args(argv)
     handler = COMMANDS[args.command][2]
-    if handler is None:  # `serve`: the daemon itself, no client
-        from scratchd.server import serve
-
-        return serve(args.config, args.log_level)
+    if args.command in LOCAL_COMMANDS:
+        return handler(args)
+    if args.socket is not None and args.url is not None:
+        _usage_error(args, f"both --socket {args.socket} and --url {args.url} given: use one")
     try:
         client = Client(socket=args.socket, url=args.url)
     except ValueError as error:
@@ -57,15 +80,42 @@ def main(argv: Sequence[str] | None = None) -> int:
         _say(error.message)
         return EXIT_UNREACHABLE
     except ScratchdError as error:
-        _say(f"{error.code}: {error.message}")
+        _say(_refusal(error, args))
         return EXIT_REFUSED
     except OSError as error:  # preparing the lease's directories
+        if isinstance(error, BrokenPipeError):
+            raise
         _say(str(error))
         return EXIT_REFUSED
     except KeyboardInterrupt:
         return 130
     finally:
         client.close()
+
+
+def _serve(args: SimpleNamespace) -> int:
+    """The daemon, when this Python and this installation can run it."""
+    if sys.version_info < (3, 11):
+        _say(f"serve needs Python 3.11 or newer; this is {sys.version.split()[0]}")
+        return EXIT_REFUSED
+    try:
+        from scratchd.server import serve
+    except ModuleNotFoundError as error:
+        if (error.name or "scratchd").partition(".")[0] == "scratchd":
+            raise
+        _say(f"serve needs the server's dependencies ({error.name} is missing): pip install 'scratchd[server]'")
+        return EXIT_REFUSED
+    return serve(args.config, args.log_level)
+
+
+def _refusal(error: ScratchdError, args: SimpleNamespace) -> str:
+    """The daemon's code and message; a TTL over a limit in the unit the user wrote it in."""
+    details = error.details if isinstance(error.details, dict) else {}
+    ttl, limit = getattr(args, "ttl", None), details.get("max_ttl")
+    if isinstance(ttl, Seconds) and isinstance(limit, int) and ttl > limit:
+        whose = "your tenant's" if error.code == "quota_exceeded" else "the daemon's"
+        return f"{error.code}: --ttl {ttl.text} is over {whose} limit: at most {_in_unit(limit, ttl.text)}"
+    return f"{error.code}: {error.message}"
 
 
 class UsageError(Exception):
@@ -194,16 +244,35 @@ def _top_parser() -> argparse.ArgumentParser:
         formatter_class=_formatter,
     )
     _add_options(top, WHERE_OPTIONS, default=None)
+    top.add_argument("--version", action=_version_action(), nargs=0, help="print the version and exit")
     top.add_argument("command", choices=COMMANDS, metavar="COMMAND", help="one of the commands below")
     top.add_argument("arguments", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
     return top
 
 
+def _version_action() -> type[argparse.Action]:
+    """``--version``: the installed distribution's, looked up only when asked."""
+    import argparse
+
+    class Version(argparse.Action):
+        def __call__(self, parser: argparse.ArgumentParser, *args: object) -> None:
+            from importlib.metadata import version
+
+            print(f"scratchd {version('scratchd')}")
+            parser.exit()
+
+    return Version
+
+
 def command_parser(command: str) -> argparse.ArgumentParser:
     import argparse
+    import re
 
     help, add_options, _ = COMMANDS[command]
     parser = argparse.ArgumentParser(prog=f"scratchd {command}", description=help, formatter_class=_formatter)
+    # argparse reads `--ttl -5m` as an option with no value, and says only "expected one
+    # argument"; as a value, the option's own check names it and the accepted forms.
+    parser._negative_number_matcher = re.compile(r"^-\.?\d")
     # The same --socket/--url after the command; SUPPRESS keeps a value given before it.
     _add_options(parser, WHERE_OPTIONS, default=argparse.SUPPRESS)
     add_options(parser)
@@ -231,13 +300,45 @@ def _invalid(message: str) -> Exception:
     return argparse.ArgumentTypeError(message)
 
 
-def _duration(text: str) -> int:
+class Seconds(int):
+    """Whole seconds that remember how the user wrote them (``30d``), to answer in their unit."""
+
+    text: str
+
+    def __new__(cls, seconds: int, text: str) -> Seconds:
+        self = super().__new__(cls, seconds)
+        self.text = text
+        return self
+
+
+_UNIT_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+
+
+def _duration(text: str) -> Seconds:
     """Whole seconds, rounded up: the API takes integers, and ``1.5s`` must not shrink."""
     try:
         seconds = parse_duration(text)
     except UnitError as error:
         raise _invalid(str(error)) from None
-    return int(-(-seconds // 1))
+    return Seconds(int(-(-seconds // 1)), text)
+
+
+def _in_unit(seconds: int, written: str) -> str:
+    """``seconds`` in the unit ``written`` uses (604800 after ``30d``: ``7d``), rounded down."""
+    unit = written.strip()[-1:]
+    unit = unit if unit in _UNIT_SECONDS else "s"
+    whole, hundredths = divmod(seconds * 100 // _UNIT_SECONDS[unit], 100)
+    return f"{whole}{f'.{hundredths:02d}'.rstrip('0') if hundredths else ''}{unit}"
+
+
+def _count(text: str) -> int:
+    try:
+        count = int(text)
+    except ValueError:
+        count = -1
+    if count < 0:
+        raise _invalid(f"expected a whole number, 0 or more, got {text!r}")
+    return count
 
 
 def _size(text: str) -> int:
@@ -361,6 +462,8 @@ def _json_option(parser: argparse.ArgumentParser) -> None:
 
 def _ls_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--all", action="store_true", help="ended leases too")
+    parser.add_argument("--label", metavar="K=V", type=_label, action="append",
+                        help="only leases with this label; repeatable: with all of them")
     _json_option(parser)
 
 
@@ -370,9 +473,22 @@ def _show_options(parser: argparse.ArgumentParser) -> None:
 
 
 def _events_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--follow", "-f", action="store_true", help="keep polling every second")
-    parser.add_argument("--since", metavar="N", type=int, help="only events after sequence number N")
-    parser.add_argument("--json", action="store_true", help="JSON (one event per line with --follow)")
+    parser.add_argument("-n", metavar="N", type=_count,
+                        help="at most N events: the newest (default 50), or the first after --since")
+    parser.add_argument("--since", metavar="SEQ", type=_count,
+                        help="the events after sequence number SEQ, oldest first (0: from the start)")
+    parser.add_argument("--follow", "-f", action="store_true", help="then print new ones as they come")
+    parser.add_argument("--json", action="store_true", help="the API's JSON (one event per line with --follow)")
+
+
+def _completion_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("shell", choices=SHELLS, help=" | ".join(SHELLS))
+    parser.epilog = (
+        "bash: source <(scratchd completion bash), or save it as\n"
+        "      ~/.local/share/bash-completion/completions/scratchd\n"
+        "zsh:  source <(scratchd completion zsh), or save it as _scratchd in a directory of $fpath\n"
+        "fish: scratchd completion fish | source, or save it as ~/.config/fish/completions/scratchd.fish"
+    )
 
 
 def _lease_request(args: SimpleNamespace) -> dict[str, object]:
@@ -761,7 +877,13 @@ def cmd_release(args: SimpleNamespace, client: Client) -> int:
 
 
 def cmd_ls(args: SimpleNamespace, client: Client) -> int:
-    data = client.list_leases(state="all" if args.all else None)
+    """The leases; with several ``--label``, the daemon filters by the first and this by the rest."""
+    labels = args.label or []
+    data = client.list_leases(state="all" if args.all else None, label="=".join(labels[0]) if labels else None)
+    if labels[1:]:
+        data["leases"] = [
+            lease for lease in data["leases"] if all((lease.get("labels") or {}).get(k) == v for k, v in labels[1:])
+        ]
     if args.json:
         _print_json(data)
         return EXIT_OK
@@ -879,23 +1001,85 @@ def cmd_usage(args: SimpleNamespace, client: Client) -> int:
 
 
 def cmd_events(args: SimpleNamespace, client: Client) -> int:
-    import time
+    """The newest events (or those after ``--since``), oldest first; with ``--follow``, then the new ones.
 
-    since = args.since
+    Ctrl-C is how one stops following: it ends the command with 0.
+    """
     try:
-        while True:
-            data = client.events(since=since)
-            if args.json and not args.follow:
-                _print_json(data)
-                return EXIT_OK
-            for event in data["events"]:
-                print(_json_text(event) if args.json else _event_line(event), flush=True)
-                since = event["seq"]
-            if not args.follow:
-                return EXIT_OK
-            time.sleep(1)
+        last = _print_events(args, client)
+        if args.follow:
+            _follow_events(args, client, last)
     except KeyboardInterrupt:
-        return EXIT_OK
+        pass
+    return EXIT_OK
+
+
+def _print_events(args: SimpleNamespace, client: Client) -> int:
+    """Print what ``-n`` and ``--since`` ask for, and how to see more; the last seq printed (or seen)."""
+    if args.since is None:
+        events, more, last = _newest_events(client, 50 if args.n is None else args.n)
+    else:
+        events, more = _events_after(client, args.since, args.n)
+        last = events[-1]["seq"] if events else args.since
+    if args.json and not args.follow:
+        _print_json({"events": events})
+    else:
+        for event in events:
+            print(_json_text(event) if args.json else _event_line(event))
+    if more and events and args.since is None:
+        _say(f"the newest events, from seq {events[0]['seq']}, shown; older ones: -n N, or --since SEQ for all"
+             " after SEQ (0: from the first)")
+    elif more and events:
+        _say(f"the events after seq {args.since} up to {last} shown; more: --since {last}")
+    return last
+
+
+def _follow_events(args: SimpleNamespace, client: Client, last: int) -> None:
+    """Print the events after ``last`` as they come, until stdout's reader goes away."""
+    import select
+
+    sys.stdout.flush()
+    reader_gone = select.poll()
+    reader_gone.register(sys.stdout.fileno(), 0)  # a pipe whose reader left reports POLLERR all the same
+    while True:
+        page = client.events(since=last, limit=EVENTS_PAGE)["events"]
+        for event in page:
+            print(_json_text(event) if args.json else _event_line(event))
+        sys.stdout.flush()
+        if page:
+            last = page[-1]["seq"]
+        # Caught up: wait for more, but not for a reader that left (`| head -1`) while it is quiet.
+        if len(page) < EVENTS_PAGE and reader_gone.poll(FOLLOW_SECONDS * 1000):
+            raise BrokenPipeError
+
+
+def _newest_events(client: Client, count: int) -> tuple[list[dict], bool, int]:
+    """The newest ``count`` events, oldest first; whether older ones exist; the newest seq (0 if none)."""
+    found: list[dict] = []
+    before = None
+    while len(found) <= count:  # one more than asked: is there more?
+        limit = min(count + 1 - len(found), EVENTS_PAGE)
+        page = client.events(order="desc", limit=limit, before=before)["events"]
+        found += page
+        if len(page) < limit:
+            break
+        before = page[-1]["seq"]
+    return found[:count][::-1], len(found) > count, found[0]["seq"] if found else 0
+
+
+def _events_after(client: Client, since: int, count: int | None) -> tuple[list[dict], bool]:
+    """The events after ``since``, oldest first, all or the first ``count``; whether more follow those."""
+    found: list[dict] = []
+    while count is None or len(found) <= count:
+        limit = EVENTS_PAGE if count is None else min(count + 1 - len(found), EVENTS_PAGE)
+        page = client.events(since=since, limit=limit)["events"]
+        found += page
+        if len(page) < limit:
+            break
+        since = page[-1]["seq"]
+    if count is None:
+        return found, False
+    return found[:count], len(found) > count
 
 
 def _event_line(event: Mapping[str, object]) -> str:
@@ -922,22 +1106,44 @@ def _json_text(data: object) -> str:
 
 
 def _table(header: Sequence[str], rows: Iterable[Sequence[str]]) -> None:
-    """An aligned table for people, as wide as the terminal (80 columns when not a terminal).
+    """Aligned columns; on a terminal as wide as it is, off one (a pipe, a CI log) each row on one line.
 
-    The first column, an id or a name people copy, is kept whole; the others fold.
+    To fit, the columns after the first (an id or a name people copy, kept
+    whole) fold, the widest first, down to their header's width.
     """
-    from rich.console import Console
-    from rich.table import Table
+    table = [list(header), *(list(row) for row in rows)]
+    widths = [max(len(row[i]) for row in table) for i in range(len(header))]
+    columns = _terminal_columns()
+    if columns is not None:
+        import textwrap
 
-    rows = list(rows)
-    table = Table(box=None, pad_edge=False, header_style="bold", show_edge=False)
-    first = max((len(row[0]) for row in rows), default=0)
-    table.add_column(header[0], no_wrap=True, min_width=max(first, len(header[0])))
-    for name in header[1:]:
-        table.add_column(name, overflow="fold", min_width=len(name))
-    for row in rows:
-        table.add_row(*row)
-    Console(highlight=False).print(table)
+        room = columns - 2 * (len(widths) - 1)
+        while sum(widths) > room:
+            widest = max(range(1, len(widths)), key=lambda i: widths[i] - len(header[i]), default=0)
+            if not widest or widths[widest] <= len(header[widest]):
+                break  # as narrow as it goes: let the terminal wrap the rest
+            widths[widest] -= 1
+        folded = [[textwrap.wrap(cell, width, break_on_hyphens=False) or [""] for cell, width in zip(row, widths)]
+                  for row in table]
+    else:
+        folded = [[[cell] for cell in row] for row in table]
+    for row in folded:
+        for line in range(max(len(cell) for cell in row)):
+            parts = [(cell[line] if line < len(cell) else "").ljust(width) for cell, width in zip(row, widths)]
+            print("  ".join(parts).rstrip())
+
+
+def _terminal_columns() -> int | None:
+    """The terminal's width when stdout is one (``$COLUMNS`` first, as ``shutil`` reads it), else None."""
+    if not sys.stdout.isatty():
+        return None
+    try:
+        return int(os.environ["COLUMNS"])
+    except (KeyError, ValueError):
+        try:
+            return os.get_terminal_size(sys.stdout.fileno()).columns
+        except OSError:
+            return 80
 
 
 def _columns(rows: Sequence[Sequence[str]]) -> str:
@@ -961,9 +1167,16 @@ def _relative(timestamp: object) -> str:
     return f"in {format_duration(seconds)}" if seconds >= 0 else f"{format_duration(-seconds)} ago"
 
 
-# name: (help, options, handler); `serve` has no handler: it runs the daemon (see main).
-COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Handler | None]] = {
-    "serve": ("run the daemon", _serve_options, None),
+def cmd_completion(args: SimpleNamespace) -> int:
+    from scratchd.completion import script
+
+    print(script(args.shell), end="")
+    return EXIT_OK
+
+
+# name: (help, options, handler); the LOCAL_COMMANDS' handlers take no client.
+COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Handler | LocalHandler]] = {
+    "serve": ("run the daemon", _serve_options, _serve),
     "lease": ("take a lease and print its path", _lease_options, cmd_lease),
     "run": ("run a command in a lease, renewed while it runs, released after", _run_options, cmd_run),
     "renew": ("extend a lease", _renew_options, cmd_renew),
@@ -972,5 +1185,7 @@ COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Handle
     "show": ("describe one lease", _show_options, cmd_show),
     "pools": ("list pools and their space", _json_option, cmd_pools),
     "usage": ("space by pool and tenant, largest leases", _json_option, cmd_usage),
-    "events": ("what happened, oldest first", _events_options, cmd_events),
+    "events": ("what happened: the newest events, oldest of them first", _events_options, cmd_events),
+    "completion": ("print a shell completion script: bash, zsh or fish", _completion_options, cmd_completion),
 }
+LOCAL_COMMANDS = ("serve", "completion")

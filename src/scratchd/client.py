@@ -158,10 +158,12 @@ def _with_query(path: str, params: Mapping[str, object]) -> str:
 class Client:
     """Talks to one scratchd daemon, keeping one connection open across requests.
 
-    Where: ``socket`` > ``url`` > ``$SCRATCHD_SOCKET`` > ``$SCRATCHD_URL`` (with
-    ``$SCRATCHD_TOKEN``) > the default socket path. Methods return the API's JSON
-    bodies as dicts. Not thread-safe: one client per thread, except that a
-    ``Renewer`` borrows its owner's client while the owner waits.
+    Where: the ``socket`` or ``url`` given, else ``$SCRATCHD_SOCKET`` or
+    ``$SCRATCHD_URL`` (with ``$SCRATCHD_TOKEN``), else the default socket path.
+    A socket and a URL at the same level are a ValueError: which was meant is
+    anybody's guess. Methods return the API's JSON bodies as dicts. Not
+    thread-safe: one client per thread, except that a ``Renewer`` borrows its
+    owner's client while the owner waits.
     """
 
     def __init__(
@@ -171,9 +173,16 @@ class Client:
         token: str | None = None,
         timeout: float = 30,
     ) -> None:
+        if socket is not None and url is not None:
+            raise ValueError(f"both socket={socket!r} and url={url!r} given: use one")
         if socket is None and url is None:
             socket = os.environ.get("SCRATCHD_SOCKET") or None
-            url = None if socket else os.environ.get("SCRATCHD_URL") or None
+            url = os.environ.get("SCRATCHD_URL") or None
+            if socket is not None and url is not None:
+                raise ValueError(
+                    f"both SCRATCHD_SOCKET={socket} and SCRATCHD_URL={url} are set: unset one, or choose with"
+                    " --socket or --url"
+                )
         if socket is None and url is None:
             from scratchd.paths import default_socket_path
 
@@ -241,9 +250,15 @@ class Client:
     def usage(self) -> dict:
         return self.request("GET", "/v1/usage")
 
-    def events(self, since: int | None = None, limit: int | None = None) -> dict:
-        """``{"events": [...]}`` after ``since`` (exclusive): poll with the last ``seq`` seen."""
-        return self.request("GET", _with_query("/v1/events", {"since": since, "limit": limit}))
+    def events(
+        self, since: int | None = None, limit: int | None = None, order: str | None = None, before: int | None = None
+    ) -> dict:
+        """``{"events": [...]}`` after ``since`` (exclusive): poll with the last ``seq`` seen.
+
+        ``order="desc"`` answers newest first (the last ``limit``); ``before`` pages back from there.
+        """
+        params = {"since": since, "limit": limit, "order": order, "before": before}
+        return self.request("GET", _with_query("/v1/events", params))
 
     def health(self) -> dict:
         return self.request("GET", "/healthz")

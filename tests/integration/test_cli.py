@@ -2,14 +2,22 @@
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
+import pty
+import pwd
+import re
 import shlex
+import shutil
 import signal
 import socket
+import struct
 import subprocess
 import sys
+import termios
+from pathlib import Path
 
 import pytest
 
@@ -17,6 +25,7 @@ import scratchd
 from conftest import wait_for
 
 SCRATCHD = [sys.executable, "-m", "scratchd"]
+README = Path(__file__).parents[2] / "README.md"
 HEAVY = ("fastapi", "uvicorn", "pydantic", "starlette", "rich", "watchdog", "http", "typing")
 
 
@@ -29,6 +38,40 @@ def cli(daemon, *argv: str, env: dict[str, str] | None = None, **kwargs) -> subp
         env={**os.environ, "SCRATCHD_SOCKET": daemon.socket, **(env or {})},
         **kwargs,
     )
+
+
+def on_a_terminal(daemon, *argv: str, columns: int = 80) -> tuple[int, str, str]:
+    """Exit status, stdout and stderr of a command whose stdout is a terminal ``columns`` wide."""
+    controller, terminal = pty.openpty()
+    fcntl.ioctl(terminal, termios.TIOCSWINSZ, struct.pack("HHHH", 40, columns, 0, 0))
+    env = {**os.environ, "SCRATCHD_SOCKET": daemon.socket}
+    env.pop("COLUMNS", None)
+    process = subprocess.Popen([*SCRATCHD, *argv], stdout=terminal, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL,
+                               env=env)
+    os.close(terminal)
+    output = b""
+    while True:
+        try:
+            chunk = os.read(controller, 65536)
+        except OSError:  # EIO: the terminal's last writer has gone
+            break
+        if not chunk:
+            break
+        output += chunk
+    os.close(controller)
+    _, stderr = process.communicate(timeout=60)
+    return process.returncode, output.decode().replace("\r\n", "\n"), stderr.decode()
+
+
+def into_a_closed_pipe(daemon, *argv: str) -> subprocess.CompletedProcess[str]:
+    """The command with stdout a pipe whose reader has already gone."""
+    read, write = os.pipe()
+    os.close(read)
+    try:
+        return subprocess.run([*SCRATCHD, *argv], stdout=write, stderr=subprocess.PIPE, text=True, timeout=60,
+                              env={**os.environ, "SCRATCHD_SOCKET": daemon.socket})
+    finally:
+        os.close(write)
 
 
 def lease_state(daemon, lease_id: str) -> dict:
@@ -157,19 +200,165 @@ def test_unknown_lease_is_exit_1(daemon) -> None:
     assert "lease_not_found" in result.stderr
 
 
-def test_tables_fit_80_columns(daemon) -> None:
+def test_tables_fit_80_columns_on_a_terminal(daemon) -> None:
     for n in range(3):
         daemon.lease(labels={"job": f"build-{n}", "branch": "feature/a-rather-long-branch-name-here"})
     ended = daemon.lease()
     daemon.request("DELETE", f"/v1/leases/{ended['id']}")
     for command in (["ls"], ["ls", "--all"], ["pools"], ["usage"]):
-        result = cli(daemon, *command, env={"COLUMNS": "80"})
-        assert result.returncode == 0, result.stderr
-        lines = result.stdout.splitlines()
+        status, stdout, stderr = on_a_terminal(daemon, *command, columns=80)
+        assert status == 0, stderr
+        lines = stdout.splitlines()
         assert lines, command
         too_long = [line for line in lines if len(line) > 80]
         assert not too_long, (command, too_long)
-    assert ended["id"] in cli(daemon, "ls", "--all", env={"COLUMNS": "80"}).stdout
+    assert ended["id"] in on_a_terminal(daemon, "ls", "--all", columns=80)[1]
+
+
+def test_off_a_terminal_each_row_is_one_line_however_wide(daemon) -> None:
+    branch = "feature/" + "a-very-long-branch-name-" * 8
+    leases = [daemon.lease(labels={"job": f"test-shard-{n}", "branch": branch}) for n in range(5)]
+    grep = f"{shlex.join(SCRATCHD)} ls | grep job=test-shard-3"
+    found = subprocess.run(["sh", "-c", grep], capture_output=True, text=True, timeout=60,
+                           env={**os.environ, "SCRATCHD_SOCKET": daemon.socket, "COLUMNS": "80"})
+    assert found.returncode == 0, found.stderr
+    (line,) = found.stdout.splitlines()
+    assert line.split()[0] == leases[3]["id"] and f"branch={branch}" in line
+    everything = cli(daemon, "ls", "--all", env={"COLUMNS": "20"}).stdout.splitlines()
+    assert len(everything) == 1 + len(leases) and all(f"branch={branch}" in line for line in everything[1:])
+    pools = cli(daemon, "pools", env={"COLUMNS": "20"}).stdout.splitlines()
+    assert len(pools) == 2 and pools[1].endswith(daemon.pool_path)
+
+
+CLOSED_PIPE_COMMANDS = [["ls"], ["ls", "--json"], ["ls", "--all"], ["show", "{id}"], ["show", "{id}", "--json"],
+                        ["pools"], ["pools", "--json"], ["usage"], ["usage", "--json"], ["events"],
+                        ["events", "--json"], ["events", "--follow"], ["events", "-n", "0", "--follow"],
+                        ["lease"], ["lease", "--shell"], ["renew", "{id}"], ["--help"], ["ls", "--help"],
+                        ["--version"], ["run", "--list-tools"], ["completion", "bash"]]
+
+
+@pytest.mark.parametrize("argv", CLOSED_PIPE_COMMANDS, ids=" ".join)
+def test_a_closed_pipe_ends_quietly_with_141(daemon, argv: list[str]) -> None:
+    lease = daemon.lease(labels={"job": "x" * 200})
+    result = into_a_closed_pipe(daemon, *(arg.format(id=lease["id"]) for arg in argv))
+    assert result.stderr == ""
+    # argparse's help ignores a failed write, and exits 0 as after any help.
+    assert result.returncode in ((0, 141) if "--help" in argv else (141,))
+
+
+@pytest.mark.parametrize("command", ["ls", "ls --json", "events", "usage"])
+def test_piped_into_head_the_status_is_a_shells(daemon, command: str) -> None:
+    for n in range(40):
+        daemon.lease(labels={"job": f"shard-{n}"})
+    script = f'{shlex.join(SCRATCHD)} {command} | head -1; echo "${{PIPESTATUS[*]}}"'
+    result = subprocess.run(["bash", "-c", script], capture_output=True, text=True, timeout=60,
+                            env={**os.environ, "SCRATCHD_SOCKET": daemon.socket})
+    first, status = result.stdout.splitlines()
+    assert first and status in ("0 0", "141 0") and result.stderr == ""
+
+
+def test_events_follow_into_head_ends_when_head_does(daemon) -> None:
+    daemon.lease()
+    script = f'{shlex.join(SCRATCHD)} events --follow | head -1; echo "${{PIPESTATUS[*]}}"'
+    result = subprocess.run(["bash", "-c", script], capture_output=True, text=True, timeout=60,
+                            env={**os.environ, "SCRATCHD_SOCKET": daemon.socket})
+    first, status = result.stdout.splitlines()
+    assert first and status == "141 0" and result.stderr == ""
+
+
+def test_events_prints_the_newest_oldest_first_and_says_how_to_see_more(daemon) -> None:
+    for _ in range(55):
+        daemon.lease()
+    every = daemon.request("GET", "/v1/events", params={"limit": 1000}).json()["events"]
+    seqs = [event["seq"] for event in every]
+    assert len(seqs) > 55
+
+    def printed(result: subprocess.CompletedProcess[str]) -> list[int]:
+        assert result.returncode == 0, result.stderr
+        return [int(line.split()[0]) for line in result.stdout.splitlines()]
+
+    default = cli(daemon, "events")
+    assert printed(default) == seqs[-50:]
+    assert "-n N" in default.stderr and "--since SEQ" in default.stderr and str(seqs[-50]) in default.stderr
+    assert printed(cli(daemon, "events", "-n", "3")) == seqs[-3:]
+    everything = cli(daemon, "events", "-n", "100")
+    assert printed(everything) == seqs and everything.stderr == ""
+    after = cli(daemon, "events", "--since", str(seqs[1]), "-n", "2")
+    assert printed(after) == seqs[2:4] and f"--since {seqs[3]}" in after.stderr
+    assert printed(cli(daemon, "events", "--since", str(seqs[1]))) == seqs[2:]
+    as_json = cli(daemon, "events", "--json", "-n", "2")
+    assert json.loads(as_json.stdout) == {"events": every[-2:]}
+
+
+def test_events_follow_goes_on_from_the_newest(daemon) -> None:
+    first, last = daemon.lease(), daemon.lease()
+    follower = subprocess.Popen([*SCRATCHD, "events", "-n", "1", "--follow", "--json"], stdout=subprocess.PIPE,
+                                text=True, env={**os.environ, "SCRATCHD_SOCKET": daemon.socket})
+    try:
+        assert json.loads(follower.stdout.readline())["lease_id"] == last["id"]
+        daemon.request("DELETE", f"/v1/leases/{first['id']}")
+        ended = json.loads(follower.stdout.readline())
+        assert (ended["kind"], ended["lease_id"]) == ("lease_ended", first["id"])
+    finally:
+        follower.kill()
+        follower.wait()
+
+
+def test_refusals_say_why_in_the_users_units(make_daemon) -> None:
+    me = pwd.getpwuid(os.getuid()).pw_name
+    daemon = make_daemon(limits={"max_ttl": "7d"}, tenant=[{"name": me, "max_ttl": "2h"}])
+    lease = daemon.lease(ttl_seconds=60)
+    said = {
+        ("lease", "--ttl", "0"): "invalid_request: Invalid request: ttl_seconds must be ≥ 1.",
+        ("lease", "--ttl", "30d"): "invalid_request: --ttl 30d is over the daemon's limit: at most 7d",
+        ("run", "--ttl", "200h", "--", "true"): "invalid_request: --ttl 200h is over the daemon's limit: at most 168h",
+        ("lease", "--ttl", "3h"): "quota_exceeded: --ttl 3h is over your tenant's limit: at most 2h",
+        ("renew", lease["id"], "--ttl", "150m"): "quota_exceeded: --ttl 150m is over your tenant's limit: at most 120m",
+        ("lease", "--pool", "nope"): "pool_not_found: ",
+    }
+    for argv, message in said.items():
+        result = cli(daemon, *argv)
+        assert result.returncode == 1, (argv, result.stderr)
+        assert result.stderr.startswith(f"scratchd: {message}"), (argv, result.stderr)
+
+
+def test_ls_filters_by_labels(daemon) -> None:
+    wanted = daemon.lease(labels={"job": "test-shard-3", "team": "infra"})
+    other_team = daemon.lease(labels={"job": "test-shard-3", "team": "web"})
+    other_job = daemon.lease(labels={"job": "test-shard-4", "team": "infra"})
+
+    def listed(*labels: str) -> set[str]:
+        result = cli(daemon, "ls", "--json", *(arg for label in labels for arg in ("--label", label)))
+        assert result.returncode == 0, result.stderr
+        return {lease["id"] for lease in json.loads(result.stdout)["leases"]}
+
+    assert listed("job=test-shard-3") == {wanted["id"], other_team["id"]}
+    assert listed("job=test-shard-3", "team=infra") == {wanted["id"]}
+    assert listed("team=infra") == {wanted["id"], other_job["id"]}
+    assert listed("team=infra", "job=nope") == set()
+    table = cli(daemon, "ls", "--label", "job=test-shard-3", "--label", "team=infra").stdout
+    assert wanted["id"] in table and other_team["id"] not in table
+
+
+def test_the_readmes_curl_recipes(daemon, tmp_path) -> None:
+    if shutil.which("curl") is None:
+        pytest.skip("needs curl")
+    (block,) = [b for b in re.findall(r"```sh\n(.*?)```", README.read_text(), re.S) if "scratchd_run()" in b]
+    setup = block.replace("S=/run/scratchd/scratchd.sock", f"S={shlex.quote(daemon.socket)}", 1)
+    script = setup + (
+        'echo "$id" "$path"\n'
+        """scratchd_run sh -c 'test -d "$SCRATCHD_LEASE_PATH" && echo "$SCRATCHD_LEASE_ID"; exit 7'\n"""
+        'echo "status $?"\n'
+    )
+    result = subprocess.run(["sh", "-c", script], capture_output=True, text=True, timeout=60, cwd=tmp_path)
+    assert result.returncode == 0 and len(result.stdout.splitlines()) == 3, (result.stdout, result.stderr)
+    (by_hand, path), (by_function,), (_, status) = (line.split() for line in result.stdout.splitlines())
+    assert status == "7"
+    for lease_id in (by_hand, by_function):
+        lease = lease_state(daemon, lease_id)
+        assert (lease["state"], lease["end_reason"], lease["pid"]) == ("ended", "released", lease["pid"])
+        assert lease["pid"] is not None and not os.path.exists(lease["path"])
+    assert lease_state(daemon, by_hand)["path"] == path
 
 
 def test_pools_json_is_the_api_body(daemon) -> None:

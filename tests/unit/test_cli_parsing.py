@@ -161,9 +161,32 @@ def test_missing_socket_is_exit_3_naming_it(argv: list[str]) -> None:
 
 
 def test_socket_from_the_environment() -> None:
-    result = scratchd("ls", env={"SCRATCHD_SOCKET": MISSING_SOCKET, "SCRATCHD_URL": "http://127.0.0.1:9"})
+    result = scratchd("ls", env={"SCRATCHD_SOCKET": MISSING_SOCKET, "SCRATCHD_URL": ""})
     assert result.returncode == 3
     assert MISSING_SOCKET in result.stderr
+
+
+@pytest.mark.parametrize("argv", [["--socket", MISSING_SOCKET, "--url", "http://127.0.0.1:9", "ls"],
+                                  ["ls", "--url", "http://127.0.0.1:9", "--socket", MISSING_SOCKET],
+                                  ["--socket", MISSING_SOCKET, "run", "--url", "http://127.0.0.1:9", "--", "true"]])
+def test_a_socket_and_a_url_given_together_are_a_usage_error_naming_both(argv: list[str]) -> None:
+    result = scratchd(*argv, env={"SCRATCHD_SOCKET": "", "SCRATCHD_URL": ""})
+    assert result.returncode == 2, result.stderr
+    assert MISSING_SOCKET in result.stderr and "http://127.0.0.1:9" in result.stderr
+
+
+def test_a_socket_and_a_url_in_the_environment_are_a_usage_error_naming_both() -> None:
+    result = scratchd("ls", env={"SCRATCHD_SOCKET": MISSING_SOCKET, "SCRATCHD_URL": "http://127.0.0.1:9"})
+    assert result.returncode == 2, result.stderr
+    assert f"SCRATCHD_SOCKET={MISSING_SOCKET}" in result.stderr and "SCRATCHD_URL=http://127.0.0.1:9" in result.stderr
+
+
+@pytest.mark.parametrize(("flag", "value"), [("--url", "http://127.0.0.1:9"), ("--socket", MISSING_SOCKET)])
+def test_a_flag_wins_over_the_environment(flag: str, value: str) -> None:
+    other = {"SCRATCHD_SOCKET": "/elsewhere.sock", "SCRATCHD_URL": "http://127.0.0.1:8"}
+    result = scratchd(flag, value, "ls", env=other)
+    assert result.returncode == 3, result.stderr
+    assert value in result.stderr
 
 
 def test_url_when_no_socket_is_given() -> None:
@@ -171,6 +194,76 @@ def test_url_when_no_socket_is_given() -> None:
     result = scratchd("ls", env={"SCRATCHD_SOCKET": "", "SCRATCHD_URL": "http://127.0.0.1:9"})
     assert result.returncode == 3
     assert "http://127.0.0.1:9" in result.stderr
+
+
+def test_version_is_the_installed_distributions() -> None:
+    from importlib.metadata import version
+
+    result = scratchd("--version")
+    assert (result.returncode, result.stdout, result.stderr) == (0, f"scratchd {version('scratchd')}\n", "")
+
+
+@pytest.mark.parametrize(("option", "value", "forms"), [("--ttl", "-5m", "90s"), ("--idle", "-1h", "15m"),
+                                                        ("--max-size", "-1G", "512M"), ("--ttl", "3x", "2h"),
+                                                        ("--expect", "lots", "10G")])
+def test_an_unreadable_duration_or_size_names_the_value_and_the_accepted_forms(option: str, value: str,
+                                                                               forms: str) -> None:
+    result = scratchd("--socket", MISSING_SOCKET, "lease", option, value)
+    assert result.returncode == 2
+    assert f"argument {option}:" in result.stderr and repr(value) in result.stderr and forms in result.stderr
+
+
+def test_a_negative_looking_value_after_the_command_in_run_is_the_commands() -> None:
+    args = parse("run", "--ttl", "1h", "sort", "-5m", "--ttl", "-5m")
+    assert args.ttl == 3600 and args.cmd == ["sort", "-5m", "--ttl", "-5m"]
+
+
+@pytest.mark.parametrize(("limit", "written", "said"), [(604800, "30d", "7d"), (604800, "200h", "168h"),
+                                                        (604800, "999999", "604800s"), (100000, "2d", "1.15d"),
+                                                        (90, "1.5m ", "1.5m"), (604800, "5w", "1w")])
+def test_a_limit_is_said_in_the_unit_the_user_wrote(limit: int, written: str, said: str) -> None:
+    assert cli._in_unit(limit, written) == said
+
+
+def test_events_and_ls_options() -> None:
+    assert parse("events").n is None and parse("events", "-n", "7").n == 7 and parse("events", "--since", "0").since == 0
+    assert parse("ls", "--label", "a=b", "--label", "c=d=e").label == [("a", "b"), ("c", "d=e")]
+    for bad in (["events", "-n", "-1"], ["events", "-n", "x"], ["events", "--since", "-1"], ["ls", "--label", "k"]):
+        with pytest.raises(SystemExit):
+            parse(*bad)
+
+
+class FakeEvents:
+    """``Client.events`` over seqs 1..count, as the daemon pages them."""
+
+    def __init__(self, count: int) -> None:
+        self.seqs = list(range(1, count + 1))
+        self.calls = 0
+
+    def events(self, since=None, limit=None, order=None, before=None) -> dict:
+        self.calls += 1
+        found = [s for s in self.seqs if s > (since or 0) and (before is None or s < before)]
+        found = found[::-1] if order == "desc" else found
+        return {"events": [{"seq": s} for s in found[:limit or 100]]}
+
+
+@pytest.mark.parametrize("total", [0, 1, 50, 51, 2500])
+@pytest.mark.parametrize("count", [0, 1, 50, 1000, 1500])
+def test_the_newest_events_page_back_across_the_apis_limit(total: int, count: int) -> None:
+    fake = FakeEvents(total)
+    events, more, newest = cli._newest_events(fake, count)
+    assert [e["seq"] for e in events] == fake.seqs[max(0, total - count):][:count] if count else events == []
+    assert more == (total > count) and newest == total
+    assert fake.calls <= count // cli.EVENTS_PAGE + 2
+
+
+@pytest.mark.parametrize(("since", "count"), [(0, None), (10, None), (0, 5), (2490, 50), (0, 1500)])
+def test_the_events_after_since_page_forward(since: int, count: int | None) -> None:
+    fake = FakeEvents(2500)
+    events, more = cli._events_after(fake, since, count)
+    wanted = fake.seqs[since:] if count is None else fake.seqs[since:since + count]
+    assert [e["seq"] for e in events] == wanted
+    assert more == (count is not None and since + count < 2500)
 
 
 def test_run_path_imports_nothing_heavy() -> None:
