@@ -56,7 +56,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 from scratchd.config import parse_config  # noqa: E402
 from scratchd.manager import LeaseManager, LeaseSpec, Tenant  # noqa: E402
 from scratchd.mounts import MountTable, mount_of  # noqa: E402
-from scratchd.pools import PoolSet, prepare_pool_dir  # noqa: E402
+from scratchd.pool_dirs import PoolSet, prepare_pool_dir  # noqa: E402
 from scratchd.store import Store  # noqa: E402
 
 VARIANTS = [("NORMAL", True), ("FULL", True), ("NORMAL", False), ("FULL", False)]

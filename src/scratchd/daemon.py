@@ -20,15 +20,8 @@ from scratchd.leases import EndReason, Lease
 from scratchd.manager import LeaseManager
 from scratchd.mounts import MountTable
 from scratchd.offload import stop_task
-from scratchd.pools import (
-    PoolSet,
-    PoolState,
-    PoolStatus,
-    list_entries,
-    move_to_trash,
-    prepare_pool_dir,
-    probe_reflink,
-)
+from scratchd.pool_dirs import PoolSet, list_entries, move_to_trash, prepare_pool_dir, probe_reflink
+from scratchd.pools import PoolState, PoolStatus
 from scratchd.reclaim import policy
 from scratchd.reclaim.deleter import DeleteResult
 from scratchd.reclaim.procs import PidWatch

@@ -29,7 +29,8 @@ from scratchd.errors import Refused
 from scratchd.leases import EndReason, Lease, Usage
 from scratchd.mounts import MountTable, mount_of, resolve_near
 from scratchd.placement import Near, Placement, PlacementError, place
-from scratchd.pools import PoolReason, PoolSet, make_lease_dir, move_to_trash, remove_if_empty
+from scratchd.pool_dirs import PoolSet, make_lease_dir, move_to_trash, remove_if_empty
+from scratchd.pools import PoolReason
 from scratchd.reclaim import procs
 from scratchd.store import NewEvent, Store, StoreError, lease_inserted, lease_updated
 

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from conftest import bind_mount, mounted, needs_root, tmpfs, wait_for
-from scratchd.pools import FICLONE
+from scratchd.pool_dirs import FICLONE
 
 STATE_V0 = Path(__file__).parent.parent / "data" / "state-v0.sql"
 

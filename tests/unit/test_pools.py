@@ -13,27 +13,23 @@ from pathlib import Path
 
 import pytest
 
-from scratchd import pools
+from scratchd import pool_dirs
 from scratchd.mounts import Mount, MountTable, mount_of, read_mounts
 from scratchd.api.models import PoolOut
-from scratchd.pools import (
+from scratchd.pool_dirs import (
     LOCK_FILE,
-    REASON_STATES,
     TRASH_DIR,
     PoolLocked,
-    PoolReason,
     PoolSet,
-    PoolState,
     list_entries,
     lock_pool,
     make_lease_dir,
     move_to_trash,
-    pool_state,
     prepare_pool_dir,
     probe_pool,
     remove_if_empty,
-    space_reason,
 )
+from scratchd.pools import REASON_STATES, PoolReason, PoolState, pool_state, space_reason
 
 from conftest import mounted
 
@@ -316,7 +312,7 @@ def test_lock_pool_writes_the_holders_pid_into_a_private_file(tmp_path: Path) ->
 
 def test_lock_pool_refuses_a_held_lock_naming_the_holder(tmp_path: Path) -> None:
     holder = subprocess.Popen([sys.executable, "-c", (
-        "import os, sys; from scratchd.pools import lock_pool; lock_pool(sys.argv[1]); print(os.getpid(), flush=True);"
+        "import os, sys; from scratchd.pool_dirs import lock_pool; lock_pool(sys.argv[1]); print(os.getpid(), flush=True);"
         " sys.stdin.read()"), str(tmp_path)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout is not None
@@ -500,7 +496,7 @@ def test_make_lease_dir_leaves_nothing_behind_when_it_fails(tmp_path: Path, monk
     def refuse(*_: object) -> None:
         raise PermissionError(1, "Operation not permitted")
 
-    monkeypatch.setattr(pools.os, "fchown", refuse)
+    monkeypatch.setattr(pool_dirs.os, "fchown", refuse)
     with pytest.raises(PermissionError):
         make_lease_dir(str(tmp_path), "abc", uid=12345, gid=12345)
     assert os.listdir(tmp_path) == []

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from scratchd.leases import Lease
 from scratchd.mounts import Mount, read_mounts
 from scratchd.offload import DELETER_NICENESS, disk_worker, stop_task
-from scratchd.pools import TRASH_DIR
+from scratchd.pool_dirs import TRASH_DIR
 from scratchd.reclaim.deleter import DeleteResult, delete_tree
 
 log = logging.getLogger("scratchd.reclaim")
