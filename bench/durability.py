@@ -54,10 +54,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 from scratchd.config import parse_config  # noqa: E402
-from scratchd.manager import LeaseManager, LeaseSpec, Tenant  # noqa: E402
+from scratchd.manager import LeaseManager, LeaseSpec  # noqa: E402
 from scratchd.mounts import MountTable, mount_of  # noqa: E402
 from scratchd.pool_dirs import PoolSet, prepare_pool_dir  # noqa: E402
 from scratchd.store import Store  # noqa: E402
+from scratchd.tenant import Tenant  # noqa: E402
 
 VARIANTS = [("NORMAL", True), ("FULL", True), ("NORMAL", False), ("FULL", False)]
 SPEC = LeaseSpec(ttl_seconds=600)

@@ -18,7 +18,6 @@ import errno
 import heapq
 import logging
 import os
-import stat
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
@@ -33,33 +32,9 @@ from scratchd.pool_dirs import PoolSet, make_lease_dir, move_to_trash, remove_if
 from scratchd.pools import PoolReason
 from scratchd.reclaim import procs
 from scratchd.store import NewEvent, Store, StoreError, lease_inserted, lease_updated
+from scratchd.tenant import Tenant, check_bytes, check_lease_count, lease_ttl, tenant_charge
 
 log = logging.getLogger("scratchd.lease")
-
-# Without a [[tenant]] entry, one tenant may hold this many active leases (SPEC is
-# silent; a runaway loop must not fill the pool with directories).
-DEFAULT_MAX_LEASES_PER_TENANT = 1000
-
-
-@dataclass(frozen=True, slots=True)
-class Tenant:
-    """Whom a lease is for: a name, and the Unix ids its directory is owned by."""
-
-    name: str
-    uid: int
-    gid: int
-    may_bind_any_pid: bool = False
-    groups: frozenset[int] = frozenset()
-
-    def may_search(self, directory: os.stat_result) -> bool:
-        """Could this tenant look up names in ``directory``? (mode bits; ACLs are not consulted)"""
-        if self.uid == 0:
-            return True
-        if directory.st_uid == self.uid:
-            return bool(directory.st_mode & stat.S_IXUSR)
-        if directory.st_gid == self.gid or directory.st_gid in self.groups:
-            return bool(directory.st_mode & stat.S_IXGRP)
-        return bool(directory.st_mode & stat.S_IXOTH)
 
 
 @dataclass(frozen=True, slots=True)
@@ -393,31 +368,15 @@ class LeaseManager:
 
     def _ttl(self, tenant: Tenant, requested: int | None) -> int:
         limits = self.config.limits
-        ttl = requested if requested is not None else int(limits.default_ttl)
-        if ttl > limits.max_ttl:
-            raise Refused(422, "invalid_request", f"ttl_seconds may be at most {int(limits.max_ttl)}.",
-                          {"fields": {"ttl_seconds": f"above limits.max_ttl ({int(limits.max_ttl)})"},
-                           "max_ttl": int(limits.max_ttl), "requested": ttl})
-        own = self.config.tenant_limits(tenant.name)
-        if own is not None and own.max_ttl is not None and ttl > own.max_ttl:
-            raise Refused(429, "quota_exceeded", f"Tenant {tenant.name} may lease for at most {int(own.max_ttl)}s.",
-                          {"limit": "max_ttl", "max_ttl": int(own.max_ttl), "requested": ttl})
-        return ttl
+        return lease_ttl(tenant.name, requested, default_ttl=limits.default_ttl, max_ttl=limits.max_ttl,
+                         own=self.config.tenant_limits(tenant.name))
 
     def _check_quota(self, tenant: Tenant, spec: LeaseSpec) -> None:
         own = self.config.tenant_limits(tenant.name)
-        held_leases = self.active.count_of_tenant(tenant.name)
-        max_leases = own.max_leases if own and own.max_leases is not None else DEFAULT_MAX_LEASES_PER_TENANT
-        if held_leases >= max_leases:
-            raise Refused(429, "quota_exceeded", f"Tenant {tenant.name} already holds {held_leases} active leases.",
-                          {"limit": "max_leases", "max_leases": max_leases, "active_leases": held_leases})
+        check_lease_count(tenant.name, self.active.count_of_tenant(tenant.name), own)
         if own is not None and own.max_bytes is not None:
             held = sum(tenant_charge(lease) for lease in self.active.of_tenant(tenant.name))
-            asked = max(spec.max_bytes or 0, spec.expected_bytes or 0)
-            if held + asked > own.max_bytes:
-                raise Refused(429, "quota_exceeded", f"Tenant {tenant.name} would exceed its byte quota.",
-                              {"limit": "max_bytes", "max_bytes": own.max_bytes, "held_bytes": held,
-                               "requested_bytes": asked})
+            check_bytes(tenant.name, held, max(spec.max_bytes or 0, spec.expected_bytes or 0), own.max_bytes)
 
     def _check_pid(self, tenant: Tenant, pid: int | None) -> int | None:
         if pid is None:
@@ -443,8 +402,3 @@ class LeaseManager:
         for listener in self.listeners:
             listener(lease)
 
-
-def tenant_charge(lease: Lease) -> int:
-    """What a lease counts against its tenant's byte quota: the larger of what it may use
-    (``max_bytes``), said it would use (``expected_bytes``) and is measured to use."""
-    return max(lease.max_bytes or 0, lease.expected_bytes or 0, lease.usage.bytes)

@@ -2,7 +2,7 @@
 
 import os
 
-from scratchd.manager import Tenant
+from scratchd.tenant import Tenant
 from scratchd.mounts import resolve_near
 
 def test_agrees_with_realpath_where_everything_is_open(tmp_path):

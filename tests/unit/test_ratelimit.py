@@ -7,8 +7,8 @@ from fastapi import FastAPI
 
 from scratchd.api.app import _create_rate
 from scratchd.config import parse_config
-from scratchd.manager import DEFAULT_MAX_LEASES_PER_TENANT
 from scratchd.ratelimit import CREATE_BURST, CREATE_RATE, RateLimiter
+from scratchd.tenant import DEFAULT_MAX_LEASES_PER_TENANT
 
 
 class Clock:

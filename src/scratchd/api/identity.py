@@ -22,7 +22,7 @@ from starlette.requests import Request
 
 from scratchd.config import Config
 from scratchd.errors import Refused
-from scratchd.manager import Tenant
+from scratchd.tenant import Tenant
 
 PEER_KEY = "scratchd.peer"
 # A Unix user's name, groups and role are looked up again after this long: every

@@ -19,10 +19,11 @@ from scratchd.api.identity import PEER_KEY, Caller, Role, authenticate
 from scratchd.daemon import Daemon
 from scratchd.errors import Refused
 from scratchd.leases import Lease
-from scratchd.manager import LeaseFilter, LeaseSpec, Tenant, Totals
+from scratchd.manager import LeaseFilter, LeaseSpec, Totals
 from scratchd.placement import Placement
 from scratchd.ratelimit import RateLimiter
 from scratchd.reclaim.procs import pid_in_daemon_namespace
+from scratchd.tenant import Tenant
 
 LARGEST_LEASES = 10  # in /v1/usage
 
