@@ -25,7 +25,7 @@ import scratchd
 from conftest import wait_for
 
 SCRATCHD = [sys.executable, "-m", "scratchd"]
-README = Path(__file__).parents[2] / "README.md"
+CLI_DOC = Path(__file__).parents[2] / "docs" / "cli.md"
 HEAVY = ("fastapi", "uvicorn", "pydantic", "starlette", "rich", "watchdog", "http", "typing")
 
 
@@ -340,10 +340,10 @@ def test_ls_filters_by_labels(daemon) -> None:
     assert wanted["id"] in table and other_team["id"] not in table
 
 
-def test_the_readmes_curl_recipes(daemon, tmp_path) -> None:
+def test_the_docs_curl_recipes(daemon, tmp_path) -> None:
     if shutil.which("curl") is None:
         pytest.skip("needs curl")
-    (block,) = [b for b in re.findall(r"```sh\n(.*?)```", README.read_text(), re.S) if "scratchd_run()" in b]
+    (block,) = [b for b in re.findall(r"```sh\n(.*?)```", CLI_DOC.read_text(), re.S) if "scratchd_run()" in b]
     setup = block.replace("S=/run/scratchd/scratchd.sock", f"S={shlex.quote(daemon.socket)}", 1)
     script = setup + (
         'echo "$id" "$path"\n'
