@@ -1,7 +1,7 @@
-"""The running daemon: its parts wired together, start-up reconciliation, and the GC loop.
+"""The running daemon: its parts wired together, start-up reconciliation, reload, and pools coming and going.
 
 Everything here runs on the event loop; the only blocking work it starts (tree
-deletion, usage scans) goes to worker threads.
+deletion, usage scans) goes to worker processes. The GC cycle is ``reclaim.gc``'s.
 """
 
 from __future__ import annotations
@@ -15,15 +15,14 @@ from collections.abc import Callable
 
 from scratchd import sdnotify
 from scratchd.config import Config, ConfigError, load_config
-from scratchd.errors import Refused
 from scratchd.leases import EndReason, Lease
 from scratchd.manager import LeaseManager
 from scratchd.mounts import MountTable
 from scratchd.offload import stop_task
-from scratchd.pool_dirs import PoolSet, list_entries, move_to_trash, prepare_pool_dir, probe_reflink
+from scratchd.pool_dirs import PoolSet, prepare_pool_dir, probe_reflink
 from scratchd.pools import PoolState, PoolStatus
-from scratchd.reclaim import policy
 from scratchd.reclaim.deleter import DeleteResult
+from scratchd.reclaim.gc import Collector
 from scratchd.reclaim.procs import PidWatch
 from scratchd.reclaim.trash import Trash, TrashItem
 from scratchd.reclaim.watcher import ActivityWatch, PoolWatcher
@@ -32,9 +31,6 @@ from scratchd.usage import UsageMonitor
 
 log = logging.getLogger("scratchd")
 
-# History is kept for days (gc.history_retention); looking for what to drop once a minute
-# is plenty, and spares the database a write every gc.interval.
-PRUNE_EVERY_SECONDS = 60.0
 # [server] keys a reload cannot apply: the socket and the listener are bound, the state opened.
 RESTART_ONLY = frozenset({"socket", "socket_mode", "listen", "state_dir"})
 
@@ -57,11 +53,13 @@ class Daemon:
         self.pids = PidWatch(self._process_exited)
         self.watcher = PoolWatcher(self._entry_gone, self._removals_missed)
         self.activity = ActivityWatch(self._activity)
-        self.usage = UsageMonitor(self, clock)
         self._watched: set[str] = set()
+        self.gc = Collector(self.manager, self.pools, self.trash, self.store, gc=lambda: self.config.gc,
+                            refresh_pools=self._refresh_pools, watching=lambda pool: pool in self._watched,
+                            clock=clock)
+        self.usage = UsageMonitor(self, clock)
         self._gc_task: asyncio.Task[None] | None = None
         self._watchdog_task: asyncio.Task[None] | None = None
-        self._pruned_at = 0.0
         self.ready = False
 
     # -- lifecycle --------------------------------------------------------------------------
@@ -72,7 +70,7 @@ class Daemon:
         self.trash.start()
         self.usage.start()
         loop = asyncio.get_running_loop()
-        self._gc_task = loop.create_task(self._gc_loop(), name="scratchd-gc")
+        self._gc_task = loop.create_task(self.gc.run(), name="scratchd-gc")
         self._watchdog_task = loop.create_task(sdnotify.watchdog_loop(), name="scratchd-watchdog")
         loop.add_signal_handler(signal.SIGHUP, self.reload)
         self.ready = True
@@ -154,47 +152,7 @@ class Daemon:
         sdnotify.ready(f"{len(self.manager.active)} active leases")
         return True
 
-    # -- the GC loop ------------------------------------------------------------------------
-
-    async def _gc_loop(self) -> None:
-        while True:
-            await asyncio.sleep(self.config.gc.interval)
-            try:
-                self.collect()
-            except Exception:  # noqa: BLE001 - one bad cycle must not stop collection
-                log.exception("gc cycle failed")
-
-    def collect(self) -> None:
-        """One GC cycle: look at the pools, end what is due, review orphans, forget old history."""
-        now = self.clock()
-        self._refresh_pools()
-        pools = {status.name: status for status in self.pools.statuses()}
-        for ending in policy.decide(list(self.manager.active.values()), pools, now,
-                                    self.trash.pending_bytes_by_pool):
-            lease = self.manager.active.get(ending.lease_id)
-            if lease is not None:
-                self._try_end(lease, ending.reason, **ending.details)
-        for lease in list(self.manager.active.values()):
-            if lease.pool not in self._watched and self.pools.holds(lease.pool):
-                self.lease_directory_gone(lease)
-        self.pools.unlock_dropped(keep={lease.pool for lease in self.manager.active.values()})
-        self._review_orphans(now)
-        self.manager.retry_unrecorded()
-        if now - self._pruned_at >= PRUNE_EVERY_SECONDS:
-            try:
-                self.store.prune(now - self.config.gc.history_retention)
-                self._pruned_at = now
-            except StoreError as exc:
-                log.warning("cannot prune history", extra={"error": str(exc)})
-
-    def _try_end(self, lease: Lease, reason: EndReason, **details: object) -> None:
-        """End a lease from a background decision; if its directory cannot be moved
-        (a read-only pool), it stays active and the next cycle tries again."""
-        try:
-            self.manager.end(lease, reason, **details)
-        except Refused as exc:
-            log.warning("cannot end lease yet", extra={"lease": lease.id, "reason": reason.value,
-                                                        "error": exc.message})
+    # -- pools coming and going -------------------------------------------------------------
 
     def _refresh_pools(self) -> None:
         changes = self.pools.refresh(self.mounts.current())
@@ -227,45 +185,6 @@ class Daemon:
                         details={"from": old.state.value if old else None, "to": new.state.value,
                                  "reason": new.reason, "why": new.message})
 
-    def _review_orphans(self, now: float) -> None:
-        """Reclaim pool entries without an active lease once ``gc.orphan_grace`` has passed (guarantee 4)."""
-        sightings = self.store.orphan_sightings()
-        seen: list[tuple[str, str, float]] = []
-        cleared: list[tuple[str, str]] = []
-        events: list[NewEvent] = []
-        leased = {lease.id for lease in self.manager.active.values()}
-        for pool in self.pools.statuses():
-            if pool.state in (PoolState.UNAVAILABLE, PoolState.READ_ONLY):
-                continue
-            mine = {name: t for (p, name), t in sightings.items() if p == pool.name}
-            try:
-                entries = list_entries(pool.path)
-            except OSError:
-                continue
-            review = policy.review_orphans(entries, leased, mine, now, self.config.gc.orphan_grace)
-            seen += [(pool.name, name, t) for name, t in review.first_seen.items()]
-            cleared += [(pool.name, name) for name in review.cleared]
-            for name in review.due:
-                try:
-                    trashed = move_to_trash(pool.path, name)
-                except OSError as exc:
-                    log.warning("cannot reclaim orphan", extra={"pool": pool.name, "entry": name,
-                                                                "error": exc.strerror})
-                    continue
-                cleared.append((pool.name, name))
-                if trashed is None:
-                    continue
-                self.trash.add(TrashItem(trashed, pool.name, None, None, 0))
-                log.info("orphan reclaimed", extra={"pool": pool.name, "entry": name})
-                events.append(NewEvent("orphan_reclaimed", pool=pool.name,
-                                       details={"entry": name, "first_seen": mine[name]}))
-        if seen or cleared or events:
-            try:
-                self.store.record_orphans(seen, cleared)
-                self.store.append_events(events, now)
-            except StoreError as exc:
-                log.warning("cannot record orphans", extra={"error": str(exc)})
-
     # -- event sources --------------------------------------------------------------------------
 
     def _lease_changed(self, lease: Lease) -> None:
@@ -296,17 +215,12 @@ class Daemon:
     def _entry_gone(self, pool: str, name: str) -> None:
         lease = self.manager.active.get(name)
         if lease is not None and lease.pool == pool:
-            self.lease_directory_gone(lease)
+            self.gc.directory_gone(lease)
 
     def _removals_missed(self, pools: set[str]) -> None:
         for lease in list(self.manager.active.values()):
             if lease.pool in pools:
-                self.lease_directory_gone(lease)
-
-    def lease_directory_gone(self, lease: Lease) -> None:
-        """Someone reported the directory gone: believe the disk, not the report."""
-        if lease.active and not os.path.lexists(lease.path):
-            self._try_end(lease, EndReason.DIRECTORY_REMOVED)
+                self.gc.directory_gone(lease)
 
     # -- reclaim callbacks ----------------------------------------------------------------------
 

@@ -162,7 +162,7 @@ class UsageMonitor:
         if lease is None:
             return
         if sample is None or not os.path.lexists(lease.path):
-            self._daemon.lease_directory_gone(lease)
+            self._daemon.gc.directory_gone(lease)
             return
         self._daemon.manager.active.set_usage(
             lease, Usage(bytes=sample.bytes, files=sample.files, measured_at=sample.measured_at))
