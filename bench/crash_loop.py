@@ -7,12 +7,12 @@ renew, release, 1-2 s TTLs, leases bound to a child process they kill); once the
 under way, after a random delay, the daemon gets SIGKILL; the clients stop (killing
 their children), the daemon restarts and reconciles, and the invariants are checked:
 
-- right after the restart, every active lease's directory exists (SPEC §3.2) and still
+- right after the restart, every active lease's directory exists (guarantee 2) and still
   holds the marker its client wrote; every lease a client got a 201 for is known
-  (§3.1: durable before the answer); every release a client got an answer for is
-  ended as ``released``; no ended lease's path exists (§3.3);
+  (guarantee 1: durable before the answer); every release a client got an answer for is
+  ended as ``released``; no ended lease's path exists (guarantee 3);
 - within ``gc.orphan_grace`` (1 s here, so leaks show) + a few GC cycles, the pool
-  holds exactly the active leases (§3.4: directories made just before a kill are
+  holds exactly the active leases (guarantee 4: directories made just before a kill are
   orphans, reclaimed) and the active leases' directories and markers are still
   there: orphan review took nothing live;
 - the trash drains, on disk and in ``/v1/usage``.
@@ -62,23 +62,23 @@ def check_after_restart(client: Client, books: soak.Books, everything: soak.Book
         if not os.path.isdir(lease["path"]):
             # A short lease may expire between the listing and the look: then it has ended.
             if client.get_lease(lease["id"])["state"] != "ended":
-                problems.append(f"active lease {lease['id']} has no directory after restart (SPEC §3.2)")
+                problems.append(f"active lease {lease['id']} has no directory after restart (guarantee 2)")
         facts = everything.leases.get(lease["id"])
         if facts and facts.marked and not soak._marker_ok(lease["path"], lease["id"]):
             if client.get_lease(lease["id"])["state"] == "active":
-                problems.append(f"active lease {lease['id']} lost its marker after restart (SPEC §3.2)")
+                problems.append(f"active lease {lease['id']} lost its marker after restart (guarantee 2)")
     for lease_id, facts in books.leases.items():
         try:
             record = client.get_lease(lease_id)
         except ScratchdError as exc:
             problems.append(f"lease {lease_id} ({facts.kind}) was answered 201 but is unknown after restart: "
-                            f"{exc.code} (SPEC §3.1)")
+                            f"{exc.code} (guarantee 1)")
             continue
         if facts.released is not None and (record["state"], record["end_reason"]) != ("ended", "released"):
             problems.append(f"lease {lease_id}: release answered, after restart {record['state']}/"
                             f"{record['end_reason']}")
         if record["state"] == "ended" and os.path.lexists(facts.path):
-            problems.append(f"lease {lease_id} ended ({record['end_reason']}) but its path exists (SPEC §3.3)")
+            problems.append(f"lease {lease_id} ended ({record['end_reason']}) but its path exists (guarantee 3)")
     return problems
 
 
@@ -92,7 +92,7 @@ def check_settled(client: Client, pool_path: str, everything: soak.Books, canary
     """
     problems = []
     if not wait_until(lambda: not os.path.lexists(os.path.join(pool_path, canary)), timeout, interval=0.05):
-        problems.append(f"canary orphan {canary} not reclaimed within {timeout:.1f}s (SPEC §3.4)")
+        problems.append(f"canary orphan {canary} not reclaimed within {timeout:.1f}s (guarantee 4)")
     if not wait_until(lambda: not soak.leak_report(client, pool_path), timeout, interval=0.05):
         problems += soak.leak_report(client, pool_path)
     for lease in client.list_leases()["leases"]:
@@ -100,7 +100,7 @@ def check_settled(client: Client, pool_path: str, everything: soak.Books, canary
         if facts and facts.marked and not soak._marker_ok(lease["path"], lease["id"]):
             if client.get_lease(lease["id"])["state"] == "active":
                 problems.append(f"active lease {lease['id']} lost its directory or marker after orphan "
-                                f"review (SPEC §3.2)")
+                                f"review (guarantee 2)")
     if not wait_until(lambda: not soak.trash_report(client, pool_path), 30, interval=0.05):
         problems += soak.trash_report(client, pool_path)
     return problems

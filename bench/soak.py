@@ -10,7 +10,7 @@ so the checks afterwards know exactly what the daemon promised. Meanwhile the
 daemon's RSS (``VmRSS``), open fds, active leases and pending trash are sampled
 every few seconds and printed as a curve.
 
-After the run, and a condition-waited grace for reclaim, it checks (SPEC §3, §4):
+After the run, and a condition-waited grace for reclaim, it checks (the guarantees in README):
 
 - no leaked directories: the pool's entries are exactly the active leases' ids;
 - no records without directories: every active lease's path is a directory;
@@ -73,7 +73,7 @@ HELD_MAX = 6  # leases a client keeps at once
 HELD_TTL = 60  # renewed every third of it, like scratchd.client.Renewer
 KEPT_TTL = 3600  # what the leases left active at the end are renewed to
 PID_LEASE_TTL = 600  # only the process's exit may end these
-PID_END_DEADLINE = 10.0  # SPEC §3.5 says 2 s; we wait longer to measure lateness
+PID_END_DEADLINE = 10.0  # guarantee 5 says 2 s; we wait longer to measure lateness
 SHORT_TTLS = (1, 2)
 SOAK_MIX = {"create": 3, "write": 3, "renew": 2, "release": 3, "short_ttl": 1, "pid_bound": 1}
 
@@ -242,7 +242,7 @@ class Churner:
                 return  # a 1 s lease may be gone already on a loaded host
             problems = ["missing"]
         if problems:
-            self.violation(f"new lease {lease['id']} ({kind}) directory: {', '.join(problems)} (SPEC §3.1)")
+            self.violation(f"new lease {lease['id']} ({kind}) directory: {', '.join(problems)} (guarantee 1)")
 
     def mark(self, lease: dict[str, Any]) -> None:
         """A marker file a surviving lease must still hold (guarantee 2)."""
@@ -303,7 +303,7 @@ class Churner:
         if answer["state"] != "ended" or answer["end_reason"] != "released":
             self.violation(f"release of held lease {lease_id} answered {answer['state']}/{answer['end_reason']}")
         if os.path.lexists(path):
-            self.violation(f"released lease {lease_id}: path still exists after the answer (SPEC §3.3)")
+            self.violation(f"released lease {lease_id}: path still exists after the answer (guarantee 3)")
 
     def short_ttl(self) -> None:
         lease = self.client.create_lease(ttl_seconds=self.rng.choice(SHORT_TTLS), labels={"soak": "short"})
@@ -694,10 +694,10 @@ def check_events(client: Client, books: Books, *, exact: bool, gc_interval: floa
         ends = ended.get(lease_id, [])
         reason = ends[0]["reason"] if ends else None
         if reason is not None and os.path.lexists(facts.path):
-            fail("ended lease's path exists (SPEC §3.3)", f"{lease_id} ({reason})")
+            fail("ended lease's path exists (guarantee 3)", f"{lease_id} ({reason})")
         if reason is None and facts.marked and not _marker_ok(facts.path, lease_id):
             if client.get_lease(lease_id)["state"] == "active":  # not just expired meanwhile
-                fail("active lease lost its directory or marker (SPEC §3.2)", lease_id)
+                fail("active lease lost its directory or marker (guarantee 2)", lease_id)
         allowed = _allowed_ends(facts, exact)
         if reason not in allowed:
             fail(f"{facts.kind} lease ended as {reason}", f"{lease_id}: expected one of {sorted(map(str, allowed))}")
@@ -725,10 +725,10 @@ def check_events(client: Client, books: Books, *, exact: bool, gc_interval: floa
         problems.append(f"{kind}: {count} leases, e.g. {examples[kind]}")
     stats = {"events": len(events), "kinds": dict(kinds), "unjournaled_leases": len(foreign),
              "expiry_lateness_max": max(lateness) if lateness else None, "gc_interval": gc_interval}
-    # Event times have millisecond resolution; expiry is acted on within gc.interval (SPEC §3.5).
+    # Event times have millisecond resolution; expiry is acted on within gc.interval (guarantee 5).
     if exact and lateness and max(lateness) > gc_interval + 1.0:
         problems.append(f"an expired lease ended {max(lateness):.2f}s after its expiry "
-                        f"(gc.interval {gc_interval}s, SPEC §3.5)")
+                        f"(gc.interval {gc_interval}s, guarantee 5)")
     return problems, stats
 
 
@@ -785,7 +785,7 @@ class SoakReport:
         if pid_latencies:
             p50 = pid_latencies[len(pid_latencies) // 2]
             lines.append(f"process exit -> lease ended: p50 {p50 * 1000:.0f} ms, max {pid_latencies[-1] * 1000:.0f} ms "
-                         f"({sum(x > 2.0 for x in pid_latencies)} over the 2 s of SPEC §3.5)")
+                         f"({sum(x > 2.0 for x in pid_latencies)} over the 2 s of guarantee 5)")
         peak = max(self.samples, key=lambda s: s.rss_mb)
         lines.append(f"RSS: warm-up {self.warm.rss_mb:.1f} MB -> after {self.after.rss_mb:.1f} MB "
                      f"(growth {self.after.rss_mb - self.warm.rss_mb:+.1f} MB, bound {self.rss_bound_mb:g}), "

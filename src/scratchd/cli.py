@@ -1,4 +1,4 @@
-"""The ``scratchd`` command line (SPEC §6): the standard library only.
+"""The ``scratchd`` command line (docs/cli.md): the standard library only.
 
 ``scratchd run`` starts on every CI job, so the module level imports only the
 standard library, and not argparse: ``run``'s options, plainly spelled, are read

@@ -1,4 +1,4 @@
-"""A Python client for the scratchd API (SPEC §5), over the Unix socket or TCP.
+"""A Python client for the scratchd API (docs/api.md), over the Unix socket or TCP.
 
 ``scratchd run`` imports this on every CI job, so it uses the standard library
 only, and not ``http.client``: that costs ~25 ms to import (its email parser),

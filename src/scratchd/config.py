@@ -1,4 +1,4 @@
-"""The operator's config file (SPEC §7): strict models, one-line errors naming the key."""
+"""The operator's config file (docs/configuration.md): strict models, one-line errors naming the key."""
 
 from __future__ import annotations
 
@@ -233,7 +233,7 @@ def load_config(path: str | os.PathLike[str]) -> Config:
 def embedded_default() -> Config:
     """No config file: one pool under the user's state directory, TCP for an anonymous viewer.
 
-    This is the only pool directory the daemon ever creates (SPEC §7).
+    This is the only pool directory the daemon ever creates (docs/configuration.md, [[pool]]).
     """
     state_dir = paths.default_state_dir()
     pool_dir = Path(state_dir) / "pool"

@@ -95,7 +95,7 @@ class Daemon:
     def _reconcile(self) -> None:
         """Bring records and disk into agreement after whatever happened while we were down.
 
-        A record whose directory is gone ends as ``directory_removed`` (SPEC §8); a
+        A record whose directory is gone ends as ``directory_removed`` (ARCHITECTURE.md, crash safety); a
         bound process that exited (or whose pid now belongs to another process) ends
         its lease as ``process_exited``. Leases of unavailable pools are left for the
         GC loop (``pool_lost``); directories without records are left to orphan review.
@@ -112,7 +112,7 @@ class Daemon:
                 self.activity.bind(lease.id, lease.path)
 
     def reload(self) -> bool:
-        """SIGHUP: take the config file again (SPEC §7); a bad one is refused and changes nothing.
+        """SIGHUP: take the config file again (docs/configuration.md); a bad one is refused and changes nothing.
 
         New pools start taking leases; a dropped pool takes no new ones, and its active
         leases live on until they end. Of ``[server]``, ``admins`` and ``anonymous`` apply

@@ -6,7 +6,7 @@ from typing import Any
 
 
 class Refused(Exception):
-    """A request the daemon will not carry out; ``code`` is the SPEC §5 error code."""
+    """A request the daemon will not carry out; ``code`` is one of the codes in docs/api.md, "Errors"."""
 
     def __init__(self, status: int, code: str, message: str, details: dict[str, Any] | None = None,
                  headers: dict[str, str] | None = None) -> None:

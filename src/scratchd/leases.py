@@ -46,7 +46,7 @@ class LeaseEnded(Exception):
 
 def new_lease_id() -> str:
     """The creation time in µs (13 hex digits), then 80 random bits (20): ``[a-z0-9]`` only
-    and unguessable (SPEC §8). In creation order, a group commit's new ids land on the
+    and unguessable (docs/security.md). In creation order, a group commit's new ids land on the
     last page of the records' primary-key index instead of one random page each."""
     return f"{time.time_ns() // 1000:013x}{secrets.token_hex(10)}"
 
@@ -91,7 +91,7 @@ class Lease:
 
     @property
     def reserved_bytes(self) -> int:
-        """Space promised but not yet used: counts against the pool until written (SPEC §5)."""
+        """Space promised but not yet used: counts against the pool until written (docs/api.md, expected_bytes)."""
         if not self.active or not self.expected_bytes:
             return 0
         return max(0, self.expected_bytes - self.usage.bytes)

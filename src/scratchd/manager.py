@@ -39,7 +39,7 @@ log = logging.getLogger("scratchd.lease")
 
 @dataclass(frozen=True, slots=True)
 class LeaseSpec:
-    """A validated LeaseRequest (SPEC §5), in domain terms."""
+    """A validated LeaseRequest (docs/api.md, "Requests"), in domain terms."""
 
     near: str | None = None
     pool: str | None = None

@@ -1,4 +1,4 @@
-"""Prometheus metrics (SPEC §5): the daemon's state read at scrape time, and request timing.
+"""Prometheus metrics (docs/operations.md, "Metrics"): the daemon's state read at scrape time, and request timing.
 
 Gauges are not updated as things change: a collector reads the daemon when Prometheus
 asks, so a metric can never drift from what ``/v1/pools`` and ``/v1/usage`` answer.
@@ -34,7 +34,7 @@ REQUEST_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0
 METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 OTHER = "other"
 
-# Pool JSON key (SPEC §5 Pool) -> help; each becomes ``scratchd_pool_<key>{pool}``.
+# Pool JSON key (docs/api.md, "Answers") -> help; each becomes ``scratchd_pool_<key>{pool}``.
 POOL_GAUGES = {
     "capacity_bytes": "Size of the filesystem the pool is on.",
     "free_bytes": "Free space on the pool's filesystem.",

@@ -13,7 +13,7 @@ ROOT_STATE_DIR = "/var/lib/scratchd"
 
 
 def default_socket_path(uid: int | None = None) -> str:
-    """SPEC §6: root uses /run/scratchd; others their runtime dir, else /tmp/scratchd-$UID."""
+    """Root uses /run/scratchd; others their runtime dir, else /tmp/scratchd-$UID (docs/configuration.md)."""
     uid = os.getuid() if uid is None else uid
     if uid == 0:
         return ROOT_SOCKET

@@ -1,4 +1,4 @@
-"""Choosing the pool for a new lease (SPEC §5, Placement). Pure: the caller brings the facts."""
+"""Choosing the pool for a new lease (docs/api.md, "Placement"). Pure: the caller brings the facts."""
 
 from __future__ import annotations
 
@@ -43,7 +43,7 @@ def link_mode(pool: PoolStatus, near: Near) -> LinkMode:
 
 
 class PlacementError(Refused):
-    """No pool can take the lease; ``code`` and ``status`` are the SPEC §5 error."""
+    """No pool can take the lease; ``code`` and ``status`` are in docs/api.md, "Errors"."""
 
 
 def place(

@@ -1,4 +1,4 @@
-"""Tool presets: point a build tool's caches into ``<lease>/<tool>`` (PRESETS.md).
+"""Tool presets: point a build tool's caches into ``<lease>/<tool>`` (docs/cli.md, "Tool presets").
 
 Data plus pure functions, so ``scratchd run`` and ``scratchd lease --shell``
 plan the same environment and tests can check it without a daemon.
@@ -22,7 +22,7 @@ class UnknownTool(ValueError):
 
 
 class Preset:
-    """One row of PRESETS.md.
+    """One row of the presets table (docs/cli.md, "Tool presets").
 
     ``paths`` maps a variable to a subdirectory of ``<lease>/<tool>`` ("" for that
     directory itself); ``scratch`` maps one to a subdirectory of the lease that
@@ -67,7 +67,7 @@ def _pnpm(setting: str) -> dict[str, str]:
     return {f"{prefix}_config_{setting}": "" for prefix in ("npm", "pnpm")}
 
 
-# Rows marked (verify) in PRESETS.md use its variable names as given, pending a
+# Not every row is confirmed: these names are taken as given, pending a
 # check against each tool's current docs: POETRY_CACHE_DIR (+ virtualenvs in
 # project), PDM_CACHE_DIR / PDM_INSTALL_CACHE, YARN_NM_MODE, MAVEN_ARGS.
 PRESETS: dict[str, Preset] = {

@@ -12,7 +12,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable
 
-# Lease creates per tenant (SPEC §5 is silent; README.md, "Limits against abuse", gives the measurements).
+# Lease creates per tenant (docs/security.md, "Limits against abuse", gives the measurements).
 # The burst lets a tenant claim its whole default allowance of active leases at once;
 # the sustained rate bounds the mkdir + commit + delete churn of a runaway loop.
 CREATE_BURST = 1000

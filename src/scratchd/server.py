@@ -151,7 +151,7 @@ class PeerCredProtocol(HttpToolsProtocol):
             cls._slow_closed, cls._slow_logged_at = 0, now
 
     def send_400_response(self, msg: str) -> None:
-        """Bad HTTP framing gets the same error envelope as everything else (SPEC §5)."""
+        """Bad HTTP framing gets the same error envelope as everything else (docs/api.md, "Errors")."""
         body = json.dumps({"error": {"code": "invalid_request", "message": f"Malformed HTTP request: {msg}",
                                      "details": None}}).encode()
         self.transport.write(b"".join([
@@ -274,7 +274,7 @@ def serve(config_path: str | None, log_level: str = "info") -> int:
         proxy_headers=False,
         # Idle connections: uvicorn's keep-alive timeout (5 s) closes them between requests,
         # REQUEST_DEADLINE_SECONDS before and during one. limit_concurrency stays off: it
-        # counts idle connections too, and answers 503 in plain text, outside the SPEC's
+        # counts idle connections too, and answers 503 in plain text, outside the API's
         # error envelope, to every client once a few slow ones hold the slots.
     ))
     log.info("serving", extra={"socket": config.server.socket, "listen": config.server.listen or None,

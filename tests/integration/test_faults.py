@@ -3,7 +3,7 @@ inotify exhausted, and clients that misbehave on the socket.
 
 Each case runs a real daemon, causes the fault for real (a tmpfs filled to ENOSPC, a
 second SQLite connection holding the write lock, a lowered ``fs.inotify`` limit, raw
-sockets), and checks that the daemon answers in the SPEC envelope, changes nothing it
+sockets), and checks that the daemon answers in the error envelope, changes nothing it
 should not, keeps serving, and afterwards holds in its pool exactly the directories of
 its active leases. Every wait is a condition with a deadline.
 """

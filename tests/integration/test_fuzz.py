@@ -150,7 +150,7 @@ def target(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFact
 
 
 def envelope(ctx: Any, response: schemathesis.Response, case: schemathesis.Case) -> None:
-    """Every non-2xx is ``{"error": {"code", "message", "details"}}`` (SPEC §5)."""
+    """Every non-2xx is ``{"error": {"code", "message", "details"}}`` (docs/api.md, "Errors")."""
     if response.status_code < 300:
         return
     body = response.json()

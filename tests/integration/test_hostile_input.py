@@ -1,4 +1,4 @@
-"""Hostile input, by hand: each case is refused in the SPEC envelope and changes nothing.
+"""Hostile input, by hand: each case is refused in the error envelope and changes nothing.
 
 The generated campaign (test_fuzz.py) covers the schema; these are the tricks a schema
 does not describe: path games in ``near``, odd text in labels, malformed and oversized

@@ -1,4 +1,4 @@
-"""Every way a lease ends (SPEC §4) and guarantees 2-5, against a real daemon process."""
+"""Every way a lease ends (docs/api.md) and guarantees 2-5 (README), against a real daemon process."""
 
 from __future__ import annotations
 

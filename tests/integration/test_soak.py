@@ -1,6 +1,6 @@
 """A short soak (~30 s): client processes churn every kind of lease end against a real daemon,
 whose RSS and fds are sampled; afterwards the pool, the trash, the records and the event
-log must balance (SPEC §3, §4). The long version is ``bench/soak.py --minutes 60``; both
+log must balance (the guarantees in README). The long version is ``bench/soak.py --minutes 60``; both
 run the code in ``bench/soak.py``.
 
 Bounds (see ``bench/soak.py`` for the reasoning):

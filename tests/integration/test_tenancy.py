@@ -143,7 +143,7 @@ MATRIX: dict[tuple[str, str], tuple[Any, ...]] = {
     ("GET", "/v1/events"): (OK, OK, OK, OK, OK, 401, OK),
     ("GET", "/healthz"): (OK, OK, OK, OK, OK, OK, OK),
     ("GET", "/readyz"): (OK, OK, OK, OK, OK, OK, OK),
-    # Not in the OpenAPI document, but part of the API (SPEC §5). Metrics name every tenant: not for tenants.
+    # Not in the OpenAPI document, but part of the API (docs/api.md). Metrics name every tenant: not for tenants.
     ("GET", "/metrics"): (403, OK, 403, OK, OK, 401, OK),
     # The dashboard's page holds no data: anyone may load it, and it asks for a token.
     ("GET", "/"): (OK, OK, OK, OK, OK, OK, OK),

@@ -1,4 +1,4 @@
-"""delete_tree on real, hostile trees: nothing outside the tree may change (SPEC guarantee 3)."""
+"""delete_tree on real, hostile trees: nothing outside the tree may change (guarantee 3, README "Guarantees")."""
 
 from __future__ import annotations
 

@@ -78,7 +78,7 @@ def test_unit_settings() -> None:
     assert settings["Restart"] == ["on-failure"]
     assert settings["ProtectSystem"] == ["strict"] and settings["NoNewPrivileges"] == ["yes"]
     # These would put mount boundaries into the daemon's view that the host does not
-    # have, so `near` and a pool on one filesystem would look like two (README).
+    # have, so `near` and a pool on one filesystem would look like two (deploy/systemd/README.md).
     for forbidden in ("PrivateTmp", "ProtectHome", "ProtectProc", "ReadWritePaths"):
         assert forbidden not in settings, f"{forbidden}: see deploy/systemd/README.md"
 

@@ -66,3 +66,20 @@ def test_relative_links_and_anchors_resolve(page: Path) -> None:
 def test_the_anchor_rule_matches_githubs() -> None:
     page = REPO / "docs" / "deployment.md"
     assert {"near-across-a-container-boundary", "systemd", "kubernetes"} <= _anchors(page)
+
+
+def test_comments_cite_this_repository() -> None:
+    """Code and tests cite docs a reader of this repository can open, not the product contract."""
+    cited = re.compile(r"\b" + "SP" + r"EC\b(?!\s*=|\))|" + "PRE" + r"SETS\.md")  # not bench's SPEC = LeaseSpec(...)
+    found = [
+        f"{path.relative_to(REPO)}:{number}"
+        for folder in ("src", "tests", "bench", "deploy")
+        for path in sorted((REPO / folder).rglob("*"))
+        if path.is_file() and path.suffix in {".py", ".md", ".toml", ".yaml", ".yml", ".service", ".json", ""}
+        and not any(part.endswith((".egg-info", "__pycache__")) for part in path.parts)
+        for number, line in enumerate(path.read_text(errors="replace").splitlines(), 1)
+        if cited.search(line)
+    ]
+    found += [f"config.example.toml:{n}" for n, line in
+              enumerate((REPO / "config.example.toml").read_text().splitlines(), 1) if cited.search(line)]
+    assert not found, found

@@ -1,4 +1,4 @@
-"""Tool presets (PRESETS.md): where each tool's variables point, and what is left to the user."""
+"""Tool presets (docs/cli.md, "Tool presets"): where each tool's variables point, and what is left to the user."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from scratchd.presets import PRESETS, UnknownTool, lease_link_mode, preset_env
 
 LEASE = "/pool/lease-1"
 
-# Every row of PRESETS.md, with the variables it points into the lease.
+# Every preset, with the variables it points into the lease.
 TABLE = {
     "uv": {"UV_CACHE_DIR"},
     "pip": {"PIP_CACHE_DIR"},

@@ -61,7 +61,7 @@ class BodyLimit:
 def _identities(config: Config) -> Identities:
     identities = Identities(config)
     missing = identities.unknown_admins()
-    if missing:  # one config often serves many hosts: a warning, not an error (SPEC §7)
+    if missing:  # one config often serves many hosts: a warning, not an error (docs/configuration.md)
         log.warning("admins not known on this host", extra={"admins": missing})
     return identities
 

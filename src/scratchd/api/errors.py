@@ -1,4 +1,4 @@
-"""Every non-2xx answer in one envelope (SPEC §5): ``{"error": {"code", "message", "details"}}``."""
+"""Every non-2xx answer in one envelope (docs/api.md, "Errors"): ``{"error": {"code", "message", "details"}}``."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Who is calling (SPEC §5, identity and roles).
+"""Who is calling (docs/security.md, "Callers and roles").
 
 Unix socket: the kernel's word (SO_PEERCRED, put in the ASGI scope by the server's
 protocol class), mapped to a user name and groups through the host's user database.
@@ -66,7 +66,7 @@ class Identities:
         self._users: dict[tuple[int, int], tuple[float, Caller]] = {}
 
     def unknown_admins(self) -> list[str]:
-        """Admins named in the config that this host does not have (a warning, not an error: SPEC §7)."""
+        """Admins named in the config that this host does not have (a warning, not an error: docs/configuration.md)."""
         missing = [user for user in self._admin_users if not _exists(pwd.getpwnam, user)]
         missing += ["@" + group for group in self._admin_groups if not _exists(grp.getgrnam, group)]
         return sorted(missing)

@@ -1,4 +1,4 @@
-"""The wire format (SPEC §5): request models that validate strictly, and the answers' JSON.
+"""The wire format (docs/api.md): request models that validate strictly, and the answers' JSON.
 
 Answers are built as plain dicts by the ``*_json`` functions (cheap on the hot path);
 the response models exist so ``/openapi.json`` documents them, and the schema tests
@@ -211,7 +211,7 @@ class ErrorBody(BaseModel):
 
 
 def timestamp(seconds: float | None) -> str | None:
-    """RFC 3339, UTC, milliseconds, with ``Z`` (SPEC §5). Five of these are in every lease
+    """RFC 3339, UTC, milliseconds, with ``Z`` (docs/api.md, "Answers"). Five of these are in every lease
     answer, mostly within the same second: the formatted second is cached."""
     if seconds is None:
         return None

@@ -1,4 +1,4 @@
-"""HTTP routes (SPEC §5). Thin: authorise, translate, call the manager, shape the answer."""
+"""HTTP routes (docs/api.md). Thin: authorise, translate, call the manager, shape the answer."""
 
 from __future__ import annotations
 

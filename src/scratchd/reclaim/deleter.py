@@ -1,4 +1,4 @@
-"""Deleting an ended lease's tree without ever leaving it (SPEC guarantee 3).
+"""Deleting an ended lease's tree without ever leaving it (guarantee 3, README "Guarantees").
 
 A tenant controls every name inside its lease, and a process of its may still
 be in there renaming things. So below the top nothing is reached by a path

@@ -26,7 +26,7 @@ class Ending:
 def lease_ending(lease: Lease, pool: PoolStatus | None, now: float) -> Ending | None:
     """The reason ``lease`` must end at ``now`` from its own signals, or None.
 
-    ``pool`` is None for a pool dropped from the config: its leases live on (SPEC §7).
+    ``pool`` is None for a pool dropped from the config: its leases live on (docs/configuration.md, "Reload").
     A pool another daemon serves (``locked``) is not ours to touch: its leases wait, as
     they are, until this daemon holds the pool again.
     """
