@@ -1,6 +1,6 @@
 """Measuring a lease like ``du -s``: allocated bytes, files, and the newest change anywhere under it.
 
-The walk is the deleter's (:class:`~scratchd.reclaim.deleter.DirStack`):
+The walk is the deleter's too (:class:`~scratchd.walk.DirStack`):
 fd-relative, never following a symlink, never entering another mount, no
 recursion and a bounded number of open fds. Directories it may not read are
 counted themselves but not entered.
@@ -32,7 +32,7 @@ from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 
 from scratchd.offload import disk_worker
-from scratchd.reclaim.deleter import PACE_EVERY, DirStack, DirStat, ForeignMount, Frame, TreeChanged
+from scratchd.walk import PACE_EVERY, DirStack, DirStat, ForeignMount, Frame, TreeChanged
 
 # Entries a scan walks alone: below this a helper's round trips cost more than they save.
 SPLIT_AFTER = 5000

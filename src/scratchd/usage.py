@@ -17,9 +17,9 @@ from typing import TYPE_CHECKING
 
 from scratchd.leases import Lease, Usage
 from scratchd.offload import SCANNER_NICENESS, disk_worker, stop_task
-from scratchd.reclaim.deleter import TreeChanged
 from scratchd.scan import UsageSample, scan_tree
 from scratchd.store import StoreError
+from scratchd.walk import TreeChanged
 
 if TYPE_CHECKING:
     from scratchd.daemon import Daemon

@@ -19,9 +19,11 @@ from typing import TypeVar
 import pytest
 from conftest import IS_ROOT, bind_mount, needs_root, tmpfs
 
+from scratchd import walk
 from scratchd.reclaim import deleter
-from scratchd.reclaim.deleter import MAX_OPEN_DIRS, DeleteResult, delete_tree
+from scratchd.reclaim.deleter import DeleteResult, delete_tree
 from scratchd.scan import scan_tree
+from scratchd.walk import MAX_OPEN_DIRS
 
 NOBODY = 65534
 T = TypeVar("T")
@@ -121,7 +123,7 @@ def hostile(tmp_path: Path, outside: Path) -> Iterator[Path]:
 def mount_ids(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
     """Both ways a walk learns mount ids: statx (Linux 5.8+) and /proc/self/fdinfo before that."""
     if request.param == "fdinfo":
-        monkeypatch.setattr(deleter, "_statx", None)
+        monkeypatch.setattr(walk, "_statx", None)
     return str(request.param)
 
 
@@ -147,7 +149,7 @@ def test_hostile_tree_goes_and_nothing_outside_changes(hostile: Path, outside: P
 def test_mount_ids_from_fdinfo_where_statx_has_none(
     hostile: Path, outside: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(deleter, "_statx", None)
+    monkeypatch.setattr(walk, "_statx", None)
     before = snapshot(outside)
 
     result = delete_tree(str(hostile))
@@ -173,7 +175,7 @@ def test_top_symlink_is_unlinked_not_followed(tmp_path: Path, outside: Path) -> 
     assert snapshot(outside) == before
 
 
-@pytest.mark.parametrize("exc", [deleter.ForeignMount("mnt"), deleter.TreeChanged("a/b")])
+@pytest.mark.parametrize("exc", [walk.ForeignMount("mnt"), walk.TreeChanged("a/b")])
 def test_walk_errors_survive_pickling_out_of_a_worker_process(exc: OSError) -> None:
     """Raised in a ProcessPoolExecutor worker, an unpicklable one would break the pool instead."""
     exc.add_note("from the scan worker")

@@ -18,8 +18,9 @@ from test_deleter import MAX_OPEN_DIRS, NOBODY, deep_chain, fd_limit, open_fds, 
 
 from scratchd import scan
 from scratchd.offload import disk_worker
-from scratchd.reclaim.deleter import ForeignMount, delete_tree
+from scratchd.reclaim.deleter import delete_tree
 from scratchd.scan import Tally, scan_parts
+from scratchd.walk import ForeignMount
 from scratchd.usage import UsageSample, scan_tree
 
 MiB = 1 << 20
