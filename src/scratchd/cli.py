@@ -1170,7 +1170,8 @@ def _relative(timestamp: object) -> str:
 def cmd_completion(args: SimpleNamespace) -> int:
     from scratchd.completion import script
 
-    print(script(args.shell), end="")
+    commands = [(name, help, command_parser(name)) for name, (help, _, _) in COMMANDS.items()]
+    print(script(args.shell, _top_parser(), commands), end="")
     return EXIT_OK
 
 

@@ -9,9 +9,8 @@ the environment names.
 from __future__ import annotations
 
 import argparse
+from collections.abc import Sequence
 from typing import NamedTuple, Union
-
-from scratchd import cli
 
 FILE, DIRECTORY, LEASE, COMMAND = "file", "directory", "lease", "command"
 Values = Union[str, tuple[str, ...], None]  # a kind above, the words to offer, or None: anything
@@ -32,8 +31,11 @@ class Command(NamedTuple):
     positionals: list[tuple[str, Values]]  # (name, what completes it)
 
 
-def script(shell: str) -> str:
-    return {"bash": bash, "zsh": zsh, "fish": fish}[shell](_top_options(), _commands())
+def script(shell: str, top: argparse.ArgumentParser,
+           commands: Sequence[tuple[str, str, argparse.ArgumentParser]]) -> str:
+    """``top`` is the CLI's parser; ``commands`` each command's name, help and parser, in the CLI's order."""
+    described = [Command(name, help, *_options(parser)) for name, help, parser in commands]
+    return {"bash": bash, "zsh": zsh, "fish": fish}[shell](_options(top)[0], described)
 
 
 # -- what the parsers say ---------------------------------------------------------
@@ -42,7 +44,7 @@ def script(shell: str) -> str:
 def _values(action: argparse.Action) -> Values:
     if action.choices:
         return tuple(action.choices)
-    if action.type is cli._tool:
+    if action.dest == "tool":
         from scratchd.presets import PRESETS
 
         return tuple(PRESETS)
@@ -67,14 +69,6 @@ def _options(parser: argparse.ArgumentParser) -> tuple[list[Option], list[tuple[
         else:
             positionals.append((action.dest, _values(action)))
     return options, positionals
-
-
-def _top_options() -> list[Option]:
-    return _options(cli._top_parser())[0]
-
-
-def _commands() -> list[Command]:
-    return [Command(name, help, *_options(cli.command_parser(name))) for name, (help, _, _) in cli.COMMANDS.items()]
 
 
 LEASE_IDS = "scratchd ls 2>/dev/null | awk 'NR > 1 {print $1}'"

@@ -57,7 +57,8 @@ class Daemon:
         self.gc = Collector(self.manager, self.pools, self.trash, self.store, gc=lambda: self.config.gc,
                             refresh_pools=self._refresh_pools, watching=lambda pool: pool in self._watched,
                             clock=clock)
-        self.usage = UsageMonitor(self, clock)
+        self.usage = UsageMonitor(self.manager, self.store, directory_gone=self.gc.directory_gone,
+                                  interval=lambda: self.config.gc.interval, clock=clock)
         self._gc_task: asyncio.Task[None] | None = None
         self._watchdog_task: asyncio.Task[None] | None = None
         self.ready = False

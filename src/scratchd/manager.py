@@ -21,6 +21,7 @@ import os
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
+from typing import Any
 
 from scratchd import leases as lease_sm
 from scratchd.config import Config
@@ -29,7 +30,7 @@ from scratchd.leases import EndReason, Lease, Usage
 from scratchd.mounts import MountTable, mount_of, resolve_near
 from scratchd.placement import Near, Placement, PlacementError, place
 from scratchd.pool_dirs import PoolSet, make_lease_dir, move_to_trash, remove_if_empty
-from scratchd.pools import PoolReason
+from scratchd.pools import PoolReason, pool_json
 from scratchd.reclaim import procs
 from scratchd.store import NewEvent, Store, StoreError, lease_inserted, lease_updated
 from scratchd.tenant import Tenant, check_bytes, check_lease_count, lease_ttl, tenant_charge
@@ -213,6 +214,15 @@ class LeaseManager:
 
     def reserved_by_pool(self) -> dict[str, int]:
         return {pool: totals.reserved_bytes for pool, totals in self.active.pool_totals.items()}
+
+    def pool_rows(self) -> list[dict[str, Any]]:
+        """Every pool with its active leases' totals, as ``/v1/pools`` and ``/metrics`` read them."""
+        totals, empty = self.active.pool_totals, Totals()
+        return [
+            pool_json(pool, reserved=(t := totals.get(pool.name, empty)).reserved_bytes, leased=t.bytes,
+                      active=t.active_leases)
+            for pool in self.pools.statuses()
+        ]
 
     # -- changes --------------------------------------------------------------------------
 

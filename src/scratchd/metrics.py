@@ -24,7 +24,6 @@ from prometheus_client.registry import Collector
 from starlette.applications import Starlette
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from scratchd.api.routes import pools_json
 from scratchd.daemon import Daemon
 from scratchd.leases import EndReason, Lease
 from scratchd.pools import REASON_STATES, PoolState
@@ -115,7 +114,7 @@ class DaemonCollector(Collector):
         daemon.manager.listeners.insert(0, self.counts)
 
     def collect(self) -> Iterator[Metric]:
-        pools = pools_json(self._daemon)
+        pools = self._daemon.manager.pool_rows()
         names = sorted({p["name"] for p in pools} | set(self.counts.created) | {p for p, _ in self.counts.ended})
         for key, text in POOL_GAUGES.items():
             yield _family(GaugeMetricFamily(f"scratchd_pool_{key}", text, labels=["pool"]),

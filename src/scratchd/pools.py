@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from enum import StrEnum
+from typing import Any
 
 
 class PoolState(StrEnum):
@@ -68,3 +69,25 @@ def space_reason(*, read_only: bool, free_bytes: int, reserve_bytes: int) -> Poo
     if free_bytes == 0 or (reserve_bytes > 0 and free_bytes <= reserve_bytes):
         return PoolReason.FULL
     return None
+
+
+def pool_json(pool: PoolStatus, *, reserved: int, leased: int, active: int) -> dict[str, Any]:
+    """A pool as ``/v1/pools`` answers it and ``/metrics`` names its series, with its leases' totals."""
+    return {
+        "name": pool.name,
+        "path": pool.path,
+        "mount_point": pool.mount_point,
+        "fstype": pool.fstype,
+        "device": pool.device,
+        "state": pool.state.value,
+        "reason": pool.reason.value if pool.reason else None,
+        "message": pool.message,
+        "capacity_bytes": pool.capacity_bytes,
+        "free_bytes": pool.free_bytes,
+        "reserve_bytes": pool.reserve_bytes,
+        "reserved_bytes": reserved,
+        "leased_bytes": leased,
+        "active_leases": active,
+        "labels": list(pool.labels),
+        "reflink": pool.reflink,
+    }

@@ -7,7 +7,7 @@ Standard library only, and light: this is on the ``scratchd run`` path.
 
 from __future__ import annotations
 
-import os
+import posixpath  # os.path's joins, without importing os into the pure core
 from collections.abc import Mapping, Sequence
 
 LINK_MODES = ("hardlink", "clone", "copy")
@@ -175,10 +175,10 @@ def preset_env(
         preset = PRESETS.get(name)
         if preset is None:
             raise UnknownTool(name)
-        tool_dir = os.path.join(lease_path, name)
+        tool_dir = posixpath.join(lease_path, name)
         plan.directories.append(tool_dir)
-        wanted = {var: os.path.join(tool_dir, sub) if sub else tool_dir for var, sub in preset.paths.items()}
-        wanted.update({var: os.path.join(lease_path, sub) for var, sub in preset.scratch.items()})
+        wanted = {var: posixpath.join(tool_dir, sub) if sub else tool_dir for var, sub in preset.paths.items()}
+        wanted.update({var: posixpath.join(lease_path, sub) for var, sub in preset.scratch.items()})
         plan.directories.extend(wanted.values())
         wanted.update(preset.fixed)
         _set_unless_given(plan, wanted, environ)
@@ -194,8 +194,8 @@ def preset_env(
                 plan.env[var] = f"{current} {flag}" if current else flag
         for var, (home, names) in preset.carry.items():
             if var in plan.env and environ.get("HOME"):
-                source = os.path.join(environ["HOME"], home)
-                plan.carried += [(os.path.join(source, file), os.path.join(plan.env[var], file)) for file in names]
+                source = posixpath.join(environ["HOME"], home)
+                plan.carried += [(posixpath.join(source, file), posixpath.join(plan.env[var], file)) for file in names]
     plan.directories = list(dict.fromkeys(plan.directories))
     return plan
 

@@ -13,16 +13,13 @@ import os
 import time
 from collections.abc import Callable
 from concurrent.futures.process import BrokenProcessPool
-from typing import TYPE_CHECKING
 
 from scratchd.leases import Lease, Usage
+from scratchd.manager import LeaseManager
 from scratchd.offload import SCANNER_NICENESS, disk_worker, stop_task
 from scratchd.scan import UsageSample, scan_tree
-from scratchd.store import StoreError
+from scratchd.store import Store, StoreError
 from scratchd.walk import TreeChanged
-
-if TYPE_CHECKING:
-    from scratchd.daemon import Daemon
 
 log = logging.getLogger("scratchd.usage")
 
@@ -48,10 +45,17 @@ class UsageMonitor:
     after the last write the activity watch reported (which moves on while writes go on).
     Results go to the in-memory leases at once (the GC loop decides on them) and to
     the store in batches: a lost batch costs one rescan, not correctness.
+
+    ``directory_gone`` is told of a lease whose directory a scan did not find;
+    ``interval`` reads ``gc.interval`` (a reload may change it).
     """
 
-    def __init__(self, daemon: Daemon, clock: Callable[[], float]) -> None:
-        self._daemon = daemon
+    def __init__(self, manager: LeaseManager, store: Store, *, directory_gone: Callable[[Lease], None],
+                 interval: Callable[[], float], clock: Callable[[], float]) -> None:
+        self._manager = manager
+        self._store = store
+        self._directory_gone = directory_gone
+        self._interval = interval
         self._clock = clock
         self._due: list[tuple[float, str]] = []  # entries whose time is no longer _when's are skipped
         self._when: dict[str, float] = {}
@@ -61,11 +65,11 @@ class UsageMonitor:
         self._wakeup = asyncio.Event()
         self._executor = disk_worker(SCANNER_NICENESS, scan_tree)
         self._task: asyncio.Task[None] | None = None
-        daemon.manager.listeners.append(self._lease_changed)
+        manager.listeners.append(self._lease_changed)
 
     def start(self) -> None:
         now = self._clock()
-        for lease in self._daemon.manager.active.values():
+        for lease in self._manager.active.values():
             self._schedule(lease.id, now)
         self._task = asyncio.get_running_loop().create_task(self._run(), name="scratchd-usage")
 
@@ -75,14 +79,14 @@ class UsageMonitor:
         self._flush()
 
     def _period(self, lease: Lease) -> float:
-        interval = self._daemon.config.gc.interval
+        interval = self._interval()
         if lease.idle_timeout_seconds or lease.max_bytes or lease.expected_bytes or lease.evictable:
             return interval
         return max(interval, BACKGROUND_PERIOD_SECONDS)
 
     def written(self, lease_id: str, at: float) -> None:
         """Writes under a lease were seen at ``at``: measure it once they have stopped."""
-        if lease_id in self._daemon.manager.active:
+        if lease_id in self._manager.active:
             self._settle[lease_id] = at + SETTLE_SECONDS
             self._push(lease_id)
 
@@ -136,7 +140,7 @@ class UsageMonitor:
                 continue
             heapq.heappop(self._due)
             self._forget(lease_id)
-            lease = self._daemon.manager.active.get(lease_id)
+            lease = self._manager.active.get(lease_id)
             if lease is None:
                 continue
             started = time.monotonic()
@@ -158,13 +162,13 @@ class UsageMonitor:
             await asyncio.sleep(busy / SCAN_DUTY_CYCLE - elapsed)
 
     def _apply(self, lease_id: str, sample: UsageSample | None) -> None:
-        lease = self._daemon.manager.active.get(lease_id)
+        lease = self._manager.active.get(lease_id)
         if lease is None:
             return
         if sample is None or not os.path.lexists(lease.path):
-            self._daemon.gc.directory_gone(lease)
+            self._directory_gone(lease)
             return
-        self._daemon.manager.active.set_usage(
+        self._manager.active.set_usage(
             lease, Usage(bytes=sample.bytes, files=sample.files, measured_at=sample.measured_at))
         newest = min(sample.newest_mtime, sample.measured_at)
         if lease.last_activity_at is None or newest > lease.last_activity_at:
@@ -177,6 +181,6 @@ class UsageMonitor:
             return
         leases, self._dirty = list(self._dirty.values()), {}
         try:
-            self._daemon.store.save_usage(leases)
+            self._store.save_usage(leases)
         except StoreError as exc:
             log.warning("cannot save usage", extra={"error": str(exc)})

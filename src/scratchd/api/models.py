@@ -15,7 +15,6 @@ from typing import Annotated, Any, Literal
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field
 
 from scratchd.leases import Lease
-from scratchd.pools import PoolStatus
 
 MAX_LABELS = 32
 LABEL_KEY = re.compile(r"[a-z0-9][a-z0-9_./-]{0,62}")
@@ -249,25 +248,4 @@ def lease_json(lease: Lease) -> dict[str, Any]:
         "last_activity_at": timestamp(lease.last_activity_at),
         "usage": {"bytes": lease.usage.bytes, "files": lease.usage.files,
                   "measured_at": timestamp(lease.usage.measured_at)},
-    }
-
-
-def pool_json(pool: PoolStatus, *, reserved: int, leased: int, active: int) -> dict[str, Any]:
-    return {
-        "name": pool.name,
-        "path": pool.path,
-        "mount_point": pool.mount_point,
-        "fstype": pool.fstype,
-        "device": pool.device,
-        "state": pool.state.value,
-        "reason": pool.reason.value if pool.reason else None,
-        "message": pool.message,
-        "capacity_bytes": pool.capacity_bytes,
-        "free_bytes": pool.free_bytes,
-        "reserve_bytes": pool.reserve_bytes,
-        "reserved_bytes": reserved,
-        "leased_bytes": leased,
-        "active_leases": active,
-        "labels": list(pool.labels),
-        "reflink": pool.reflink,
     }

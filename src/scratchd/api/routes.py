@@ -19,7 +19,7 @@ from scratchd.api.identity import PEER_KEY, Caller, Role, authenticate
 from scratchd.daemon import Daemon
 from scratchd.errors import Refused
 from scratchd.leases import Lease
-from scratchd.manager import LeaseFilter, LeaseSpec, Totals
+from scratchd.manager import LeaseFilter, LeaseSpec
 from scratchd.placement import Placement
 from scratchd.ratelimit import RateLimiter
 from scratchd.reclaim.procs import pid_in_daemon_namespace
@@ -201,18 +201,9 @@ def _owner(lease: Lease) -> Tenant:
 # -- pools, usage, events -----------------------------------------------------------------------
 
 
-def pools_json(daemon: Daemon) -> list[dict[str, Any]]:
-    totals, empty = daemon.manager.active.pool_totals, Totals()
-    return [
-        models.pool_json(pool, reserved=(t := totals.get(pool.name, empty)).reserved_bytes,
-                         leased=t.bytes, active=t.active_leases)
-        for pool in daemon.pools.statuses()
-    ]
-
-
 @router.get("/v1/pools", response_model=models.PoolList, responses=ERRORS, tags=["pools"])
 async def list_pools(request: Request, caller: Reader) -> Response:
-    return _json({"pools": pools_json(_daemon(request))})
+    return _json({"pools": _daemon(request).manager.pool_rows()})
 
 
 @router.get("/v1/usage", response_model=models.UsageReport, responses=ERRORS, tags=["usage"])
@@ -226,7 +217,7 @@ async def usage(request: Request, caller: Reader) -> Response:
     trash = daemon.trash
     return _json({
         "generated_at": models.timestamp(time.time()),
-        "pools": pools_json(daemon),
+        "pools": daemon.manager.pool_rows(),
         "tenants": [{"tenant": name, "active_leases": t.active_leases, "bytes": t.bytes,
                      "reserved_bytes": t.reserved_bytes} for name, t in tenants],
         "largest_leases": [models.lease_json(lease) for lease in active.largest(LARGEST_LEASES, only)],
