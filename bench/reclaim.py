@@ -76,7 +76,9 @@ def main() -> None:
         trash = pool / ".trash"
         socket_path = str(Path(tmp, "scratchd.sock"))
         config = Path(tmp, "config.toml")
+        # One tenant (this user) drives the cycles: the default per-tenant create rate would cap them.
         config.write_text(f'[server]\nsocket = "{socket_path}"\nstate_dir = "{tmp}/state"\nlisten = ""\n'
+                          f'[limits]\ncreate_rate = 1000000\n'
                           f'[[pool]]\nname = "bench"\npath = "{pool}"\n')
         daemon = subprocess.Popen([sys.executable, "-m", "scratchd", "serve", "--config", str(config)],
                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

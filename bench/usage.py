@@ -124,7 +124,7 @@ def main() -> None:
           f"p99 {latencies[int(len(latencies) * 0.99)] * 1000:.1f} ms")
     print(f"daemon RSS:               {rss:.0f} MB")
     print(f"restart to ready:         {ready_seconds:.2f} s")
-    print(f"inotify watches held:     {watches} (1 per pool + activity watches for leases with an idle timeout)")
+    print(f"inotify watches held:     {watches} (1 per pool + activity watches for every lease, within the budget)")
 
 
 def _me() -> str:
