@@ -181,6 +181,24 @@ def daemon(make_daemon: Callable[..., Daemon]) -> Daemon:
     return make_daemon()
 
 
+QUEUED_EVENTS = Path("/proc/sys/fs/inotify/max_queued_events")
+needs_queue_sysctl = pytest.mark.skipif(
+    not (IS_ROOT and os.access(QUEUED_EVENTS, os.W_OK)),
+    reason=f"needs root and a writable {QUEUED_EVENTS} to make an inotify queue overflow")
+
+
+@contextlib.contextmanager
+def queued_events(limit: int) -> Iterator[None]:
+    """Lower ``fs.inotify.max_queued_events`` host-wide for the block: inotify instances
+    created meanwhile (a daemon started in it, say) keep the limit for life."""
+    original = QUEUED_EVENTS.read_text()
+    QUEUED_EVENTS.write_text(f"{limit}\n")
+    try:
+        yield
+    finally:
+        QUEUED_EVENTS.write_text(original)
+
+
 @contextlib.contextmanager
 def mounted(*args: str) -> Iterator[None]:
     """``mount ARGS…`` for the duration (root only); the last argument is the target."""

@@ -11,23 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import wait_for
-
-QUEUED_EVENTS = Path("/proc/sys/fs/inotify/max_queued_events")
-needs_queue_sysctl = pytest.mark.skipif(
-    not (os.geteuid() == 0 and os.access(QUEUED_EVENTS, os.W_OK)),
-    reason=f"needs root and a writable {QUEUED_EVENTS} to make an inotify queue overflow")
-
-
-@contextlib.contextmanager
-def queued_events(limit: int) -> Iterator[None]:
-    """Lower ``fs.inotify.max_queued_events`` host-wide: instances created meanwhile keep the limit for life."""
-    original = QUEUED_EVENTS.read_text()
-    QUEUED_EVENTS.write_text(f"{limit}\n")
-    try:
-        yield
-    finally:
-        QUEUED_EVENTS.write_text(original)
+from conftest import needs_queue_sysctl, queued_events, wait_for
 
 
 @contextlib.contextmanager

@@ -5,7 +5,7 @@ import os
 import time
 from pathlib import Path
 
-from test_inotify import needs_queue_sysctl, queued_events
+from conftest import needs_queue_sysctl, queued_events
 
 from scratchd.reclaim import watcher
 from scratchd.reclaim.watcher import ActivityWatch
@@ -50,7 +50,7 @@ def test_a_lease_with_many_directories_stays_within_its_budget(tmp_path, monkeyp
         try:
             for i in range(50):
                 (tmp_path / f"d{i}").mkdir()
-            watch._read()  # every mkdir's event is queued already: one read takes them all
+            watch._events._read()  # every mkdir's event is queued already: one read takes them all
             assert watch.watches == 8
         finally:
             watch.close()

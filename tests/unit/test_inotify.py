@@ -2,34 +2,17 @@
 
 from __future__ import annotations
 
-import contextlib
 import fcntl
 import logging
 import os
 import struct
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from conftest import needs_queue_sysctl, queued_events
 from scratchd.reclaim import inotify
 from scratchd.reclaim.inotify import IN_CREATE, IN_DELETE, IN_IGNORED, IN_ISDIR, IN_Q_OVERFLOW, Event, Inotify
-
-QUEUED_EVENTS = Path("/proc/sys/fs/inotify/max_queued_events")
-needs_queue_sysctl = pytest.mark.skipif(
-    not (os.geteuid() == 0 and os.access(QUEUED_EVENTS, os.W_OK)),
-    reason=f"needs root and a writable {QUEUED_EVENTS} to make an inotify queue overflow")
-
-
-@contextlib.contextmanager
-def queued_events(limit: int) -> Iterator[None]:
-    """Lower ``fs.inotify.max_queued_events`` host-wide for the block: instances created in it keep the limit."""
-    original = QUEUED_EVENTS.read_text()
-    QUEUED_EVENTS.write_text(f"{limit}\n")
-    try:
-        yield
-    finally:
-        QUEUED_EVENTS.write_text(original)
 
 
 def test_parse_reads_names_without_their_padding_and_events_without_names() -> None:

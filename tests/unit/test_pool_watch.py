@@ -4,7 +4,7 @@ import asyncio
 import os
 from pathlib import Path
 
-from test_inotify import needs_queue_sysctl, queued_events
+from conftest import needs_queue_sysctl, queued_events
 
 from scratchd.reclaim.watcher import PoolWatcher
 

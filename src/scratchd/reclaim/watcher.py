@@ -36,6 +36,7 @@ from scratchd.reclaim.inotify import (
     IN_MOVED_TO,
     IN_ONLYDIR,
     IN_Q_OVERFLOW,
+    Event,
     Inotify,
     OverflowLog,
 )
@@ -46,6 +47,33 @@ EntryGone = Callable[[str, str], None]  # (pool name, entry name)
 PoolsLost = Callable[[set[str]], None]  # pools whose removals may have been missed
 
 _POOL_MASK = IN_DELETE | IN_MOVED_FROM | IN_ONLYDIR | IN_DONT_FOLLOW
+
+
+class _OnLoop:
+    """An inotify instance of a watcher's own, made on first use and read on the event loop."""
+
+    def __init__(self, on_events: Callable[[list[Event]], None]) -> None:
+        self._on_events = on_events
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self.inotify: Inotify | None = None  # None until the first watch
+
+    def instance(self) -> Inotify:
+        if self.inotify is None:
+            inotify = Inotify()
+            self._loop = asyncio.get_running_loop()
+            self._loop.add_reader(inotify.fd, self._read)
+            self.inotify = inotify
+        return self.inotify
+
+    def close(self) -> None:
+        if self.inotify is not None and self._loop is not None:
+            self._loop.remove_reader(self.inotify.fd)
+            self.inotify.close()
+        self.inotify, self._loop = None, None
+
+    def _read(self) -> None:
+        if self.inotify is not None:
+            self._on_events(self.inotify.read())
 
 
 class PoolWatcher:
@@ -60,17 +88,13 @@ class PoolWatcher:
     def __init__(self, on_gone: EntryGone, on_lost: PoolsLost) -> None:
         self._on_gone = on_gone
         self._on_lost = on_lost
-        self._inotify: Inotify | None = None
-        self._loop: asyncio.AbstractEventLoop | None = None
+        self._events = _OnLoop(self._handle)
         self._wd_of: dict[str, int] = {}
         self._pools_of: dict[int, set[str]] = {}  # two pools may name one directory
         self._overflows = OverflowLog(log, "pools")
 
     def stop(self) -> None:
-        if self._inotify is not None and self._loop is not None:
-            self._loop.remove_reader(self._inotify.fd)
-            self._inotify.close()
-        self._inotify, self._loop = None, None
+        self._events.close()
         self._wd_of.clear()
         self._pools_of.clear()
 
@@ -79,8 +103,7 @@ class PoolWatcher:
         if pool in self._wd_of:
             return True
         try:
-            inotify = self._instance()
-            wd = inotify.add_watch(os.path.realpath(path), _POOL_MASK)
+            wd = self._events.instance().add_watch(os.path.realpath(path), _POOL_MASK)
         except OSError as exc:
             log.warning("cannot watch pool; falling back to periodic checks",
                         extra={"pool": pool, "error": exc.strerror})
@@ -91,25 +114,17 @@ class PoolWatcher:
 
     def unwatch(self, pool: str) -> None:
         wd = self._wd_of.pop(pool, None)
-        if wd is None or self._inotify is None:
+        inotify = self._events.inotify
+        if wd is None or inotify is None:
             return
         pools = self._pools_of.get(wd, set())
         pools.discard(pool)
         if not pools:
             self._pools_of.pop(wd, None)
-            self._inotify.rm_watch(wd)
+            inotify.rm_watch(wd)
 
-    def _instance(self) -> Inotify:
-        if self._inotify is None:
-            inotify = Inotify()
-            self._loop = asyncio.get_running_loop()
-            self._loop.add_reader(inotify.fd, self._read)
-            self._inotify = inotify
-        return self._inotify
-
-    def _read(self) -> None:
-        assert self._inotify is not None
-        for event in self._inotify.read():
+    def _handle(self, events: list[Event]) -> None:
+        for event in events:
             if event.mask & IN_Q_OVERFLOW:
                 self._overflows.note("re-checking every lease of the watched pools")
                 self._on_lost(set(self._wd_of))
@@ -152,8 +167,7 @@ class ActivityWatch:
 
     def __init__(self, on_activity: Callable[[str, float], None]) -> None:
         self._on_activity = on_activity
-        self._inotify: Inotify | None = None
-        self._loop: asyncio.AbstractEventLoop | None = None
+        self._events = _OnLoop(self._handle)
         self._leases: dict[str, _Lease] = {}
         self._owner: dict[int, tuple[_Lease, bytes]] = {}  # wd -> the lease, and the directory's path
         self._overflows = OverflowLog(log, "activity")
@@ -169,18 +183,16 @@ class ActivityWatch:
 
     def unbind(self, lease_id: str) -> None:
         lease = self._leases.pop(lease_id, None)
-        if lease is None or self._inotify is None:
+        inotify = self._events.inotify
+        if lease is None or inotify is None:
             return
         for wd in lease.wds:
             del self._owner[wd]
-            self._inotify.rm_watch(wd)
+            inotify.rm_watch(wd)
         self.watches -= len(lease.wds)
 
     def close(self) -> None:
-        if self._inotify is not None and self._loop is not None:
-            self._loop.remove_reader(self._inotify.fd)
-            self._inotify.close()
-        self._inotify = self._loop = None
+        self._events.close()
         self._leases.clear()
         self._owner.clear()
         self.watches = 0
@@ -195,8 +207,7 @@ class ActivityWatch:
                             extra={"watches": self.watches})
             return
         try:
-            inotify = self._instance()
-            wd = inotify.add_watch(path, _ACTIVITY_MASK)
+            wd = self._events.instance().add_watch(path, _ACTIVITY_MASK)
         except OSError:
             return  # gone already, or inotify itself is exhausted: the scan covers for it
         if wd in self._owner:  # one directory reached twice (a bind mount inside): already watched
@@ -206,18 +217,9 @@ class ActivityWatch:
         self._owner[wd] = (lease, path)
         self.watches += 1
 
-    def _instance(self) -> Inotify:
-        if self._inotify is None:
-            inotify = Inotify()
-            self._loop = asyncio.get_running_loop()
-            self._loop.add_reader(inotify.fd, self._read)
-            self._inotify = inotify
-        return self._inotify
-
-    def _read(self) -> None:
-        assert self._inotify is not None
+    def _handle(self, events: list[Event]) -> None:
         written: set[_Lease] = set()
-        for event in self._inotify.read():
+        for event in events:
             if event.mask & IN_Q_OVERFLOW:
                 self._overflows.note("every watched lease counts as written and is measured again")
                 written.update(self._leases.values())
