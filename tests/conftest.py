@@ -188,15 +188,15 @@ needs_queue_sysctl = pytest.mark.skipif(
 
 
 @contextlib.contextmanager
-def queued_events(limit: int) -> Iterator[None]:
-    """Lower ``fs.inotify.max_queued_events`` host-wide for the block: inotify instances
-    created meanwhile (a daemon started in it, say) keep the limit for life."""
-    original = QUEUED_EVENTS.read_text()
-    QUEUED_EVENTS.write_text(f"{limit}\n")
+def sysctl(path: Path, value: int) -> Iterator[None]:
+    """Set a ``/proc/sys`` value host-wide for the block, then put the old one back. For inotify
+    limits, instances created meanwhile (a daemon started in the block, say) keep it for life."""
+    original = path.read_text()
+    path.write_text(f"{value}\n")
     try:
         yield
     finally:
-        QUEUED_EVENTS.write_text(original)
+        path.write_text(original)
 
 
 @contextlib.contextmanager

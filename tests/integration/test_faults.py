@@ -25,7 +25,7 @@ from typing import Any
 import httpx
 import pytest
 
-from conftest import IS_ROOT, Daemon, tmpfs, wait_for
+from conftest import IS_ROOT, Daemon, sysctl, tmpfs, wait_for
 from scratchd.server import REQUEST_DEADLINE_SECONDS
 
 MakeDaemon = Callable[..., Daemon]
@@ -107,17 +107,6 @@ def write_locked(database: Path) -> Iterator[sqlite3.Connection]:
             db.execute("ROLLBACK")
     finally:
         db.close()
-
-
-@contextlib.contextmanager
-def inotify_instances(limit: int) -> Iterator[None]:
-    """Lower ``fs.inotify.max_user_instances`` host-wide, for as short a time as possible."""
-    original = INOTIFY_INSTANCES.read_text()
-    INOTIFY_INSTANCES.write_text(f"{limit}\n")
-    try:
-        yield
-    finally:
-        INOTIFY_INSTANCES.write_text(original)
 
 
 @contextlib.contextmanager
@@ -342,7 +331,7 @@ def test_pool_watch_refused_by_inotify_falls_back_to_gc(make_daemon: MakeDaemon)
     # watchdog shares one inotify instance per process, created at the first watch: with
     # no instance left for root, the daemon's pool watch is refused.
     daemon = make_daemon(start=False, gc={"interval": "0.5s"})
-    with inotify_instances(0):
+    with sysctl(INOTIFY_INSTANCES, 0):
         daemon.start()
         wait_for(lambda: "cannot watch pool" in daemon.log(), timeout=5, what="'cannot watch pool' in the log")
         kept = daemon.lease()
@@ -367,7 +356,7 @@ def test_pool_watch_refused_by_inotify_falls_back_to_gc(make_daemon: MakeDaemon)
 @pytest.mark.timeout(30)
 def test_ending_an_idle_timeout_lease_while_inotify_is_exhausted(make_daemon: MakeDaemon) -> None:
     daemon = make_daemon(start=False)
-    with inotify_instances(0):
+    with sysctl(INOTIFY_INSTANCES, 0):
         daemon.start()
         lease = daemon.lease(idle_timeout_seconds=600)
         response = daemon.request("DELETE", f"/v1/leases/{lease['id']}")

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import needs_queue_sysctl, queued_events, wait_for
+from conftest import QUEUED_EVENTS, needs_queue_sysctl, sysctl, wait_for
 
 
 @contextlib.contextmanager
@@ -49,7 +49,7 @@ def test_watches_outlive_overflowing_queues(make_daemon):
     # activity watch can tell a lease is being written; and the GC re-checks no watched
     # pool's directories, so only the pool watch can end a removed lease within 2 s.
     daemon = make_daemon(start=False, gc={"interval": "5s"})
-    with queued_events(16):  # only as long as the daemon takes to make its two instances
+    with sysctl(QUEUED_EVENTS, 16):  # only as long as the daemon takes to make its two instances
         daemon.start()
         flooded = daemon.lease(idle_timeout_seconds=600)  # the activity watch's instance starts here
     doomed = [daemon.lease() for _ in range(60)]

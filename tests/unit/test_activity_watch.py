@@ -5,7 +5,7 @@ import os
 import time
 from pathlib import Path
 
-from conftest import needs_queue_sysctl, queued_events
+from conftest import QUEUED_EVENTS, needs_queue_sysctl, sysctl
 
 from scratchd.reclaim import watcher
 from scratchd.reclaim.watcher import ActivityWatch
@@ -106,7 +106,7 @@ def test_after_an_overflow_every_watched_lease_counts_as_written_and_writes_are_
     async def scenario() -> list[tuple[str, float]]:
         reports: list[tuple[str, float]] = []
         watch = ActivityWatch(lambda lease_id, at: reports.append((lease_id, at)))
-        with queued_events(16):
+        with sysctl(QUEUED_EVENTS, 16):
             watch.bind("busy", str(busy))
         watch.bind("quiet", str(quiet))
         try:

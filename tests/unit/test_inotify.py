@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import needs_queue_sysctl, queued_events
+from conftest import QUEUED_EVENTS, needs_queue_sysctl, sysctl
 from scratchd.reclaim import inotify
 from scratchd.reclaim.inotify import IN_CREATE, IN_DELETE, IN_IGNORED, IN_ISDIR, IN_Q_OVERFLOW, Event, Inotify
 
@@ -65,7 +65,7 @@ def test_errors_name_the_path_and_a_watch_the_kernel_dropped_removes_quietly(tmp
 
 @needs_queue_sysctl
 def test_a_full_queue_drops_events_and_says_so(tmp_path: Path) -> None:
-    with queued_events(16):
+    with sysctl(QUEUED_EVENTS, 16):
         watch = Inotify()
     try:
         watch.add_watch(str(tmp_path), IN_CREATE)

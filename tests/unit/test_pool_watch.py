@@ -4,7 +4,7 @@ import asyncio
 import os
 from pathlib import Path
 
-from conftest import needs_queue_sysctl, queued_events
+from conftest import QUEUED_EVENTS, needs_queue_sysctl, sysctl
 
 from scratchd.reclaim.watcher import PoolWatcher
 
@@ -127,7 +127,7 @@ def test_lost_removals_have_every_watched_pool_rechecked_and_later_ones_still_ar
         lost: list[set[str]] = []
         gone: list[str] = []
         watcher = PoolWatcher(lambda pool_name, name: gone.append(name), lost.append)
-        with queued_events(16):
+        with sysctl(QUEUED_EVENTS, 16):
             assert watcher.watch("p", str(pool))
         assert watcher.watch("q", str(other))
         try:
