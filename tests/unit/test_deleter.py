@@ -214,25 +214,32 @@ def test_pace_sees_progress_and_an_interrupted_run_resumes(tmp_path: Path) -> No
     assert not tree.exists()
 
 
-@needs_root
-def test_immutable_file_is_reported_and_a_rerun_finishes(tmp_path: Path) -> None:
-    tree = tmp_path / "tree"
+@contextlib.contextmanager
+def stuck_file(tree: Path) -> Iterator[None]:
+    """``tree/a/b/stuck``, immutable for the block (no one may remove it), beside ``tree/a/gone``."""
     (tree / "a" / "b").mkdir(parents=True)
     (tree / "a" / "b" / "stuck").write_bytes(b"s")
     (tree / "a" / "gone").write_bytes(b"g")
-    (tree / "other").mkdir()
-    (tree / "other" / "gone").write_bytes(b"g")
     try:
         set_immutable(tree / "a" / "b" / "stuck", True)
     except OSError as exc:
         pytest.skip(f"no immutable flag on this filesystem: {exc}")
     try:
+        yield
+    finally:
+        set_immutable(tree / "a" / "b" / "stuck", False)
+
+
+@needs_root
+def test_immutable_file_is_reported_and_a_rerun_finishes(tmp_path: Path) -> None:
+    tree = tmp_path / "tree"
+    (tree / "other").mkdir(parents=True)
+    (tree / "other" / "gone").write_bytes(b"g")
+    with stuck_file(tree):
         result = delete_tree(str(tree))
         assert not result.complete
         assert len(result.errors) == 1 and result.errors[0].startswith(f"{tree}/a/b/stuck: cannot remove")
         assert sorted(p.name for p in tree.rglob("*")) == ["a", "b", "stuck"]
-    finally:
-        set_immutable(tree / "a" / "b" / "stuck", False)
 
     result = delete_tree(str(tree))
 
@@ -513,21 +520,12 @@ def test_rm_never_gets_a_tree_with_a_mount_left_in_place(
 def test_what_rm_cannot_remove_is_reported_by_the_walk(tmp_path: Path) -> None:
     tree = tmp_path / "tree"
     big_tree(tree)
-    (tree / "a" / "b").mkdir(parents=True)
-    (tree / "a" / "b" / "stuck").write_bytes(b"s")
-    (tree / "a" / "gone").write_bytes(b"g")
-    try:
-        set_immutable(tree / "a" / "b" / "stuck", True)
-    except OSError as exc:
-        pytest.skip(f"no immutable flag on this filesystem: {exc}")
-    try:
+    with stuck_file(tree):
         result = delete_tree(str(tree), count_bytes=False)
 
         assert not result.complete
         assert result.errors == [f"{tree}/a/b/stuck: cannot remove: Operation not permitted"]
         assert sorted(p.name for p in tree.rglob("*")) == ["a", "b", "stuck"]
-    finally:
-        set_immutable(tree / "a" / "b" / "stuck", False)
 
 
 @needs_root
