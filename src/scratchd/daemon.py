@@ -46,7 +46,6 @@ class Daemon:
         self.mounts = MountTable()
         self.pools = PoolSet(config.pool)
         self.trash = Trash(self._reclaim_failed)
-        self.reclaim_failures: dict[str, int] = {}  # failed deletions by pool, for /metrics
         self.manager = LeaseManager(config, self.store, self.pools, self.mounts, self._trashed, self.trash.removed,
                                     clock)
         self.manager.listeners.append(self._lease_changed)
@@ -233,7 +232,6 @@ class Daemon:
             details = {"path": item.path, "errors": result.errors[:20], "left_mounts": result.left_mounts}
         else:
             details = {"path": item.path, "errors": [repr(result)]}
-        self.reclaim_failures[item.pool] = self.reclaim_failures.get(item.pool, 0) + 1
         log.warning("reclaim failed", extra=details)
         try:
             self.store.append_events([NewEvent("reclaim_failed", item.lease_id, item.pool, item.tenant,

@@ -152,7 +152,7 @@ class DaemonCollector(Collector):
                                   value=trash.reclaimed_total)
         yield CounterMetricFamily("scratchd_reclaimed_bytes", "Bytes freed by deletion since the daemon started.",
                                   value=trash.reclaimed_bytes_total)
-        failed = self._daemon.reclaim_failures
+        failed = trash.failed_by_pool
         yield _family(CounterMetricFamily("scratchd_reclaim_failed",
                                           "Deletions of a tree that failed (each retry counts) since the daemon started.",
                                           labels=["pool"]),

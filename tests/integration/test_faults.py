@@ -328,8 +328,8 @@ def test_a_locked_state_database_does_not_stall_unrelated_requests(make_daemon: 
 @needs_inotify_sysctl
 @pytest.mark.timeout(30)
 def test_pool_watch_refused_by_inotify_falls_back_to_gc(make_daemon: MakeDaemon) -> None:
-    # watchdog shares one inotify instance per process, created at the first watch: with
-    # no instance left for root, the daemon's pool watch is refused.
+    # Each watch makes its inotify instance at its first watch: with no instance left for
+    # root, the daemon's pool watch is refused.
     daemon = make_daemon(start=False, gc={"interval": "0.5s"})
     with sysctl(INOTIFY_INSTANCES, 0):
         daemon.start()

@@ -58,6 +58,7 @@ class Trash:
         self.reclaimed_total = 0
         self.reclaimed_bytes_total = 0
         self.by_reason: Counter[str] = Counter()
+        self.failed_by_pool: Counter[str] = Counter()  # failed deletions, each retry counted
         self._busy: list[TrashItem] = []
 
     @property
@@ -135,6 +136,7 @@ class Trash:
             if result.complete:
                 self.reclaimed_total += 1
                 return
+        self.failed_by_pool[item.pool] += 1
         self._report_failure(item, result)
         if isinstance(result, DeleteResult) and result.left_mounts and not result.errors:
             return  # a mount we may not detach stays where it is; retrying cannot change that
