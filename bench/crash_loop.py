@@ -45,8 +45,8 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import soak  # noqa: E402
-from soak import Client, LocalDaemon, ScratchdError, wait_until  # noqa: E402
+import soak
+from soak import Client, LocalDaemon, ScratchdError, wait_until
 
 GC_INTERVAL = 0.1
 ORPHAN_GRACE = 1.0
@@ -71,19 +71,25 @@ def check_after_restart(client: Client, books: soak.Books, everything: soak.Book
         try:
             record = client.get_lease(lease_id)
         except ScratchdError as exc:
-            problems.append(f"lease {lease_id} ({facts.kind}) was answered 201 but is unknown after restart: "
-                            f"{exc.code} (guarantee 1)")
+            problems.append(
+                f"lease {lease_id} ({facts.kind}) was answered 201 but is unknown after restart: "
+                f"{exc.code} (guarantee 1)"
+            )
             continue
         if facts.released is not None and (record["state"], record["end_reason"]) != ("ended", "released"):
-            problems.append(f"lease {lease_id}: release answered, after restart {record['state']}/"
-                            f"{record['end_reason']}")
+            problems.append(
+                f"lease {lease_id}: release answered, after restart {record['state']}/{record['end_reason']}"
+            )
         if record["state"] == "ended" and os.path.lexists(facts.path):
-            problems.append(f"lease {lease_id} ended ({record['end_reason']}) but its path exists (guarantee 3)")
+            problems.append(
+                f"lease {lease_id} ended ({record['end_reason']}) but its path exists (guarantee 3)"
+            )
     return problems
 
 
-def check_settled(client: Client, pool_path: str, everything: soak.Books, canary: str,
-                  timeout: float) -> list[str]:
+def check_settled(
+    client: Client, pool_path: str, everything: soak.Books, canary: str, timeout: float
+) -> list[str]:
     """No leaks once orphan grace has passed, nothing live taken, the trash drained.
 
     ``canary`` is a stray directory made right after the restart: once it is reclaimed,
@@ -99,21 +105,31 @@ def check_settled(client: Client, pool_path: str, everything: soak.Books, canary
         facts = everything.leases.get(lease["id"])
         if facts and facts.marked and not soak._marker_ok(lease["path"], lease["id"]):
             if client.get_lease(lease["id"])["state"] == "active":
-                problems.append(f"active lease {lease['id']} lost its directory or marker after orphan "
-                                f"review (guarantee 2)")
+                problems.append(
+                    f"active lease {lease['id']} lost its directory or marker after orphan "
+                    f"review (guarantee 2)"
+                )
     if not wait_until(lambda: not soak.trash_report(client, pool_path), 30, interval=0.05):
         problems += soak.trash_report(client, pool_path)
     return problems
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--cycles", type=int, default=100)
     parser.add_argument("--clients", type=int, default=3)
     parser.add_argument("--seed", type=int, default=1)
-    parser.add_argument("--double-kill", type=float, default=0.2,
-                        help="share of cycles where the restarted daemon is killed again while it recovers")
-    parser.add_argument("--max-minutes", type=float, default=15.0, help="stop after this long whatever --cycles says")
+    parser.add_argument(
+        "--double-kill",
+        type=float,
+        default=0.2,
+        help="share of cycles where the restarted daemon is killed again while it recovers",
+    )
+    parser.add_argument(
+        "--max-minutes", type=float, default=15.0, help="stop after this long whatever --cycles says"
+    )
     parser.add_argument("--keep", action="store_true", help="keep the temp directory (daemon log, journals)")
     args = parser.parse_args()
     rng = random.Random(args.seed)
@@ -121,8 +137,10 @@ def main() -> None:
     journal_dir = Path(tmp, "journals")
     journal_dir.mkdir()
     daemon = LocalDaemon(Path(tmp), gc={"interval": f"{GC_INTERVAL}s", "orphan_grace": f"{ORPHAN_GRACE}s"})
-    print(f"crash loop: {args.cycles} cycles, {args.clients} clients, gc.interval {GC_INTERVAL}s, "
-          f"orphan_grace {ORPHAN_GRACE}s; daemon in {tmp}")
+    print(
+        f"crash loop: {args.cycles} cycles, {args.clients} clients, gc.interval {GC_INTERVAL}s, "
+        f"orphan_grace {ORPHAN_GRACE}s; daemon in {tmp}"
+    )
     started = time.monotonic()
     violations: list[tuple[int, str]] = []
     restarts: list[float] = []
@@ -143,8 +161,17 @@ def main() -> None:
                 cycles_run = cycle
                 before = len(soak.pool_entries(daemon.pool_path))
                 processes, stop, journals = soak.start_clients(
-                    daemon.socket, journal_dir, args.clients, 60, args.seed * 100_000 + cycle, CRASH_MIX,
-                    crash_mode=True, think=0.005, tag=f"-c{cycle}", held_ttl=HELD_TTL)
+                    daemon.socket,
+                    journal_dir,
+                    args.clients,
+                    60,
+                    args.seed * 100_000 + cycle,
+                    CRASH_MIX,
+                    crash_mode=True,
+                    think=0.005,
+                    tag=f"-c{cycle}",
+                    held_ttl=HELD_TTL,
+                )
                 all_journals += journals
                 problems: list[str] = []
                 if not wait_until(lambda: len(soak.pool_entries(daemon.pool_path)) > before + 3, 15):
@@ -169,12 +196,15 @@ def main() -> None:
                 problems += books.violations
                 problems += check_after_restart(client, books, everything)
                 settle_started = time.monotonic()
-                problems += check_settled(client, daemon.pool_path, everything, canary,
-                                          timeout=ORPHAN_GRACE + 20 * GC_INTERVAL + 5)
+                problems += check_settled(
+                    client, daemon.pool_path, everything, canary, timeout=ORPHAN_GRACE + 20 * GC_INTERVAL + 5
+                )
                 settles.append(time.monotonic() - settle_started)
                 events = _events_since(client, last_seq)
                 last_seq = events[-1]["seq"] if events else last_seq
-                kinds = Counter(e["kind"] if e["kind"] != "lease_ended" else f"ended:{e['reason']}" for e in events)
+                kinds = Counter(
+                    e["kind"] if e["kind"] != "lease_ended" else f"ended:{e['reason']}" for e in events
+                )
                 kinds["orphan_reclaimed"] -= 1  # the canary
                 residue["orphan_reclaimed"] += kinds["orphan_reclaimed"]
                 residue["directory_removed"] += kinds["ended:directory_removed"]
@@ -183,17 +213,20 @@ def main() -> None:
                     problems.append(f"{kinds['reclaim_failed']} reclaim_failed events")
                 active = len(client.list_leases()["leases"])
                 violations += [(cycle, p) for p in problems]
-                print(f"cycle {cycle:3d}/{args.cycles}  kill {delay:4.2f}s in  +{len(books.leases):3d} leases  "
-                      f"restart {restart:4.2f}s{'+kill' if double else '     '}  orphans {kinds['orphan_reclaimed']:2d}  "
-                      f"dir_removed {kinds['ended:directory_removed']:2d}  "
-                      f"process_exited {kinds['ended:process_exited']:3d}  settled {settles[-1]:4.2f}s  "
-                      f"active {active:3d}  {'ok' if not problems else 'VIOLATIONS: ' + '; '.join(problems)}",
-                      flush=True)
+                print(
+                    f"cycle {cycle:3d}/{args.cycles}  kill {delay:4.2f}s in  +{len(books.leases):3d} leases  "
+                    f"restart {restart:4.2f}s{'+kill' if double else '     '}  orphans {kinds['orphan_reclaimed']:2d}  "
+                    f"dir_removed {kinds['ended:directory_removed']:2d}  "
+                    f"process_exited {kinds['ended:process_exited']:3d}  settled {settles[-1]:4.2f}s  "
+                    f"active {active:3d}  {'ok' if not problems else 'VIOLATIONS: ' + '; '.join(problems)}",
+                    flush=True,
+                )
             everything = soak.tally(soak.read_journals(all_journals))
             # The last cycle's 1-2 s leases and killed children's leases end before the books close.
             violations += [(0, p) for p in soak.settle(client, daemon.pool_path, everything, timeout=30)]
-            event_problems, stats = soak.check_events(client, everything, exact=False, gc_interval=GC_INTERVAL,
-                                                      seed=args.seed)
+            event_problems, stats = soak.check_events(
+                client, everything, exact=False, gc_interval=GC_INTERVAL, seed=args.seed
+            )
             violations += [(0, p) for p in event_problems]
             if daemon.process is not None and daemon.process.poll() is not None:
                 violations.append((0, f"daemon exited {daemon.process.returncode}"))
@@ -203,13 +236,19 @@ def main() -> None:
     restarts.sort()
     settles.sort()
     print()
-    print(f"{cycles_run} cycles in {elapsed:.0f}s; {len(everything.leases)} leases answered to clients, "
-          f"{stats.get('unjournaled_leases', '?')} more created without their answer reaching a client; "
-          f"{stats.get('events', '?')} events checked across {len(restarts)} restarts")
-    print(f"restart to ready: p50 {restarts[len(restarts) // 2]:.2f}s, max {restarts[-1]:.2f}s; "
-          f"settled (orphans reclaimed, trash drained): p50 {settles[len(settles) // 2]:.2f}s, max {settles[-1]:.2f}s")
-    print(f"crash residue reclaimed: {residue['orphan_reclaimed']} orphan directories, "
-          f"{residue['directory_removed']} leases ended directory_removed, {residue['reclaim_failed']} reclaim_failed")
+    print(
+        f"{cycles_run} cycles in {elapsed:.0f}s; {len(everything.leases)} leases answered to clients, "
+        f"{stats.get('unjournaled_leases', '?')} more created without their answer reaching a client; "
+        f"{stats.get('events', '?')} events checked across {len(restarts)} restarts"
+    )
+    print(
+        f"restart to ready: p50 {restarts[len(restarts) // 2]:.2f}s, max {restarts[-1]:.2f}s; "
+        f"settled (orphans reclaimed, trash drained): p50 {settles[len(settles) // 2]:.2f}s, max {settles[-1]:.2f}s"
+    )
+    print(
+        f"crash residue reclaimed: {residue['orphan_reclaimed']} orphan directories, "
+        f"{residue['directory_removed']} leases ended directory_removed, {residue['reclaim_failed']} reclaim_failed"
+    )
     print(f"client API errors: {dict(everything.api_errors) or 'none'}")
     if violations:
         print(f"VIOLATIONS ({len(violations)}), daemon log and journals kept in {tmp}:")

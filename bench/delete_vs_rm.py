@@ -63,7 +63,9 @@ def delete(path: str, count_bytes: bool) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--dir", default=tempfile.gettempdir(), help="where to build the trees (default: %(default)s)")
+    parser.add_argument(
+        "--dir", default=tempfile.gettempdir(), help="where to build the trees (default: %(default)s)"
+    )
     parser.add_argument("--files", type=int, default=100_000)
     parser.add_argument("--per-dir", type=int, default=100, help="files per directory (default: %(default)s)")
     parser.add_argument("--rounds", type=int, default=3)
@@ -90,7 +92,9 @@ def main() -> None:
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
-    print(f"{args.files} files in {dirs} directories under {args.dir} ({fstype}), best of {args.rounds} rounds")
+    print(
+        f"{args.files} files in {dirs} directories under {args.dir} ({fstype}), best of {args.rounds} rounds"
+    )
     baseline = times["rm -rf"]
     for name, runs in times.items():
         best = min(runs)

@@ -53,12 +53,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
-from scratchd.config import parse_config  # noqa: E402
-from scratchd.manager import LeaseManager, LeaseSpec  # noqa: E402
-from scratchd.mounts import MountTable, mount_of  # noqa: E402
-from scratchd.pool_dirs import PoolSet, prepare_pool_dir  # noqa: E402
-from scratchd.store import Store  # noqa: E402
-from scratchd.tenant import Tenant  # noqa: E402
+from scratchd.config import parse_config
+from scratchd.manager import LeaseManager, LeaseSpec
+from scratchd.mounts import MountTable, mount_of
+from scratchd.pool_dirs import PoolSet, prepare_pool_dir
+from scratchd.store import Store
+from scratchd.tenant import Tenant
 
 VARIANTS = [("NORMAL", True), ("FULL", True), ("NORMAL", False), ("FULL", False)]
 SPEC = LeaseSpec(ttl_seconds=600)
@@ -103,9 +103,25 @@ class FsyncCounter:
         ctl_r, ctl_w = os.pipe()
         ack_r, ack_w = os.pipe()
         perf = subprocess.Popen(
-            ["perf", "stat", "-x", ",", "--no-big-num", "-e", self.EVENTS, "--delay=-1",
-             "--control", f"fd:{ctl_r},{ack_w}", "-p", str(os.getpid())],
-            pass_fds=(ctl_r, ack_w), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+            [
+                "perf",
+                "stat",
+                "-x",
+                ",",
+                "--no-big-num",
+                "-e",
+                self.EVENTS,
+                "--delay=-1",
+                "--control",
+                f"fd:{ctl_r},{ack_w}",
+                "-p",
+                str(os.getpid()),
+            ],
+            pass_fds=(ctl_r, ack_w),
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
         os.close(ctl_r)
         os.close(ack_w)
         try:
@@ -118,8 +134,11 @@ class FsyncCounter:
             if perf.poll() is None:
                 perf.send_signal(signal.SIGINT)
             _, err = perf.communicate(timeout=10)
-        counts = [int(line.split(",")[0]) for line in err.splitlines()
-                  if "sys_enter_f" in line and line.split(",")[0].isdigit()]
+        counts = [
+            int(line.split(",")[0])
+            for line in err.splitlines()
+            if "sys_enter_f" in line and line.split(",")[0].isdigit()
+        ]
         result["count"] = sum(counts) if len(counts) == 2 else None
 
     @staticmethod
@@ -146,16 +165,21 @@ class Run:
     fsyncs_per_cycle: float | None
 
 
-def build(root: Path, synchronous: str, grouped: bool, trashed: list[str]) -> tuple[LeaseManager, Store, MountTable]:
+def build(
+    root: Path, synchronous: str, grouped: bool, trashed: list[str]
+) -> tuple[LeaseManager, Store, MountTable]:
     pool = root / "pool"
     pool.mkdir(parents=True)
-    config = parse_config({
-        "server": {"state_dir": str(root / "state"), "listen": "", "socket": str(root / "sock")},
-        "limits": {"max_ttl": "1h"},
-        "pool": [{"name": "bench", "path": str(pool)}],
-    })
+    config = parse_config(
+        {
+            "server": {"state_dir": str(root / "state"), "listen": "", "socket": str(root / "sock")},
+            "limits": {"max_ttl": "1h"},
+            "pool": [{"name": "bench", "path": str(pool)}],
+        }
+    )
     store = Store(config.server.state_dir, synchronous=synchronous)
     if not grouped:
+
         async def one_commit_per_request(statements, events, now):  # type: ignore[no-untyped-def]
             store._write(statements, events, now)
 
@@ -164,8 +188,9 @@ def build(root: Path, synchronous: str, grouped: bool, trashed: list[str]) -> tu
     pools = PoolSet(config.pool)
     pools.refresh(mounts.current())
     prepare_pool_dir(str(pool))
-    manager = LeaseManager(config, store, pools, mounts, lambda path, lease: trashed.append(path),
-                           lambda lease: None)  # an empty lease's directory is rmdir'ed on release
+    manager = LeaseManager(
+        config, store, pools, mounts, lambda path, lease: trashed.append(path), lambda lease: None
+    )  # an empty lease's directory is rmdir'ed on release
     return manager, store, mounts
 
 
@@ -188,7 +213,9 @@ def count_commits(store: Store) -> list[float]:
     return counter
 
 
-async def cycles(manager: LeaseManager, tenant: Tenant, tasks: int, seconds: float) -> tuple[list[float], float]:
+async def cycles(
+    manager: LeaseManager, tenant: Tenant, tasks: int, seconds: float
+) -> tuple[list[float], float]:
     loop = asyncio.get_running_loop()
     deadline = loop.time() + seconds
 
@@ -208,8 +235,9 @@ async def cycles(manager: LeaseManager, tenant: Tenant, tasks: int, seconds: flo
     return [lat for result in results for lat in result], time.perf_counter() - started
 
 
-async def measure(base: Path, synchronous: str, grouped: bool, tasks: int, seconds: float,
-                  fsyncs: FsyncCounter) -> Run:
+async def measure(
+    base: Path, synchronous: str, grouped: bool, tasks: int, seconds: float, fsyncs: FsyncCounter
+) -> Run:
     root = Path(tempfile.mkdtemp(prefix="durability-", dir=base))
     trashed: list[str] = []
     manager, store, mounts = build(root, synchronous, grouped, trashed)
@@ -222,8 +250,14 @@ async def measure(base: Path, synchronous: str, grouped: bool, tasks: int, secon
         latencies.sort()
         n = len(latencies)
         count = synced["count"]
-        return Run(n / elapsed, statistics.median(latencies) * 1000, latencies[min(n - 1, int(n * 0.99))] * 1000,
-                   commits[0] / n, commits[1] * 1000 / n, None if count is None else count / n)
+        return Run(
+            n / elapsed,
+            statistics.median(latencies) * 1000,
+            latencies[min(n - 1, int(n * 0.99))] * 1000,
+            commits[0] / n,
+            commits[1] * 1000 / n,
+            None if count is None else count / n,
+        )
     finally:
         for path in trashed:
             with contextlib.suppress(OSError):
@@ -261,22 +295,30 @@ async def main_async(args: argparse.Namespace) -> None:
     if fstype in ("tmpfs", "ramfs"):
         print(f"warning: {base} is on {fstype}, where fsync costs nothing", file=sys.stderr)
     fsyncs = FsyncCounter()
-    print(f"{base} on {fstype}; SQLite {sqlite3.sqlite_version}, WAL; one 4 KiB write+fdatasync there: "
-          f"{fdatasync_ms(base):.2f} ms (median); fsyncs counted by "
-          f"{'perf stat' if fsyncs.usable else 'nothing (perf unusable)'}; "
-          f"{args.rounds} rounds of {args.seconds:g} s per variant, medians shown.\n")
+    print(
+        f"{base} on {fstype}; SQLite {sqlite3.sqlite_version}, WAL; one 4 KiB write+fdatasync there: "
+        f"{fdatasync_ms(base):.2f} ms (median); fsyncs counted by "
+        f"{'perf stat' if fsyncs.usable else 'nothing (perf unusable)'}; "
+        f"{args.rounds} rounds of {args.seconds:g} s per variant, medians shown.\n"
+    )
     runs: dict[tuple[int, str, bool], list[Run]] = {}
     for round_ in range(args.rounds):
-        order = VARIANTS[round_ % len(VARIANTS):] + VARIANTS[:round_ % len(VARIANTS)]
+        order = VARIANTS[round_ % len(VARIANTS) :] + VARIANTS[: round_ % len(VARIANTS)]
         for tasks in task_counts:
             for synchronous, grouped in order:
                 run = await measure(base, synchronous, grouped, tasks, args.seconds, fsyncs)
                 runs.setdefault((tasks, synchronous, grouped), []).append(run)
-                print(f"round {round_ + 1}, {tasks} tasks, {variant_name(synchronous, grouped)}: "
-                      f"{run.rate:,.0f} cycles/s", file=sys.stderr, flush=True)
+                print(
+                    f"round {round_ + 1}, {tasks} tasks, {variant_name(synchronous, grouped)}: "
+                    f"{run.rate:,.0f} cycles/s",
+                    file=sys.stderr,
+                    flush=True,
+                )
 
-    print("| tasks | variant | cycles/s | range | ÷ fastest | p50 ms | p99 ms | commits/cycle | commit ms/cycle "
-          "| fsyncs/cycle |")
+    print(
+        "| tasks | variant | cycles/s | range | ÷ fastest | p50 ms | p99 ms | commits/cycle | commit ms/cycle "
+        "| fsyncs/cycle |"
+    )
     print("|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     for tasks in task_counts:
         medians = {}
@@ -284,20 +326,37 @@ async def main_async(args: argparse.Namespace) -> None:
             rs = runs[(tasks, synchronous, grouped)]
             counted = [r.fsyncs_per_cycle for r in rs if r.fsyncs_per_cycle is not None]
             medians[(synchronous, grouped)] = (
-                statistics.median(r.rate for r in rs), min(r.rate for r in rs), max(r.rate for r in rs),
-                statistics.median(r.p50_ms for r in rs), statistics.median(r.p99_ms for r in rs),
+                statistics.median(r.rate for r in rs),
+                min(r.rate for r in rs),
+                max(r.rate for r in rs),
+                statistics.median(r.p50_ms for r in rs),
+                statistics.median(r.p99_ms for r in rs),
                 statistics.median(r.commits_per_cycle for r in rs),
                 statistics.median(r.commit_ms_per_cycle for r in rs),
-                statistics.median(counted) if counted else None)
+                statistics.median(counted) if counted else None,
+            )
         fastest = max(m[0] for m in medians.values())
-        for (synchronous, grouped), (rate, low, high, p50, p99, commits, commit_ms, synced) in medians.items():
-            print(f"| {tasks} | {variant_name(synchronous, grouped)} | {rate:,.0f} | {low:,.0f}–{high:,.0f} | "
-                  f"{rate / fastest:.2f}× | {p50:.2f} | {p99:.2f} | {commits:.2f} | {commit_ms:.3f} | "
-                  f"{fmt(synced, '.2f')} |")
+        for (synchronous, grouped), (
+            rate,
+            low,
+            high,
+            p50,
+            p99,
+            commits,
+            commit_ms,
+            synced,
+        ) in medians.items():
+            print(
+                f"| {tasks} | {variant_name(synchronous, grouped)} | {rate:,.0f} | {low:,.0f}–{high:,.0f} | "
+                f"{rate / fastest:.2f}× | {p50:.2f} | {p99:.2f} | {commits:.2f} | {commit_ms:.3f} | "
+                f"{fmt(synced, '.2f')} |"
+            )
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--seconds", type=float, default=3.0, help="timed seconds per variant and round")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--tasks", default="1,16", help="concurrent asyncio tasks, comma-separated")

@@ -30,8 +30,8 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
-from scratchd.client import Client  # noqa: E402
-from scratchd.mounts import mount_of, read_mounts  # noqa: E402
+from scratchd.client import Client
+from scratchd.mounts import mount_of, read_mounts
 
 # One tenant (this user) drives every cycle; the default 1000/s per tenant would cap the measurement.
 UNLIMITED_CREATE_RATE = 1_000_000
@@ -56,7 +56,7 @@ def _wait_socket(path: str, probe: str, timeout: float = 20) -> None:
             with Client(socket=path, timeout=1) as client:
                 client.request("GET", probe)
             return
-        except Exception:  # noqa: BLE001 - not up yet
+        except Exception:
             time.sleep(0.05)
     raise SystemExit(f"server on {path} did not come up")
 
@@ -81,7 +81,9 @@ def drive(socket_path: str, clients: int, seconds: float, kind: str) -> tuple[fl
     """(requests/s for hello, cycles/s for lease; p50 ms, p99 ms of a cycle or a pair of hello
     requests) for ``clients`` closed-loop processes."""
     queue: mp.Queue = mp.Queue()
-    workers = [mp.Process(target=_cycle_worker, args=(socket_path, seconds, kind, queue)) for _ in range(clients)]
+    workers = [
+        mp.Process(target=_cycle_worker, args=(socket_path, seconds, kind, queue)) for _ in range(clients)
+    ]
     started = time.perf_counter()
     for worker in workers:
         worker.start()
@@ -108,7 +110,9 @@ def mkdir_rmdir_rate(directory: str, seconds: float) -> float:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--seconds", type=float, default=5.0)
     parser.add_argument("--clients", default="1,16")
     parser.add_argument("--pool-dir", help="directory to make the pool in (default: the temp directory)")
@@ -124,29 +128,41 @@ def main() -> None:
             f'[server]\nsocket = "{socket_path}"\nstate_dir = "{tmp}/state"\nlisten = ""\n'
             '[limits]\nmax_ttl = "1h"\n'
             "# the bench measures the daemon's capacity, not the per-tenant create-rate policy\n"
-            f'create_rate = {UNLIMITED_CREATE_RATE}\n'
+            f"create_rate = {UNLIMITED_CREATE_RATE}\n"
             f'[[pool]]\nname = "bench"\npath = "{pool}"\n'
         )
-        daemon = subprocess.Popen([sys.executable, "-m", "scratchd", "serve", "--config", str(config)],
-                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        hello = subprocess.Popen([sys.executable, "-c", HELLO_APP, hello_socket],
-                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        daemon = subprocess.Popen(
+            [sys.executable, "-m", "scratchd", "serve", "--config", str(config)],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        hello = subprocess.Popen(
+            [sys.executable, "-c", HELLO_APP, hello_socket],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
         try:
             _wait_socket(socket_path, "/healthz")
             _wait_socket(hello_socket, "/hello")
             bare = mkdir_rmdir_rate(str(pool), min(args.seconds, 2.0))
             fstype = mount_of(os.path.realpath(pool), read_mounts()).fstype
             print(f"pool on {fstype} ({pool.parent}); bare os.mkdir+os.rmdir there: {bare:,.0f} cycles/s")
-            print(f"limits.create_rate = {UNLIMITED_CREATE_RATE:,}/s: the daemon's capacity, not the per-tenant policy\n")
-            print("| clients | scratchd cycles/s | p50 ms | p99 ms | hello req/s | hello pair p50 ms | hello pair p99 ms "
-                  "| cycles ÷ hello | cycles ÷ mkdir+rmdir |")
+            print(
+                f"limits.create_rate = {UNLIMITED_CREATE_RATE:,}/s: the daemon's capacity, not the per-tenant policy\n"
+            )
+            print(
+                "| clients | scratchd cycles/s | p50 ms | p99 ms | hello req/s | hello pair p50 ms | hello pair p99 ms "
+                "| cycles ÷ hello | cycles ÷ mkdir+rmdir |"
+            )
             print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
             for clients in client_counts:
                 rate, p50, p99 = drive(socket_path, clients, args.seconds, "lease")
                 hello_rate, hello_p50, hello_p99 = drive(hello_socket, clients, args.seconds, "hello")
-                print(f"| {clients} | {rate:,.0f} | {p50:.2f} | {p99:.2f} | {hello_rate:,.0f} | "
-                      f"{hello_p50:.2f} | {hello_p99:.2f} | "
-                      f"{rate / hello_rate:.2f}× | {rate / bare:.3f}× |")
+                print(
+                    f"| {clients} | {rate:,.0f} | {p50:.2f} | {p99:.2f} | {hello_rate:,.0f} | "
+                    f"{hello_p50:.2f} | {hello_p99:.2f} | "
+                    f"{rate / hello_rate:.2f}× | {rate / bare:.3f}× |"
+                )
         finally:
             for process in (daemon, hello):
                 process.terminate()

@@ -26,9 +26,9 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
-from delete_vs_rm import build_tree  # noqa: E402
+from delete_vs_rm import build_tree
 
-from scratchd.client import Client  # noqa: E402
+from scratchd.client import Client
 
 
 def cycle_latencies(socket_path: str, stop: threading.Event) -> list[float]:
@@ -63,7 +63,9 @@ def time_release(client: Client, lease_id: str, trash: Path) -> float:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--files", type=int, default=100_000)
     parser.add_argument("--dir", default=tempfile.gettempdir(), help="filesystem to test on")
     parser.add_argument("--rounds", type=int, default=3)
@@ -77,11 +79,16 @@ def main() -> None:
         socket_path = str(Path(tmp, "scratchd.sock"))
         config = Path(tmp, "config.toml")
         # One tenant (this user) drives the cycles: the default per-tenant create rate would cap them.
-        config.write_text(f'[server]\nsocket = "{socket_path}"\nstate_dir = "{tmp}/state"\nlisten = ""\n'
-                          f'[limits]\ncreate_rate = 1000000\n'
-                          f'[[pool]]\nname = "bench"\npath = "{pool}"\n')
-        daemon = subprocess.Popen([sys.executable, "-m", "scratchd", "serve", "--config", str(config)],
-                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        config.write_text(
+            f'[server]\nsocket = "{socket_path}"\nstate_dir = "{tmp}/state"\nlisten = ""\n'
+            f"[limits]\ncreate_rate = 1000000\n"
+            f'[[pool]]\nname = "bench"\npath = "{pool}"\n'
+        )
+        daemon = subprocess.Popen(
+            [sys.executable, "-m", "scratchd", "serve", "--config", str(config)],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
         rounds: list[tuple[float, float]] = []  # (rm -rf seconds, reclaim seconds)
         try:
             deadline = time.monotonic() + 20
@@ -101,8 +108,10 @@ def main() -> None:
                         reclaim_seconds = time_release(client, lease["id"], trash)
                         rm_seconds = time_rm(plain)
                     rounds.append((rm_seconds, reclaim_seconds))
-                    print(f"round {number + 1}: rm -rf {files / rm_seconds:,.0f} files/s, scratchd reclaim "
-                          f"{files / reclaim_seconds:,.0f} files/s = {rm_seconds / reclaim_seconds:.2f}×")
+                    print(
+                        f"round {number + 1}: rm -rf {files / rm_seconds:,.0f} files/s, scratchd reclaim "
+                        f"{files / reclaim_seconds:,.0f} files/s = {rm_seconds / reclaim_seconds:.2f}×"
+                    )
 
                 lease = client.create_lease(ttl_seconds=3600)
                 build_tree(os.path.join(lease["path"], "tree"), files, 100)
@@ -130,11 +139,15 @@ def main() -> None:
     reclaim_seconds = statistics.median(reclaim for _, reclaim in rounds)
     print(f"tree: {files:,} files on {args.dir}; medians of {len(rounds)} rounds")
     print(f"rm -rf:            {files / rm_seconds:>10,.0f} files/s ({rm_seconds:.2f} s)")
-    print(f"scratchd reclaim:  {files / reclaim_seconds:>10,.0f} files/s ({reclaim_seconds:.2f} s)"
-          f"  = {rm_seconds / reclaim_seconds:.2f}× rm -rf")
+    print(
+        f"scratchd reclaim:  {files / reclaim_seconds:>10,.0f} files/s ({reclaim_seconds:.2f} s)"
+        f"  = {rm_seconds / reclaim_seconds:.2f}× rm -rf"
+    )
     print(f"lease cycle, idle daemon:     {percentiles(quiet)}")
-    print(f"lease cycle, during reclaim:  {percentiles(busy)}  (reclaim meanwhile: "
-          f"{files / busy_seconds:,.0f} files/s)")
+    print(
+        f"lease cycle, during reclaim:  {percentiles(busy)}  (reclaim meanwhile: "
+        f"{files / busy_seconds:,.0f} files/s)"
+    )
 
 
 if __name__ == "__main__":

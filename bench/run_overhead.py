@@ -36,7 +36,9 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("-n", type=int, default=200, help="runs of each (default 200)")
     parser.add_argument("--socket", help="use the daemon on this socket instead of starting one")
-    parser.add_argument("--scratchd", help="the command to time (default: the scratchd script next to this Python)")
+    parser.add_argument(
+        "--scratchd", help="the command to time (default: the scratchd script next to this Python)"
+    )
     args = parser.parse_args()
     scratchd = shlex.split(args.scratchd) if args.scratchd else default_command()
 
@@ -47,7 +49,9 @@ def main() -> int:
         env["SCRATCHD_SOCKET"] = socket
         check = subprocess.run([*scratchd, "run", "--", "true"], env=env, capture_output=True, text=True)
         if check.returncode != 0:
-            print(f"scratchd run -- true failed ({check.returncode}): {check.stderr.strip()}", file=sys.stderr)
+            print(
+                f"scratchd run -- true failed ({check.returncode}): {check.stderr.strip()}", file=sys.stderr
+            )
             return 1
 
         def bare() -> None:
@@ -78,7 +82,9 @@ def main() -> int:
     print(f"scratchd run / true:               {run / true:.1f}x")
     print(f"scratchd run / (mktemp -d + rm):   {run / mktemp:.1f}x")
     floor = medians["pip launcher, no scratchd"]
-    print(f"the launcher floor over true:      {(floor - true) * 1000:.2f} ms (interpreter start, site, `import re`)")
+    print(
+        f"the launcher floor over true:      {(floor - true) * 1000:.2f} ms (interpreter start, site, `import re`)"
+    )
     print(f"scratchd's own share (run - floor): {(run - floor) * 1000:.2f} ms")
     return 0
 
@@ -147,7 +153,9 @@ def wait_healthy(socket: str, daemon: subprocess.Popen[bytes], log: Path, timeou
             return
         except DaemonUnreachable:
             if time.monotonic() > deadline:
-                raise SystemExit(f"the daemon did not answer within {timeout}s:\n{log.read_text(errors='replace')}")
+                raise SystemExit(
+                    f"the daemon did not answer within {timeout}s:\n{log.read_text(errors='replace')}"
+                )
             time.sleep(0.05)
 
 

@@ -53,11 +53,15 @@ def drop_caches() -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--dir", default=tempfile.gettempdir(), help="where to build the tree (default: %(default)s)")
+    parser.add_argument(
+        "--dir", default=tempfile.gettempdir(), help="where to build the tree (default: %(default)s)"
+    )
     parser.add_argument("--files", type=int, default=100_000)
     parser.add_argument("--per-dir", type=int, default=100, help="files per directory (default: %(default)s)")
     parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--cold", action="store_true", help="drop the page, dentry and inode caches before each run (root)")
+    parser.add_argument(
+        "--cold", action="store_true", help="drop the page, dentry and inode caches before each run (root)"
+    )
     args = parser.parse_args()
 
     work = tempfile.mkdtemp(prefix="scratchd-bench-", dir=args.dir)
@@ -104,7 +108,9 @@ def main() -> None:
     median_ratio = statistics.median(scan / du for scan, du in zip(scan_times, du_times))
     cpu_ratio = statistics.median(scan / du for scan, du in zip(scan_cpus, du_cpus))
     caches = "cold" if args.cold else "warm"
-    print(f"{args.files} files in {dirs} directories under {args.dir} ({fstype}), {caches} caches, best of {args.rounds} rounds")
+    print(
+        f"{args.files} files in {dirs} directories under {args.dir} ({fstype}), {caches} caches, best of {args.rounds} rounds"
+    )
     print(f"  du -s -B1    {min(du_times):7.3f} s  {du_total:>14,} bytes")
     print(
         f"  scan_tree    {min(scan_times):7.3f} s  {sample.bytes:>14,} bytes"

@@ -50,7 +50,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
-from scratchd.client import Client, DaemonUnreachable, ScratchdError  # noqa: E402
+from scratchd.client import Client, DaemonUnreachable, ScratchdError
 
 # Bounds for "flat". fds: after the run every client connection and every pidfd of a
 # bound lease is closed, so the daemon holds no more fds than at warm-up (when the
@@ -155,7 +155,10 @@ class LocalDaemon:
         with open(self.log_path, "ab") as log:
             self.process = subprocess.Popen(
                 [sys.executable, "-m", "scratchd", "serve", "--config", str(self.config_path)],
-                stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+            )
         if not wait_until(self._ready_or_dead, timeout) or self.process.poll() is not None:
             raise RuntimeError(f"daemon not ready (exit {self.process.poll()}); log:\n{self.log_tail()}")
         return time.monotonic() - started
@@ -197,8 +200,16 @@ class LocalDaemon:
 class Churner:
     """One client process's random walk over the lease lifecycle, journaling every answer."""
 
-    def __init__(self, socket: str, journal: Journal, seed: int, mix: dict[str, int], *,
-                 crash_mode: bool, held_ttl: int = HELD_TTL) -> None:
+    def __init__(
+        self,
+        socket: str,
+        journal: Journal,
+        seed: int,
+        mix: dict[str, int],
+        *,
+        crash_mode: bool,
+        held_ttl: int = HELD_TTL,
+    ) -> None:
         self.client = Client(socket=socket, timeout=30)
         self.journal = journal
         self.rng = random.Random(seed)
@@ -225,7 +236,9 @@ class Churner:
         self.journal("violation", what=what)
 
     def created(self, lease: dict[str, Any], kind: str, **extra: Any) -> None:
-        self.journal("created", id=lease["id"], path=lease["path"], kind=kind, ttl=lease["ttl_seconds"], **extra)
+        self.journal(
+            "created", id=lease["id"], path=lease["path"], kind=kind, ttl=lease["ttl_seconds"], **extra
+        )
         try:
             st = os.lstat(lease["path"])
             problems = []
@@ -277,8 +290,10 @@ class Churner:
             action()
         except (FileNotFoundError, NotADirectoryError):
             now = self.client.get_lease(lease_id)
-            self.violation(f"lease {lease_id}, held by its client, lost its directory; daemon says "
-                           f"{now['state']}/{now['end_reason']}")
+            self.violation(
+                f"lease {lease_id}, held by its client, lost its directory; daemon says "
+                f"{now['state']}/{now['end_reason']}"
+            )
             self.held.pop(lease_id, None)
 
     def renew(self, lease_id: str | None = None) -> None:
@@ -301,7 +316,9 @@ class Churner:
         answer = self.client.release(lease_id)
         self.journal("released", id=lease_id, reason=answer["end_reason"])
         if answer["state"] != "ended" or answer["end_reason"] != "released":
-            self.violation(f"release of held lease {lease_id} answered {answer['state']}/{answer['end_reason']}")
+            self.violation(
+                f"release of held lease {lease_id} answered {answer['state']}/{answer['end_reason']}"
+            )
         if os.path.lexists(path):
             self.violation(f"released lease {lease_id}: path still exists after the answer (guarantee 3)")
 
@@ -349,11 +366,16 @@ class Churner:
         self.journal("child_killed", id=lease["id"])
         if self.crash_mode:
             return  # the daemon may be dead: the checks after its restart look at the lease
-        ended = wait_until(lambda: (now := self.client.get_lease(lease["id"]))["state"] == "ended" and now,
-                           PID_END_DEADLINE, interval=0.02)
+        ended = wait_until(
+            lambda: (now := self.client.get_lease(lease["id"]))["state"] == "ended" and now,
+            PID_END_DEADLINE,
+            interval=0.02,
+        )
         latency = time.monotonic() - killed
         if not ended:
-            self.violation(f"pid-bound lease {lease['id']} still active {PID_END_DEADLINE}s after its process died")
+            self.violation(
+                f"pid-bound lease {lease['id']} still active {PID_END_DEADLINE}s after its process died"
+            )
             return
         self.journal("pid_ended", id=lease["id"], reason=ended["end_reason"], latency=latency)
 
@@ -377,8 +399,17 @@ class Churner:
         self.client.close()
 
 
-def churn(socket: str, journal_path: str, seconds: float, seed: int, stop: Any, mix: dict[str, int],
-          crash_mode: bool = False, think: float = 0.01, held_ttl: int = HELD_TTL) -> None:
+def churn(
+    socket: str,
+    journal_path: str,
+    seconds: float,
+    seed: int,
+    stop: Any,
+    mix: dict[str, int],
+    crash_mode: bool = False,
+    think: float = 0.01,
+    held_ttl: int = HELD_TTL,
+) -> None:
     """A client process: random steps until ``seconds`` pass or ``stop`` is set.
 
     In crash mode the daemon is expected to die under it: the first unreachable answer
@@ -414,7 +445,7 @@ def churn(socket: str, journal_path: str, seconds: float, seed: int, stop: Any, 
     except DaemonUnreachable as exc:
         if not crash_mode:
             churner.violation(f"daemon unreachable while finishing: {exc}")
-    except Exception as exc:  # noqa: BLE001 - journaled: the parent reports it
+    except Exception as exc:
         churner.violation(f"client crashed: {exc!r}")
     finally:
         churner.cleanup()
@@ -422,17 +453,32 @@ def churn(socket: str, journal_path: str, seconds: float, seed: int, stop: Any, 
         journal.close()
 
 
-def start_clients(socket: str, journal_dir: Path, clients: int, seconds: float, seed: int, mix: dict[str, int],
-                  *, crash_mode: bool = False, think: float = 0.01, tag: str = "",
-                  held_ttl: int = HELD_TTL) -> tuple[list[mp.Process], Any, list[Path]]:
+def start_clients(
+    socket: str,
+    journal_dir: Path,
+    clients: int,
+    seconds: float,
+    seed: int,
+    mix: dict[str, int],
+    *,
+    crash_mode: bool = False,
+    think: float = 0.01,
+    tag: str = "",
+    held_ttl: int = HELD_TTL,
+) -> tuple[list[mp.Process], Any, list[Path]]:
     """Start ``clients`` processes (fork: they share nothing but the journal directory)."""
     ctx = mp.get_context("fork")
     stop = ctx.Event()
     journals = [journal_dir / f"client{tag}-{i}.jsonl" for i in range(clients)]
-    processes = [ctx.Process(target=churn, name=f"soak-client-{i}", daemon=True,
-                             args=(socket, str(journals[i]), seconds, seed * 1000 + i, stop, mix, crash_mode,
-                                   think, held_ttl))
-                 for i in range(clients)]
+    processes = [
+        ctx.Process(
+            target=churn,
+            name=f"soak-client-{i}",
+            daemon=True,
+            args=(socket, str(journals[i]), seconds, seed * 1000 + i, stop, mix, crash_mode, think, held_ttl),
+        )
+        for i in range(clients)
+    ]
     for process in processes:
         process.start()
     return processes, stop, journals
@@ -465,8 +511,10 @@ class Sample:
     reclaimed: int
 
     def line(self) -> str:
-        return (f"{self.t:8.1f}s  rss {self.rss_mb:6.1f} MB  fds {self.fds:4d}  active {self.active:4d}  "
-                f"trash {self.trash_pending:4d}  reclaimed {self.reclaimed:7d}  workers rss {self.workers_rss_mb:6.1f} MB")
+        return (
+            f"{self.t:8.1f}s  rss {self.rss_mb:6.1f} MB  fds {self.fds:4d}  active {self.active:4d}  "
+            f"trash {self.trash_pending:4d}  reclaimed {self.reclaimed:7d}  workers rss {self.workers_rss_mb:6.1f} MB"
+        )
 
 
 def rss_mb(pid: int) -> float:
@@ -496,9 +544,15 @@ def sample(client: Client, pid: int, t: float) -> Sample:
             workers += rss_mb(child)
         except OSError:
             pass
-    return Sample(t=t, rss_mb=rss_mb(pid), fds=len(os.listdir(f"/proc/{pid}/fd")), workers_rss_mb=workers,
-                  active=sum(p["active_leases"] for p in usage["pools"]),
-                  trash_pending=usage["reclaim"]["pending"], reclaimed=usage["reclaim"]["reclaimed_total"])
+    return Sample(
+        t=t,
+        rss_mb=rss_mb(pid),
+        fds=len(os.listdir(f"/proc/{pid}/fd")),
+        workers_rss_mb=workers,
+        active=sum(p["active_leases"] for p in usage["pools"]),
+        trash_pending=usage["reclaim"]["pending"],
+        reclaimed=usage["reclaim"]["reclaimed_total"],
+    )
 
 
 # -- the books ----------------------------------------------------------------------------------
@@ -598,7 +652,9 @@ def leak_report(client: Client, pool_path: str) -> list[str]:
     if missing := [lease_id for lease_id, lease in active.items() if not os.path.isdir(lease["path"])]:
         problems.append(f"{len(missing)} active leases without a directory: {missing[:5]}")
     if not_entries := set(active) - entries:
-        problems.append(f"{len(not_entries)} active leases not in the pool listing: {sorted(not_entries)[:5]}")
+        problems.append(
+            f"{len(not_entries)} active leases not in the pool listing: {sorted(not_entries)[:5]}"
+        )
     return problems
 
 
@@ -619,7 +675,9 @@ def settle(client: Client, pool_path: str, books: Books, *, timeout: float) -> l
     def left() -> float:
         return max(0.0, deadline - time.monotonic())
 
-    transient = {i for i, f in books.leases.items() if f.kind == "short" or (f.kind == "pid" and f.child_killed)}
+    transient = {
+        i for i, f in books.leases.items() if f.kind == "short" or (f.kind == "pid" and f.child_killed)
+    }
     problems = []
     still = wait_until(lambda: not (transient & set(active_ids(client))), left(), interval=0.1)
     if not still:
@@ -632,8 +690,9 @@ def settle(client: Client, pool_path: str, books: Books, *, timeout: float) -> l
     return problems
 
 
-def check_events(client: Client, books: Books, *, exact: bool, gc_interval: float,
-                 spot_checks: int = 200, seed: int = 0) -> tuple[list[str], dict[str, Any]]:
+def check_events(
+    client: Client, books: Books, *, exact: bool, gc_interval: float, spot_checks: int = 200, seed: int = 0
+) -> tuple[list[str], dict[str, Any]]:
     """The event log against the journals, the active leases and the records.
 
     ``exact`` (soak): every answer reached its client, so counts must match exactly.
@@ -652,7 +711,9 @@ def check_events(client: Client, books: Books, *, exact: bool, gc_interval: floa
     seqs = [e["seq"] for e in events]
     for before, after in zip(seqs, seqs[1:]):
         if after != before + 1:
-            problems.append(f"event seq {'not increasing' if after <= before else 'gap'}: {before} -> {after}")
+            problems.append(
+                f"event seq {'not increasing' if after <= before else 'gap'}: {before} -> {after}"
+            )
             break
     created: dict[str, list[dict[str, Any]]] = defaultdict(list)
     renewed: Counter[str] = Counter()
@@ -700,7 +761,10 @@ def check_events(client: Client, books: Books, *, exact: bool, gc_interval: floa
                 fail("active lease lost its directory or marker (guarantee 2)", lease_id)
         allowed = _allowed_ends(facts, exact)
         if reason not in allowed:
-            fail(f"{facts.kind} lease ended as {reason}", f"{lease_id}: expected one of {sorted(map(str, allowed))}")
+            fail(
+                f"{facts.kind} lease ended as {reason}",
+                f"{lease_id}: expected one of {sorted(map(str, allowed))}",
+            )
         if facts.kind == "short" and reason == "expired" and created[lease_id]:
             due = epoch(created[lease_id][0]["at"]) + facts.ttl
             lateness.append(epoch(ends[0]["at"]) - due)
@@ -709,8 +773,10 @@ def check_events(client: Client, books: Books, *, exact: bool, gc_interval: floa
         fail("lease_created nobody asked for", f"{len(foreign)}: {sorted(foreign)[:3]}")
     for lease_id in foreign:  # leases whose create answer was lost: still one history each
         if len(created[lease_id]) != 1 or (disagreement := state_agrees(lease_id)):
-            fail("unjournaled lease's events", f"{lease_id}: {len(created[lease_id])} lease_created, "
-                                               f"{state_agrees(lease_id)}")
+            fail(
+                "unjournaled lease's events",
+                f"{lease_id}: {len(created[lease_id])} lease_created, {state_agrees(lease_id)}",
+            )
     if stray := set(ended) - set(created):
         fail("lease_ended without lease_created", f"{len(stray)}: {sorted(stray)[:3]}")
     # A sample of ended records: the record's reason is the event's (one transaction).
@@ -719,16 +785,26 @@ def check_events(client: Client, books: Books, *, exact: bool, gc_interval: floa
     for lease_id in rng.sample(ended_ids, min(spot_checks, len(ended_ids))):
         record = client.get_lease(lease_id)
         if record["state"] != "ended" or record["end_reason"] != ended[lease_id][0]["reason"]:
-            fail("record vs event", f"{lease_id}: record {record['state']}/{record['end_reason']}, "
-                                    f"event {ended[lease_id][0]['reason']}")
+            fail(
+                "record vs event",
+                f"{lease_id}: record {record['state']}/{record['end_reason']}, "
+                f"event {ended[lease_id][0]['reason']}",
+            )
     for kind, count in bad.items():
         problems.append(f"{kind}: {count} leases, e.g. {examples[kind]}")
-    stats = {"events": len(events), "kinds": dict(kinds), "unjournaled_leases": len(foreign),
-             "expiry_lateness_max": max(lateness) if lateness else None, "gc_interval": gc_interval}
+    stats = {
+        "events": len(events),
+        "kinds": dict(kinds),
+        "unjournaled_leases": len(foreign),
+        "expiry_lateness_max": max(lateness) if lateness else None,
+        "gc_interval": gc_interval,
+    }
     # Event times have millisecond resolution; expiry is acted on within gc.interval (guarantee 5).
     if exact and lateness and max(lateness) > gc_interval + 1.0:
-        problems.append(f"an expired lease ended {max(lateness):.2f}s after its expiry "
-                        f"(gc.interval {gc_interval}s, guarantee 5)")
+        problems.append(
+            f"an expired lease ended {max(lateness):.2f}s after its expiry "
+            f"(gc.interval {gc_interval}s, guarantee 5)"
+        )
     return problems, stats
 
 
@@ -784,21 +860,34 @@ class SoakReport:
         ]
         if pid_latencies:
             p50 = pid_latencies[len(pid_latencies) // 2]
-            lines.append(f"process exit -> lease ended: p50 {p50 * 1000:.0f} ms, max {pid_latencies[-1] * 1000:.0f} ms "
-                         f"({sum(x > 2.0 for x in pid_latencies)} over the 2 s of guarantee 5)")
+            lines.append(
+                f"process exit -> lease ended: p50 {p50 * 1000:.0f} ms, max {pid_latencies[-1] * 1000:.0f} ms "
+                f"({sum(x > 2.0 for x in pid_latencies)} over the 2 s of guarantee 5)"
+            )
         peak = max(self.samples, key=lambda s: s.rss_mb)
-        lines.append(f"RSS: warm-up {self.warm.rss_mb:.1f} MB -> after {self.after.rss_mb:.1f} MB "
-                     f"(growth {self.after.rss_mb - self.warm.rss_mb:+.1f} MB, bound {self.rss_bound_mb:g}), "
-                     f"peak {peak.rss_mb:.1f} MB at {peak.t:.0f}s; slope over the second half "
-                     f"{_slope_mb_per_hour(self.samples, (self.warm.t + self.after.t) / 2):+.1f} MB/h")
+        lines.append(
+            f"RSS: warm-up {self.warm.rss_mb:.1f} MB -> after {self.after.rss_mb:.1f} MB "
+            f"(growth {self.after.rss_mb - self.warm.rss_mb:+.1f} MB, bound {self.rss_bound_mb:g}), "
+            f"peak {peak.rss_mb:.1f} MB at {peak.t:.0f}s; slope over the second half "
+            f"{_slope_mb_per_hour(self.samples, (self.warm.t + self.after.t) / 2):+.1f} MB/h"
+        )
         if (late := self.stats.get("expiry_lateness_max")) is not None:
-            lines.append(f"expired leases ended at most {late:.2f}s after their expiry "
-                         f"(gc.interval {self.stats['gc_interval']}s)")
-        lines.append(f"fds: warm-up {self.warm.fds} -> after {self.after.fds} (bound warm-up + {FD_SLACK}), "
-                     f"max {max(s.fds for s in self.samples)}")
-        lines.append(f"workers RSS: warm-up {self.warm.workers_rss_mb:.1f} MB -> after {self.after.workers_rss_mb:.1f} MB")
-        lines.append("violations: none" if not self.violations else
-                     "VIOLATIONS:\n  - " + "\n  - ".join(self.violations))
+            lines.append(
+                f"expired leases ended at most {late:.2f}s after their expiry "
+                f"(gc.interval {self.stats['gc_interval']}s)"
+            )
+        lines.append(
+            f"fds: warm-up {self.warm.fds} -> after {self.after.fds} (bound warm-up + {FD_SLACK}), "
+            f"max {max(s.fds for s in self.samples)}"
+        )
+        lines.append(
+            f"workers RSS: warm-up {self.warm.workers_rss_mb:.1f} MB -> after {self.after.workers_rss_mb:.1f} MB"
+        )
+        lines.append(
+            "violations: none"
+            if not self.violations
+            else "VIOLATIONS:\n  - " + "\n  - ".join(self.violations)
+        )
         return "\n".join(lines)
 
 
@@ -813,13 +902,28 @@ def _slope_mb_per_hour(samples: list[Sample], since: float) -> float:
     return 0.0 if not var else sum((t - mean_t) * (r - mean_r) for t, r in points) / var * 3600
 
 
-def run_soak(socket: str, pool_path: str, daemon_pid: int, *, seconds: float, clients: int,
-             sample_every: float, warmup: float, gc_interval: float, journal_dir: Path, seed: int = 1,
-             think: float = 0.01, settle_timeout: float = 60.0,
-             rss_growth_mb: float = RSS_GROWTH_MB, log: Callable[[str], None] = print) -> SoakReport:
+def run_soak(
+    socket: str,
+    pool_path: str,
+    daemon_pid: int,
+    *,
+    seconds: float,
+    clients: int,
+    sample_every: float,
+    warmup: float,
+    gc_interval: float,
+    journal_dir: Path,
+    seed: int = 1,
+    think: float = 0.01,
+    settle_timeout: float = 60.0,
+    rss_growth_mb: float = RSS_GROWTH_MB,
+    log: Callable[[str], None] = print,
+) -> SoakReport:
     """Churn for ``seconds``, sampling every ``sample_every``; then settle and check the books."""
     started = time.monotonic()
-    processes, stop, journals = start_clients(socket, journal_dir, clients, seconds, seed, SOAK_MIX, think=think)
+    processes, stop, journals = start_clients(
+        socket, journal_dir, clients, seconds, seed, SOAK_MIX, think=think
+    )
     samples: list[Sample] = []
     warm: Sample | None = None
     violations: list[str] = []
@@ -837,7 +941,9 @@ def run_soak(socket: str, pool_path: str, daemon_pid: int, *, seconds: float, cl
                         warm = s
                     next_sample += sample_every
                 # Wakes when a client exits or when the next sample is due: no bare sleep.
-                mp.connection.wait([p.sentinel for p in processes], timeout=max(0.0, next_sample - time.monotonic()))
+                mp.connection.wait(
+                    [p.sentinel for p in processes], timeout=max(0.0, next_sample - time.monotonic())
+                )
                 if time.monotonic() - started > seconds + 120:
                     break
         finally:
@@ -853,20 +959,30 @@ def run_soak(socket: str, pool_path: str, daemon_pid: int, *, seconds: float, cl
         event_problems, stats = check_events(client, books, exact=True, gc_interval=gc_interval, seed=seed)
         violations += event_problems
         if after.fds > warm.fds + FD_SLACK:
-            violations.append(f"fds grew: {warm.fds} at warm-up, {after.fds} after the run (bound +{FD_SLACK})")
+            violations.append(
+                f"fds grew: {warm.fds} at warm-up, {after.fds} after the run (bound +{FD_SLACK})"
+            )
         if after.rss_mb - warm.rss_mb > rss_growth_mb:
-            violations.append(f"RSS grew {after.rss_mb - warm.rss_mb:.1f} MB since warm-up (bound {rss_growth_mb} MB)")
+            violations.append(
+                f"RSS grew {after.rss_mb - warm.rss_mb:.1f} MB since warm-up (bound {rss_growth_mb} MB)"
+            )
         if books.steps == 0:
             violations.append("the clients did nothing")
-    return SoakReport(samples, warm, after, books, violations, stats, time.monotonic() - started, rss_growth_mb)
+    return SoakReport(
+        samples, warm, after, books, violations, stats, time.monotonic() - started, rss_growth_mb
+    )
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--minutes", type=float, default=60.0)
     parser.add_argument("--clients", type=int, default=4)
     parser.add_argument("--sample-every", type=float, default=10.0, help="seconds between samples")
-    parser.add_argument("--warmup", type=float, default=None, help="seconds (default: 10%% of the run, 10..120)")
+    parser.add_argument(
+        "--warmup", type=float, default=None, help="seconds (default: 10%% of the run, 10..120)"
+    )
     parser.add_argument("--think-ms", type=float, default=10.0, help="max random pause between client steps")
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--keep", action="store_true", help="keep the temp directory (daemon log, journals)")
@@ -876,15 +992,27 @@ def main() -> None:
     gc_interval = 0.5
     tmp = tempfile.mkdtemp(prefix="scratchd-soak-")
     daemon = LocalDaemon(Path(tmp), gc={"interval": f"{gc_interval}s", "orphan_grace": "30s"})
-    print(f"soak: {args.minutes:g} min, {args.clients} clients, sample every {args.sample_every:g}s, "
-          f"warm-up {warmup:g}s; daemon in {tmp}")
+    print(
+        f"soak: {args.minutes:g} min, {args.clients} clients, sample every {args.sample_every:g}s, "
+        f"warm-up {warmup:g}s; daemon in {tmp}"
+    )
     try:
         daemon.start()
         journal_dir = Path(tmp, "journals")
         journal_dir.mkdir()
-        report = run_soak(daemon.socket, daemon.pool_path, daemon.pid, seconds=seconds, clients=args.clients,
-                          sample_every=args.sample_every, warmup=warmup, gc_interval=gc_interval,
-                          journal_dir=journal_dir, seed=args.seed, think=args.think_ms / 1000)
+        report = run_soak(
+            daemon.socket,
+            daemon.pool_path,
+            daemon.pid,
+            seconds=seconds,
+            clients=args.clients,
+            sample_every=args.sample_every,
+            warmup=warmup,
+            gc_interval=gc_interval,
+            journal_dir=journal_dir,
+            seed=args.seed,
+            think=args.think_ms / 1000,
+        )
         if daemon.process is not None and daemon.process.poll() is not None:
             report.violations.append(f"daemon exited {daemon.process.returncode}")
     finally:

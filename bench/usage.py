@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
-from scratchd.client import Client, ScratchdError  # noqa: E402
+from scratchd.client import Client, ScratchdError
 
 
 def _create(socket_path: str, count: int) -> None:
@@ -30,8 +30,11 @@ def _create(socket_path: str, count: int) -> None:
         i = 0
         while i < count:
             try:
-                client.create_lease(ttl_seconds=86400, labels={"bench": "scale", "n": str(i % 50)},
-                                    idle_timeout_seconds=86400 if i % 10 == 0 else None)
+                client.create_lease(
+                    ttl_seconds=86400,
+                    labels={"bench": "scale", "n": str(i % 50)},
+                    idle_timeout_seconds=86400 if i % 10 == 0 else None,
+                )
             except ScratchdError as exc:  # the per-tenant create rate: wait as told, then go on
                 details = exc.details if isinstance(exc.details, dict) else {}
                 if details.get("limit") != "create_rate":
@@ -61,41 +64,59 @@ def _inotify_watches(pid: int) -> int:
 
 def _start(config: Path, socket_path: str) -> tuple[subprocess.Popen, float]:
     started = time.perf_counter()
-    daemon = subprocess.Popen([sys.executable, "-m", "scratchd", "serve", "--config", str(config)],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    daemon = subprocess.Popen(
+        [sys.executable, "-m", "scratchd", "serve", "--config", str(config)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
         try:
             with Client(socket=socket_path, timeout=2) as client:
                 client.request("GET", "/readyz")
             return daemon, time.perf_counter() - started
-        except Exception:  # noqa: BLE001 - not up yet
+        except Exception:
             time.sleep(0.01)
     raise SystemExit("daemon did not become ready")
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--leases", type=int, default=10_000)
     parser.add_argument("--files", type=int, default=100_000, help="files in the tree scanned against du")
     args = parser.parse_args()
-    subprocess.run([sys.executable, str(Path(__file__).with_name("scan_vs_du.py")), "--files", str(args.files), "--dir", "/var/tmp"],
-                   check=True)
+    subprocess.run(
+        [
+            sys.executable,
+            str(Path(__file__).with_name("scan_vs_du.py")),
+            "--files",
+            str(args.files),
+            "--dir",
+            "/var/tmp",
+        ],
+        check=True,
+    )
     print()
     with tempfile.TemporaryDirectory(prefix="scratchd-scale-") as tmp:
         pool = Path(tmp, "pool")
         pool.mkdir()
         socket_path = str(Path(tmp, "scratchd.sock"))
         config = Path(tmp, "config.toml")
-        config.write_text(f'[server]\nsocket = "{socket_path}"\nstate_dir = "{tmp}/state"\nlisten = ""\n'
-                          "[limits]\n# the bench measures the daemon's capacity, not the per-tenant create-rate policy\n"
-                          'create_rate = 1000000\n'
-                          f'[[tenant]]\nname = "{_me()}"\nmax_leases = {args.leases + 10}\n'
-                          f'[[pool]]\nname = "bench"\npath = "{pool}"\n')
+        config.write_text(
+            f'[server]\nsocket = "{socket_path}"\nstate_dir = "{tmp}/state"\nlisten = ""\n'
+            "[limits]\n# the bench measures the daemon's capacity, not the per-tenant create-rate policy\n"
+            "create_rate = 1000000\n"
+            f'[[tenant]]\nname = "{_me()}"\nmax_leases = {args.leases + 10}\n'
+            f'[[pool]]\nname = "bench"\npath = "{pool}"\n'
+        )
         daemon, _ = _start(config, socket_path)
         try:
             clients = 16
-            workers = [mp.Process(target=_create, args=(socket_path, args.leases // clients)) for _ in range(clients)]
+            workers = [
+                mp.Process(target=_create, args=(socket_path, args.leases // clients)) for _ in range(clients)
+            ]
             started = time.perf_counter()
             for worker in workers:
                 worker.start()
@@ -119,12 +140,18 @@ def main() -> None:
         finally:
             daemon.terminate()
             daemon.wait(30)
-    print(f"active leases:            {created:,} (created at {created / create_seconds:,.0f}/s by {clients} clients)")
-    print(f"GET /v1/usage:            p50 {statistics.median(latencies) * 1000:.1f} ms, "
-          f"p99 {latencies[int(len(latencies) * 0.99)] * 1000:.1f} ms")
+    print(
+        f"active leases:            {created:,} (created at {created / create_seconds:,.0f}/s by {clients} clients)"
+    )
+    print(
+        f"GET /v1/usage:            p50 {statistics.median(latencies) * 1000:.1f} ms, "
+        f"p99 {latencies[int(len(latencies) * 0.99)] * 1000:.1f} ms"
+    )
     print(f"daemon RSS:               {rss:.0f} MB")
     print(f"restart to ready:         {ready_seconds:.2f} s")
-    print(f"inotify watches held:     {watches} (1 per pool + activity watches for every lease, within the budget)")
+    print(
+        f"inotify watches held:     {watches} (1 per pool + activity watches for every lease, within the budget)"
+    )
 
 
 def _me() -> str:

@@ -20,7 +20,9 @@ IS_ROOT = os.geteuid() == 0
 needs_root = pytest.mark.skipif(not IS_ROOT, reason="needs root: mounts, chown and other Unix users")
 
 
-def wait_for(condition: Callable[[], Any], timeout: float = 10.0, interval: float = 0.02, what: str = "condition") -> Any:
+def wait_for(
+    condition: Callable[[], Any], timeout: float = 10.0, interval: float = 0.02, what: str = "condition"
+) -> Any:
     """Poll ``condition`` until it returns something truthy; fail after ``timeout`` seconds."""
     deadline = time.monotonic() + timeout
     while True:
@@ -93,8 +95,9 @@ class Daemon:
 
     def start(self, wait_ready: bool = True) -> Daemon:
         log = open(self.log_path, "ab")
-        self.process = subprocess.Popen(self.command(), stdout=log, stderr=subprocess.STDOUT,
-                                        stdin=subprocess.DEVNULL)
+        self.process = subprocess.Popen(
+            self.command(), stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL
+        )
         log.close()
         if wait_ready:
             wait_for(self._ready_or_dead, timeout=20, what=f"daemon ready (log: {self.log_path})")
@@ -130,7 +133,9 @@ class Daemon:
     def pool_up(self, name: str) -> float:
         """``scratchd_pool_up`` of one pool, as scraped."""
         prefix = f'scratchd_pool_up{{pool="{name}"}}'
-        line = next(line for line in self.request("GET", "/metrics").text.splitlines() if line.startswith(prefix))
+        line = next(
+            line for line in self.request("GET", "/metrics").text.splitlines() if line.startswith(prefix)
+        )
         return float(line.split()[-1])
 
     def lease(self, **body: Any) -> dict[str, Any]:
@@ -184,7 +189,8 @@ def daemon(make_daemon: Callable[..., Daemon]) -> Daemon:
 QUEUED_EVENTS = Path("/proc/sys/fs/inotify/max_queued_events")
 needs_queue_sysctl = pytest.mark.skipif(
     not (IS_ROOT and os.access(QUEUED_EVENTS, os.W_OK)),
-    reason=f"needs root and a writable {QUEUED_EVENTS} to make an inotify queue overflow")
+    reason=f"needs root and a writable {QUEUED_EVENTS} to make an inotify queue overflow",
+)
 
 
 @contextlib.contextmanager
@@ -213,7 +219,9 @@ def mounted(*args: str) -> Iterator[None]:
 def tmpfs(path: Path, size: str = "16m", options: str = "") -> Iterator[Path]:
     """A real tmpfs mounted at ``path`` for the duration (root only)."""
     path.mkdir(parents=True, exist_ok=True)
-    with mounted("-t", "tmpfs", "-o", f"size={size}" + (f",{options}" if options else ""), "tmpfs", str(path)):
+    with mounted(
+        "-t", "tmpfs", "-o", f"size={size}" + (f",{options}" if options else ""), "tmpfs", str(path)
+    ):
         yield path
 
 

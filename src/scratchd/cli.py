@@ -103,7 +103,9 @@ def _serve(args: SimpleNamespace) -> int:
     except ModuleNotFoundError as error:
         if (error.name or "scratchd").partition(".")[0] == "scratchd":
             raise
-        _say(f"serve needs the server's dependencies ({error.name} is missing): pip install 'scratchd[server]'")
+        _say(
+            f"serve needs the server's dependencies ({error.name} is missing): pip install 'scratchd[server]'"
+        )
         return EXIT_REFUSED
     return serve(args.config, args.log_level)
 
@@ -174,7 +176,10 @@ def _quick_parse(
     values: dict[str, object] = {}
     for flags, spec in options:
         action = spec.get("action")
-        if not spec.keys() <= {"metavar", "help", "type", "choices", "action"} or action not in _QUICK_ACTIONS:
+        if (
+            not spec.keys() <= {"metavar", "help", "type", "choices", "action"}
+            or action not in _QUICK_ACTIONS
+        ):
             return None
         # argparse's dest: the first long flag, without dashes, "-" as "_".
         dest = next((flag for flag in flags if flag.startswith("--")), flags[0]).lstrip("-").replace("-", "_")
@@ -400,7 +405,11 @@ PLACEMENT_OPTIONS = (
 RUN_OPTIONS = (
     *PLACEMENT_OPTIONS,
     _option(
-        "--env", metavar="VAR[=SUBDIR]", type=_env, action="append", help="set VAR to the lease (or a subdirectory)"
+        "--env",
+        metavar="VAR[=SUBDIR]",
+        type=_env,
+        action="append",
+        help="set VAR to the lease (or a subdirectory)",
     ),
     _option(
         "--fallback",
@@ -421,8 +430,12 @@ def _add_options(parser: argparse.ArgumentParser, options: Iterable[Option], **c
 
 def _serve_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", metavar="PATH", help="TOML config (default: the embedded one)")
-    parser.add_argument("--log-level", choices=LOG_LEVELS, default="info",
-                        help="debug adds a line for every lease a client starts or releases (default: %(default)s)")
+    parser.add_argument(
+        "--log-level",
+        choices=LOG_LEVELS,
+        default="info",
+        help="debug adds a line for every lease a client starts or releases (default: %(default)s)",
+    )
 
 
 def _lease_options(parser: argparse.ArgumentParser) -> None:
@@ -437,7 +450,9 @@ def _run_options(parser: argparse.ArgumentParser) -> None:
     import argparse
 
     _add_options(parser, RUN_OPTIONS)
-    parser.add_argument("cmd", nargs=argparse.REMAINDER, metavar="-- CMD", help="the command and its arguments")
+    parser.add_argument(
+        "cmd", nargs=argparse.REMAINDER, metavar="-- CMD", help="the command and its arguments"
+    )
     parser.epilog = (
         "The command's exit status is run's (128+N for signal N). If run is killed, even with SIGKILL, the\n"
         "command is killed too. If the lease ends under it (over its size, released by an admin, its\n"
@@ -453,7 +468,9 @@ def _id_option(parser: argparse.ArgumentParser) -> None:
 
 def _renew_options(parser: argparse.ArgumentParser) -> None:
     _id_option(parser)
-    parser.add_argument("--ttl", metavar="D", type=_duration, help="new lifetime from now (default: its own TTL)")
+    parser.add_argument(
+        "--ttl", metavar="D", type=_duration, help="new lifetime from now (default: its own TTL)"
+    )
 
 
 def _json_option(parser: argparse.ArgumentParser) -> None:
@@ -462,8 +479,13 @@ def _json_option(parser: argparse.ArgumentParser) -> None:
 
 def _ls_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--all", action="store_true", help="ended leases too")
-    parser.add_argument("--label", metavar="K=V", type=_label, action="append",
-                        help="only leases with this label; repeatable: with all of them")
+    parser.add_argument(
+        "--label",
+        metavar="K=V",
+        type=_label,
+        action="append",
+        help="only leases with this label; repeatable: with all of them",
+    )
     _json_option(parser)
 
 
@@ -473,12 +495,22 @@ def _show_options(parser: argparse.ArgumentParser) -> None:
 
 
 def _events_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("-n", metavar="N", type=_count,
-                        help="at most N events: the newest (default 50), or the first after --since")
-    parser.add_argument("--since", metavar="SEQ", type=_count,
-                        help="the events after sequence number SEQ, oldest first (0: from the start)")
+    parser.add_argument(
+        "-n",
+        metavar="N",
+        type=_count,
+        help="at most N events: the newest (default 50), or the first after --since",
+    )
+    parser.add_argument(
+        "--since",
+        metavar="SEQ",
+        type=_count,
+        help="the events after sequence number SEQ, oldest first (0: from the start)",
+    )
     parser.add_argument("--follow", "-f", action="store_true", help="then print new ones as they come")
-    parser.add_argument("--json", action="store_true", help="the API's JSON (one event per line with --follow)")
+    parser.add_argument(
+        "--json", action="store_true", help="the API's JSON (one event per line with --follow)"
+    )
 
 
 def _completion_options(parser: argparse.ArgumentParser) -> None:
@@ -683,7 +715,11 @@ def _lease_env(
     if carried:
         _carry(carried, verbose=verbose)
     if verbose:
-        _say(f"lease {lease['id']} in pool {lease.get('pool')} at {path}" if lease["id"] else f"local directory {path}")
+        _say(
+            f"lease {lease['id']} in pool {lease.get('pool')} at {path}"
+            if lease["id"]
+            else f"local directory {path}"
+        )
         for name, value in env.items():
             _say(f"  {name}={value}")
     return env
@@ -762,7 +798,9 @@ def _run_child(
     return (128 - code if code < 0 else code), ended
 
 
-def _spawn(command: Sequence[str], env: Mapping[str, str], mask: Iterable[int], defaults: Iterable[int]) -> int:
+def _spawn(
+    command: Sequence[str], env: Mapping[str, str], mask: Iterable[int], defaults: Iterable[int]
+) -> int:
     """Start ``command`` as ``posix_spawnp`` would, bound to die with us; its pid.
 
     The child asks the kernel for SIGKILL when its parent dies, so even a
@@ -851,7 +889,10 @@ def _tools_table() -> str:
         variables = [*preset.paths, *(f"{k}=<lease>/{v}" for k, v in preset.scratch.items())]
         variables += [f"{k}={v}" for k, v in preset.fixed.items()]
         variables += [f"{k}+={v.replace('{dir}', '<dir>')}" for k, v in preset.append.items()]
-        modes = [_both_prefixes([f"{k}={v}" for k, v in preset.modes[mode].items()]) or "-" for mode in ("copy", "clone")]
+        modes = [
+            _both_prefixes([f"{k}={v}" for k, v in preset.modes[mode].items()]) or "-"
+            for mode in ("copy", "clone")
+        ]
         rows.append((preset.name, _both_prefixes(variables), *modes))
     return _columns(rows)
 
@@ -880,10 +921,14 @@ def cmd_release(args: SimpleNamespace, client: Client) -> int:
 def cmd_ls(args: SimpleNamespace, client: Client) -> int:
     """The leases; with several ``--label``, the daemon filters by the first and this by the rest."""
     labels = args.label or []
-    data = client.list_leases(state="all" if args.all else None, label="=".join(labels[0]) if labels else None)
+    data = client.list_leases(
+        state="all" if args.all else None, label="=".join(labels[0]) if labels else None
+    )
     if labels[1:]:
         data["leases"] = [
-            lease for lease in data["leases"] if all((lease.get("labels") or {}).get(k) == v for k, v in labels[1:])
+            lease
+            for lease in data["leases"]
+            if all((lease.get("labels") or {}).get(k) == v for k, v in labels[1:])
         ]
     if args.json:
         _print_json(data)
@@ -898,7 +943,9 @@ def cmd_ls(args: SimpleNamespace, client: Client) -> int:
         else:
             state = _relative(lease["expires_at"])
         used = format_size((lease.get("usage") or {}).get("bytes"))
-        rows.append([lease["id"], lease["pool"], str(lease["tenant"]), used, state, _labels(lease.get("labels"))])
+        rows.append(
+            [lease["id"], lease["pool"], str(lease["tenant"]), used, state, _labels(lease.get("labels"))]
+        )
     _table(header, rows)
     return EXIT_OK
 
@@ -909,20 +956,30 @@ def cmd_show(args: SimpleNamespace, client: Client) -> int:
         _print_json(lease)
         return EXIT_OK
     usage = lease.get("usage") or {}
-    state = lease["state"] if lease["state"] == "active" else f"ended: {lease['end_reason']} {_relative(lease['ended_at'])}"
+    state = (
+        lease["state"]
+        if lease["state"] == "active"
+        else f"ended: {lease['end_reason']} {_relative(lease['ended_at'])}"
+    )
     same = {True: "yes", False: "no", None: "unknown (no near)"}[lease.get("same_filesystem")]
     rows = [
         ("id", lease["id"]),
         ("path", lease["path"]),
         ("state", state),
-        ("pool", f"{lease['pool']} (mount {lease.get('mount_point') or '-'}, same filesystem as near: {same})"),
+        (
+            "pool",
+            f"{lease['pool']} (mount {lease.get('mount_point') or '-'}, same filesystem as near: {same})",
+        ),
         ("tenant", f"{lease['tenant']} (uid {lease.get('uid')})"),
         ("created", _relative(lease["created_at"])),
         ("expires", f"{_relative(lease['expires_at'])} (ttl {format_duration(lease.get('ttl_seconds'))})"),
         ("idle timeout", format_duration(lease.get("idle_timeout_seconds"))),
         ("last activity", _relative(lease.get("last_activity_at"))),
         ("pid", str(lease["pid"]) if lease.get("pid") is not None else "-"),
-        ("used", f"{format_size(usage.get('bytes'))} in {usage.get('files', '-')} files (measured {_relative(usage.get('measured_at'))})"),
+        (
+            "used",
+            f"{format_size(usage.get('bytes'))} in {usage.get('files', '-')} files (measured {_relative(usage.get('measured_at'))})",
+        ),
         ("max size", format_size(lease.get("max_bytes"))),
         ("expected", format_size(lease.get("expected_bytes"))),
         ("evictable", "yes" if lease.get("evictable") else "no"),
@@ -965,12 +1022,19 @@ def cmd_usage(args: SimpleNamespace, client: Client) -> int:
     if args.json:
         _print_json(data)
         return EXIT_OK
-    _pool_table(data.get("pools", []), ("POOL", "STATE", "SIZE", "FREE", "RESERVE", "RESERVED", "LEASED", "LEASES"))
+    _pool_table(
+        data.get("pools", []), ("POOL", "STATE", "SIZE", "FREE", "RESERVE", "RESERVED", "LEASED", "LEASES")
+    )
     print()
     _table(
         ["TENANT", "LEASES", "USED", "RESERVED"],
         [
-            [str(t["tenant"]), str(t["active_leases"]), format_size(t.get("bytes")), format_size(t.get("reserved_bytes"))]
+            [
+                str(t["tenant"]),
+                str(t["active_leases"]),
+                format_size(t.get("bytes")),
+                format_size(t.get("reserved_bytes")),
+            ]
             for t in data.get("tenants", [])
         ],
     )
@@ -978,7 +1042,12 @@ def cmd_usage(args: SimpleNamespace, client: Client) -> int:
     _table(
         ["LARGEST LEASES", "POOL", "TENANT", "USED"],
         [
-            [lease["id"], lease["pool"], str(lease["tenant"]), format_size((lease.get("usage") or {}).get("bytes"))]
+            [
+                lease["id"],
+                lease["pool"],
+                str(lease["tenant"]),
+                format_size((lease.get("usage") or {}).get("bytes")),
+            ]
             for lease in data.get("largest_leases", [])
         ],
     )
@@ -1019,8 +1088,10 @@ def _print_events(args: SimpleNamespace, client: Client) -> int:
         for event in events:
             print(_json_text(event) if args.json else _event_line(event))
     if more and events and args.since is None:
-        _say(f"the newest events, from seq {events[0]['seq']}, shown; older ones: -n N, or --since SEQ for all"
-             " after SEQ (0: from the first)")
+        _say(
+            f"the newest events, from seq {events[0]['seq']}, shown; older ones: -n N, or --since SEQ for all"
+            " after SEQ (0: from the first)"
+        )
     elif more and events:
         _say(f"the events after seq {args.since} up to {last} shown; more: --since {last}")
     return last
@@ -1076,7 +1147,9 @@ def _events_after(client: Client, since: int, count: int | None) -> tuple[list[d
 
 def _event_line(event: Mapping[str, object]) -> str:
     fields = (event.get("lease_id"), event.get("pool"), event.get("tenant"), event.get("reason"))
-    return f"{event['seq']:>6} {event['at']} {event['kind']:<18} " + " ".join(str(f) for f in fields if f is not None)
+    return f"{event['seq']:>6} {event['at']} {event['kind']:<18} " + " ".join(
+        str(f) for f in fields if f is not None
+    )
 
 
 # -- output --------------------------------------------------------------------
@@ -1115,13 +1188,17 @@ def _table(header: Sequence[str], rows: Iterable[Sequence[str]]) -> None:
             if not widest or widths[widest] <= len(header[widest]):
                 break  # as narrow as it goes: let the terminal wrap the rest
             widths[widest] -= 1
-        folded = [[textwrap.wrap(cell, width, break_on_hyphens=False) or [""] for cell, width in zip(row, widths)]
-                  for row in table]
+        folded = [
+            [textwrap.wrap(cell, width, break_on_hyphens=False) or [""] for cell, width in zip(row, widths)]
+            for row in table
+        ]
     else:
         folded = [[[cell] for cell in row] for row in table]
     for row in folded:
         for line in range(max(len(cell) for cell in row)):
-            parts = [(cell[line] if line < len(cell) else "").ljust(width) for cell, width in zip(row, widths)]
+            parts = [
+                (cell[line] if line < len(cell) else "").ljust(width) for cell, width in zip(row, widths)
+            ]
             print("  ".join(parts).rstrip())
 
 

@@ -251,7 +251,11 @@ class Client:
         return self.request("GET", "/v1/usage")
 
     def events(
-        self, since: int | None = None, limit: int | None = None, order: str | None = None, before: int | None = None
+        self,
+        since: int | None = None,
+        limit: int | None = None,
+        order: str | None = None,
+        before: int | None = None,
     ) -> dict:
         """``{"events": [...]}`` after ``since`` (exclusive): poll with the last ``seq`` seen.
 
@@ -276,7 +280,10 @@ class Client:
             request = f"{head}\r\n".encode()
         else:
             payload = _dumps(body).encode()
-            request = f"{head}Content-Type: application/json\r\nContent-Length: {len(payload)}\r\n\r\n".encode() + payload
+            request = (
+                f"{head}Content-Type: application/json\r\nContent-Length: {len(payload)}\r\n\r\n".encode()
+                + payload
+            )
         if idempotent is None:
             idempotent = method in ("GET", "HEAD", "PUT", "DELETE")
         while True:
@@ -356,7 +363,9 @@ def _unencodable(value: object) -> object:
 
 if _json is not None:
     _scan = _json.make_scanner(_Grammar)
-    _encode = _json.make_encoder(None, _unencodable, _json.encode_basestring_ascii, None, ": ", ", ", False, False, False)
+    _encode = _json.make_encoder(
+        None, _unencodable, _json.encode_basestring_ascii, None, ": ", ", ", False, False, False
+    )
 
     def _loads(content: bytes) -> object:
         """Like ``json.loads``, for the daemon's answers (UTF-8); ValueError when not JSON."""
@@ -373,6 +382,7 @@ if _json is not None:
         """Like ``json.dumps`` on request bodies (dicts of str, int, bool, None, lists, dicts)."""
         return "".join(_encode(body, 0))
 else:
+
     def _loads(content: bytes) -> object:
         import json
 
@@ -564,7 +574,9 @@ class LeaseBlock:
     def __enter__(self) -> Lease:
         try:
             self._lease = Lease(self._client.create_lease(**self._fields))
-            self._renewer = Renewer(self._client, self._lease.id, self._lease.data["ttl_seconds"], on_error=_warn)
+            self._renewer = Renewer(
+                self._client, self._lease.id, self._lease.data["ttl_seconds"], on_error=_warn
+            )
             self._renewer.__enter__()
         except BaseException:
             self.__exit__()

@@ -31,8 +31,9 @@ class Command(NamedTuple):
     positionals: list[tuple[str, Values]]  # (name, what completes it)
 
 
-def script(shell: str, top: argparse.ArgumentParser,
-           commands: Sequence[tuple[str, str, argparse.ArgumentParser]]) -> str:
+def script(
+    shell: str, top: argparse.ArgumentParser, commands: Sequence[tuple[str, str, argparse.ArgumentParser]]
+) -> str:
     """``top`` is the CLI's parser; ``commands`` each command's name, help and parser, in the CLI's order."""
     described = [Command(name, help, *_options(parser)) for name, help, parser in commands]
     return {"bash": bash, "zsh": zsh, "fish": fish}[shell](_options(top)[0], described)
@@ -64,8 +65,15 @@ def _options(parser: argparse.ArgumentParser) -> tuple[list[Option], list[tuple[
             continue
         if action.option_strings:
             repeatable = isinstance(action, argparse._AppendAction)
-            options.append(Option(tuple(action.option_strings), _help(action), action.nargs != 0, _values(action),
-                                  repeatable))
+            options.append(
+                Option(
+                    tuple(action.option_strings),
+                    _help(action),
+                    action.nargs != 0,
+                    _values(action),
+                    repeatable,
+                )
+            )
         else:
             positionals.append((action.dest, _values(action)))
     return options, positionals
@@ -132,7 +140,9 @@ def _bash_arm(name: str, options: list[Option], positionals: list[tuple[str, Val
     for option in options:
         if option.takes_value:
             by_words.setdefault(_bash_words(option.values), []).extend(option.flags)
-    cases = "".join(f"                {'|'.join(flags)}) {words}; return ;;\n" for words, flags in by_words.items())
+    cases = "".join(
+        f"                {'|'.join(flags)}) {words}; return ;;\n" for words, flags in by_words.items()
+    )
     flags = " ".join(flag for option in options for flag in option.flags)
     positional = _bash_words(positionals[0][1]) if positionals else "COMPREPLY=()"
     return (
@@ -212,8 +222,10 @@ def _zsh_option(option: Option) -> list[str]:
     value = f":{option.flags[-1].lstrip('-')}:{_zsh_action(option.values)}" if option.takes_value else ""
     exclusive = f"({' '.join(option.flags)})" if len(option.flags) > 1 and not option.repeatable else ""
     return [
-        _zsh_quote(f"{exclusive}{'*' if option.repeatable else ''}{flag}{'=' if option.takes_value else ''}"
-                   f"[{help}]{value}")
+        _zsh_quote(
+            f"{exclusive}{'*' if option.repeatable else ''}{flag}{'=' if option.takes_value else ''}"
+            f"[{help}]{value}"
+        )
         for flag in option.flags
     ]
 
@@ -252,11 +264,14 @@ def fish(top: list[Option], commands: list[Command]) -> str:
         "    return 1",
         "end",
         "function __scratchd_command_is",
-        "    set -l command (__scratchd_command); and test \"$command\" = $argv[1]",
+        '    set -l command (__scratchd_command); and test "$command" = $argv[1]',
         "end",
         "complete -c scratchd -f",
         *(_fish_option("'not __scratchd_command'", option) for option in top),
-        *(f"complete -c scratchd -n 'not __scratchd_command' -a {c.name} -d {_fish_quote(c.help)}" for c in commands),
+        *(
+            f"complete -c scratchd -n 'not __scratchd_command' -a {c.name} -d {_fish_quote(c.help)}"
+            for c in commands
+        ),
     ]
     for command in commands:
         chosen = f"'__scratchd_command_is {command.name}'"

@@ -4,11 +4,19 @@ from __future__ import annotations
 
 import math
 import os
-import tomllib
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator, model_validator
+import tomllib
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from scratchd import paths, units
 from scratchd.ratelimit import CREATE_RATE
@@ -59,7 +67,7 @@ class ServerConfig(_Section):
         try:
             mode = int(value, 8)
         except ValueError:
-            raise ValueError("expected an octal mode such as \"0666\"") from None
+            raise ValueError('expected an octal mode such as "0666"') from None
         if not 0 <= mode <= 0o777:
             raise ValueError("expected a permission mode between 0000 and 0777")
         return value
@@ -70,7 +78,7 @@ class ServerConfig(_Section):
         if value:
             host, sep, port = value.rpartition(":")
             if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
-                raise ValueError("expected host:port, e.g. 127.0.0.1:8787, or \"\" for no TCP")
+                raise ValueError('expected host:port, e.g. 127.0.0.1:8787, or "" for no TCP')
         return value
 
     @property
@@ -160,7 +168,7 @@ class TokenConfig(_Section):
     @model_validator(mode="after")
     def _tenant_role_names_tenant(self) -> TokenConfig:
         if self.role == "tenant" and not self.tenant:
-            raise ValueError("a token with role = \"tenant\" must name its tenant")
+            raise ValueError('a token with role = "tenant" must name its tenant')
         return self
 
 

@@ -36,8 +36,9 @@ RESTART_ONLY = frozenset({"socket", "socket_mode", "listen", "state_dir"})
 
 
 class Daemon:
-    def __init__(self, config: Config, config_path: str | None = None,
-                 clock: Callable[[], float] = time.time) -> None:
+    def __init__(
+        self, config: Config, config_path: str | None = None, clock: Callable[[], float] = time.time
+    ) -> None:
         self.config = config
         self.config_path = config_path
         self.clock = clock
@@ -46,18 +47,31 @@ class Daemon:
         self.mounts = MountTable()
         self.pools = PoolSet(config.pool)
         self.trash = Trash(self._reclaim_failed)
-        self.manager = LeaseManager(config, self.store, self.pools, self.mounts, self._trashed, self.trash.removed,
-                                    clock)
+        self.manager = LeaseManager(
+            config, self.store, self.pools, self.mounts, self._trashed, self.trash.removed, clock
+        )
         self.manager.listeners.append(self._lease_changed)
         self.pids = PidWatch(self._process_exited)
         self.watcher = PoolWatcher(self._entry_gone, self._removals_missed)
         self.activity = ActivityWatch(self._activity)
         self._watched: set[str] = set()
-        self.gc = Collector(self.manager, self.pools, self.trash, self.store, gc=lambda: self.config.gc,
-                            refresh_pools=self._refresh_pools, watching=lambda pool: pool in self._watched,
-                            clock=clock)
-        self.usage = UsageMonitor(self.manager, self.store, directory_gone=self.gc.directory_gone,
-                                  interval=lambda: self.config.gc.interval, clock=clock)
+        self.gc = Collector(
+            self.manager,
+            self.pools,
+            self.trash,
+            self.store,
+            gc=lambda: self.config.gc,
+            refresh_pools=self._refresh_pools,
+            watching=lambda pool: pool in self._watched,
+            clock=clock,
+        )
+        self.usage = UsageMonitor(
+            self.manager,
+            self.store,
+            directory_gone=self.gc.directory_gone,
+            interval=lambda: self.config.gc.interval,
+            clock=clock,
+        )
         self._gc_task: asyncio.Task[None] | None = None
         self._watchdog_task: asyncio.Task[None] | None = None
         self.ready = False
@@ -131,7 +145,9 @@ class Daemon:
             return False
         running = self.config.server.model_dump(include=RESTART_ONLY)
         if changed := sorted(key for key, value in running.items() if getattr(config.server, key) != value):
-            log.warning("reload: these [server] keys take effect at the next restart", extra={"keys": changed})
+            log.warning(
+                "reload: these [server] keys take effect at the next restart", extra={"keys": changed}
+            )
             config = config.model_copy(update={"server": config.server.model_copy(update=running)})
         old_pools = {p.name for p in self.config.pool}
         self.config = self.manager.config = config
@@ -144,8 +160,9 @@ class Daemon:
             listener(config)
         self._refresh_pools()
         try:
-            self.store.append_events([NewEvent("config_reloaded", details={
-                "pools": [p.name for p in config.pool]})], self.clock())
+            self.store.append_events(
+                [NewEvent("config_reloaded", details={"pools": [p.name for p in config.pool]})], self.clock()
+            )
         except StoreError as exc:
             log.warning("cannot record reload", extra={"error": str(exc)})
         log.info("config reloaded", extra={"pools": [p.name for p in config.pool]})
@@ -165,8 +182,9 @@ class Daemon:
                 try:
                     prepare_pool_dir(status.path)
                 except OSError as exc:  # a read-only pool serves no new leases anyway
-                    log.warning("cannot prepare pool directory", extra={"pool": status.name,
-                                                                        "error": exc.strerror})
+                    log.warning(
+                        "cannot prepare pool directory", extra={"pool": status.name, "error": exc.strerror}
+                    )
                 self.pools.set_reflink(status.name, probe_reflink(status.path))
                 self.trash.resume(status.name, status.path)
                 if self.watcher.watch(status.name, status.path):
@@ -179,11 +197,22 @@ class Daemon:
 
     def _pool_event(self, old: PoolStatus | None, new: PoolStatus) -> NewEvent:
         level = logging.WARNING if new.state is PoolState.UNAVAILABLE else logging.INFO
-        log.log(level, "pool state", extra={"pool": new.name, "state": new.state.value, "reason": new.reason,
-                                            "why": new.message})
-        return NewEvent("pool_state_changed", pool=new.name, reason=new.state.value,
-                        details={"from": old.state.value if old else None, "to": new.state.value,
-                                 "reason": new.reason, "why": new.message})
+        log.log(
+            level,
+            "pool state",
+            extra={"pool": new.name, "state": new.state.value, "reason": new.reason, "why": new.message},
+        )
+        return NewEvent(
+            "pool_state_changed",
+            pool=new.name,
+            reason=new.state.value,
+            details={
+                "from": old.state.value if old else None,
+                "to": new.state.value,
+                "reason": new.reason,
+                "why": new.message,
+            },
+        )
 
     # -- event sources --------------------------------------------------------------------------
 
@@ -234,7 +263,9 @@ class Daemon:
             details = {"path": item.path, "errors": [repr(result)]}
         log.warning("reclaim failed", extra=details)
         try:
-            self.store.append_events([NewEvent("reclaim_failed", item.lease_id, item.pool, item.tenant,
-                                               None, details)], self.clock())
+            self.store.append_events(
+                [NewEvent("reclaim_failed", item.lease_id, item.pool, item.tenant, None, details)],
+                self.clock(),
+            )
         except StoreError:
             pass

@@ -8,8 +8,14 @@ from typing import Any
 class Refused(Exception):
     """A request the daemon will not carry out; ``code`` is one of the codes in docs/api.md, "Errors"."""
 
-    def __init__(self, status: int, code: str, message: str, details: dict[str, Any] | None = None,
-                 headers: dict[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        status: int,
+        code: str,
+        message: str,
+        details: dict[str, Any] | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
         super().__init__(message)
         self.status = status
         self.code = code

@@ -165,8 +165,12 @@ def _used_bytes(lease: Lease) -> int:
 
 
 def _unavailable(exc: StoreError) -> Refused:
-    return Refused(503, "pool_unavailable", "The daemon cannot write its state database right now; nothing was changed.",
-                   {"reason": str(exc)})
+    return Refused(
+        503,
+        "pool_unavailable",
+        "The daemon cannot write its state database right now; nothing was changed.",
+        {"reason": str(exc)},
+    )
 
 
 class LeaseManager:
@@ -196,8 +200,12 @@ class LeaseManager:
 
     def get(self, lease_id: str) -> Lease | None:
         unrecorded = self._unrecorded.get(lease_id)
-        return (self.active.get(lease_id) or self._ending.get(lease_id) or (unrecorded and unrecorded[0])
-                or self.store.get_lease(lease_id))
+        return (
+            self.active.get(lease_id)
+            or self._ending.get(lease_id)
+            or (unrecorded and unrecorded[0])
+            or self.store.get_lease(lease_id)
+        )
 
     def find(self, which: LeaseFilter) -> list[Lease]:
         leases: Iterable[Lease]
@@ -219,8 +227,12 @@ class LeaseManager:
         """Every pool with its active leases' totals, as ``/v1/pools`` and ``/metrics`` read them."""
         totals, empty = self.active.pool_totals, Totals()
         return [
-            pool_json(pool, reserved=(t := totals.get(pool.name, empty)).reserved_bytes, leased=t.bytes,
-                      active=t.active_leases)
+            pool_json(
+                pool,
+                reserved=(t := totals.get(pool.name, empty)).reserved_bytes,
+                leased=t.bytes,
+                active=t.active_leases,
+            )
             for pool in self.pools.statuses()
         ]
 
@@ -258,23 +270,38 @@ class LeaseManager:
         pool = placed.pool
         chown = os.geteuid() == 0
         try:
-            path = make_lease_dir(pool.path, lease_id, uid=tenant.uid if chown else None,
-                                  gid=tenant.gid if chown else None)
+            path = make_lease_dir(
+                pool.path, lease_id, uid=tenant.uid if chown else None, gid=tenant.gid if chown else None
+            )
         except OSError as exc:
             raise self._disk_refusal(pool.name, exc) from None
         lease = Lease(
-            id=lease_id, path=path, pool=pool.name, tenant=tenant.name,
-            uid=tenant.uid if chown else os.geteuid(), gid=tenant.gid if chown else os.getegid(),
-            created_at=now, expires_at=now + ttl, ttl_seconds=ttl, mount_point=pool.mount_point,
-            same_filesystem=placed.same_filesystem, link_mode=placed.link_mode, idle_timeout_seconds=spec.idle_timeout_seconds,
-            pid=spec.pid, pid_start_time=pid_start, max_bytes=spec.max_bytes,
-            expected_bytes=spec.expected_bytes, evictable=spec.evictable, labels=dict(spec.labels),
+            id=lease_id,
+            path=path,
+            pool=pool.name,
+            tenant=tenant.name,
+            uid=tenant.uid if chown else os.geteuid(),
+            gid=tenant.gid if chown else os.getegid(),
+            created_at=now,
+            expires_at=now + ttl,
+            ttl_seconds=ttl,
+            mount_point=pool.mount_point,
+            same_filesystem=placed.same_filesystem,
+            link_mode=placed.link_mode,
+            idle_timeout_seconds=spec.idle_timeout_seconds,
+            pid=spec.pid,
+            pid_start_time=pid_start,
+            max_bytes=spec.max_bytes,
+            expected_bytes=spec.expected_bytes,
+            evictable=spec.evictable,
+            labels=dict(spec.labels),
             last_activity_at=now,
         )
         self.active.put(lease)  # holds its place in the tenant's quota while the commit is in flight
         try:
-            await self.store.write_grouped([lease_inserted(lease)], [NewEvent.for_lease("lease_created", lease)],
-                                           now)
+            await self.store.write_grouped(
+                [lease_inserted(lease)], [NewEvent.for_lease("lease_created", lease)], now
+            )
         except StoreError as exc:
             # Undo the mkdir so a refused request changes nothing; if even that fails
             # the directory is an orphan and is reclaimed after grace.
@@ -284,21 +311,34 @@ class LeaseManager:
             except OSError:
                 pass
             raise _unavailable(exc) from None
-        log.debug("lease started", extra={"lease": lease.id, "pool": lease.pool, "tenant": lease.tenant,
-                                         "path": lease.path, "ttl_seconds": ttl})
+        log.debug(
+            "lease started",
+            extra={
+                "lease": lease.id,
+                "pool": lease.pool,
+                "tenant": lease.tenant,
+                "path": lease.path,
+                "ttl_seconds": ttl,
+            },
+        )
         self._notify(lease)
         return lease
 
     async def renew(self, lease: Lease, ttl_seconds: int | None, tenant: Tenant) -> Lease:
         if not lease.active:
-            raise Refused(409, "lease_ended", f"Lease {lease.id} has already ended ({lease.end_reason}).",
-                          {"end_reason": lease.end_reason})
+            raise Refused(
+                409,
+                "lease_ended",
+                f"Lease {lease.id} has already ended ({lease.end_reason}).",
+                {"end_reason": lease.end_reason},
+            )
         ttl = self._ttl(tenant, ttl_seconds if ttl_seconds is not None else lease.ttl_seconds)
         now = self._clock()
         renewed = lease_sm.renew(lease, ttl, now)
         try:
-            await self.store.write_grouped([lease_updated(renewed)],
-                                           [NewEvent.for_lease("lease_renewed", renewed, ttl_seconds=ttl)], now)
+            await self.store.write_grouped(
+                [lease_updated(renewed)], [NewEvent.for_lease("lease_renewed", renewed, ttl_seconds=ttl)], now
+            )
         except StoreError as exc:
             raise _unavailable(exc) from None
         if renewed.id in self.active:  # not ended while the commit was in flight
@@ -324,14 +364,20 @@ class LeaseManager:
             self._record_lost(ended, event, exc)
         return self._finish_end(ended)
 
-    def _begin_end(self, lease: Lease, reason: EndReason, details: dict[str, object]) -> tuple[Lease, NewEvent]:
+    def _begin_end(
+        self, lease: Lease, reason: EndReason, details: dict[str, object]
+    ) -> tuple[Lease, NewEvent]:
         ended = lease_sm.end(lease, reason, self._clock())
         if reason is not EndReason.POOL_LOST:
             pool = self.pools.get(lease.pool)
             if pool is not None and pool.reason is PoolReason.LOCKED:
                 # Another daemon serves the pool now: nothing in it is ours to move.
-                raise Refused(503, "pool_unavailable", f"Pool {lease.pool} is served by another scratchd.",
-                              {"pool": lease.pool, "reason": pool.reason.value, "message": pool.message})
+                raise Refused(
+                    503,
+                    "pool_unavailable",
+                    f"Pool {lease.pool} is served by another scratchd.",
+                    {"pool": lease.pool, "reason": pool.reason.value, "message": pool.message},
+                )
             pool_path = self._pool_path(lease)
             if remove_if_empty(pool_path, lease.id):
                 self._on_removed(ended)
@@ -339,8 +385,12 @@ class LeaseManager:
                 try:
                     trashed = move_to_trash(pool_path, lease.id)
                 except OSError as exc:
-                    raise Refused(503, "pool_unavailable", f"Cannot move lease {lease.id} out of its pool.",
-                                  {"reason": exc.strerror}) from None
+                    raise Refused(
+                        503,
+                        "pool_unavailable",
+                        f"Cannot move lease {lease.id} out of its pool.",
+                        {"reason": exc.strerror},
+                    ) from None
                 if trashed is not None:
                     self._on_trashed(trashed, ended)
         self.active.remove(lease.id)
@@ -369,8 +419,16 @@ class LeaseManager:
         # request would cost the lease cycle a tenth of its time. What the daemon ends on
         # its own is for operators to see.
         level = logging.DEBUG if ended.end_reason is EndReason.RELEASED else logging.INFO
-        log.log(level, "lease ended", extra={"lease": ended.id, "pool": ended.pool, "tenant": ended.tenant,
-                                             "reason": ended.end_reason.value if ended.end_reason else None})
+        log.log(
+            level,
+            "lease ended",
+            extra={
+                "lease": ended.id,
+                "pool": ended.pool,
+                "tenant": ended.tenant,
+                "reason": ended.end_reason.value if ended.end_reason else None,
+            },
+        )
         self._notify(ended)
         return ended
 
@@ -378,8 +436,13 @@ class LeaseManager:
 
     def _ttl(self, tenant: Tenant, requested: int | None) -> int:
         limits = self.config.limits
-        return lease_ttl(tenant.name, requested, default_ttl=limits.default_ttl, max_ttl=limits.max_ttl,
-                         own=self.config.tenant_limits(tenant.name))
+        return lease_ttl(
+            tenant.name,
+            requested,
+            default_ttl=limits.default_ttl,
+            max_ttl=limits.max_ttl,
+            own=self.config.tenant_limits(tenant.name),
+        )
 
     def _check_quota(self, tenant: Tenant, spec: LeaseSpec) -> None:
         own = self.config.tenant_limits(tenant.name)
@@ -393,8 +456,12 @@ class LeaseManager:
             return None
         process = procs.identify(pid)
         if process is None:
-            raise Refused(422, "invalid_request", f"pid {pid} is not a live process.",
-                          {"fields": {"pid": "not a live process"}})
+            raise Refused(
+                422,
+                "invalid_request",
+                f"pid {pid} is not a live process.",
+                {"fields": {"pid": "not a live process"}},
+            )
         if process.uid != tenant.uid and not tenant.may_bind_any_pid:
             raise Refused(403, "forbidden", f"pid {pid} belongs to another user.", {"pid": pid})
         return process.start_time
@@ -405,10 +472,10 @@ class LeaseManager:
     def _disk_refusal(self, pool: str, exc: OSError) -> Refused:
         if exc.errno in (errno.ENOSPC, errno.EDQUOT):
             return Refused(507, "insufficient_storage", f"Pool {pool} is full.", {"pool": pool})
-        return Refused(503, "pool_unavailable", f"Pool {pool} cannot create a directory: {exc.strerror}.",
-                       {"pool": pool})
+        return Refused(
+            503, "pool_unavailable", f"Pool {pool} cannot create a directory: {exc.strerror}.", {"pool": pool}
+        )
 
     def _notify(self, lease: Lease) -> None:
         for listener in self.listeners:
             listener(lease)
-

@@ -15,7 +15,6 @@ import platform
 import time
 from collections import Counter
 from collections.abc import Iterable, Iterator, Mapping
-
 from importlib import metadata
 
 from prometheus_client import CollectorRegistry, Histogram, PlatformCollector, ProcessCollector
@@ -44,14 +43,23 @@ POOL_GAUGES = {
 
 # Up is "this daemon serves the pool": a full or read-only pool is still mounted where it
 # belongs and its leases still work, so it is up; the states say whether it takes new leases.
-POOL_UP_HELP = ("1 when this daemon serves the pool (state ok, full or read_only); 0 when it is unavailable "
-                "(its reason in scratchd_pool_state and /v1/pools).")
+POOL_UP_HELP = (
+    "1 when this daemon serves the pool (state ok, full or read_only); 0 when it is unavailable "
+    "(its reason in scratchd_pool_state and /v1/pools)."
+)
 # Every (state, reason) a pool can be in: each pool has one series per pair, 1 for the
 # one it is in, so a change is a value that moves, never a series that appears.
-POOL_STATES = [(PoolState.OK.value, ""), *((state.value, reason.value) for reason, state in REASON_STATES.items())]
-POOL_STATE_HELP = ("1 for the state and reason the pool is in, 0 for the others; reason is \"\" when the state is ok "
-                   "(missing, not_on_mount_point, unmounted, locked, inaccessible, read_only or full otherwise).")
-POOL_INFO_HELP = "The pool as configured and found: its path, mount, filesystem type and labels (comma-joined)."
+POOL_STATES = [
+    (PoolState.OK.value, ""),
+    *((state.value, reason.value) for reason, state in REASON_STATES.items()),
+]
+POOL_STATE_HELP = (
+    '1 for the state and reason the pool is in, 0 for the others; reason is "" when the state is ok '
+    "(missing, not_on_mount_point, unmounted, locked, inaccessible, read_only or full otherwise)."
+)
+POOL_INFO_HELP = (
+    "The pool as configured and found: its path, mount, filesystem type and labels (comma-joined)."
+)
 
 
 def _version() -> str:
@@ -115,54 +123,105 @@ class DaemonCollector(Collector):
 
     def collect(self) -> Iterator[Metric]:
         pools = self._daemon.manager.pool_rows()
-        names = sorted({p["name"] for p in pools} | set(self.counts.created) | {p for p, _ in self.counts.ended})
+        names = sorted(
+            {p["name"] for p in pools} | set(self.counts.created) | {p for p, _ in self.counts.ended}
+        )
         for key, text in POOL_GAUGES.items():
-            yield _family(GaugeMetricFamily(f"scratchd_pool_{key}", text, labels=["pool"]),
-                          {(p["name"],): p[key] for p in pools})
-        yield _family(GaugeMetricFamily("scratchd_pool_up", POOL_UP_HELP, labels=["pool"]),
-                      {(p["name"],): int(p["state"] != "unavailable") for p in pools})
-        yield _family(GaugeMetricFamily("scratchd_pool_state", POOL_STATE_HELP, labels=["pool", "state", "reason"]),
-                      {(p["name"], state, reason): int((p["state"], p["reason"] or "") == (state, reason))
-                       for p in pools for state, reason in POOL_STATES})
-        yield _family(GaugeMetricFamily("scratchd_pool_info", POOL_INFO_HELP,
-                                        labels=["pool", "path", "mount_point", "fstype", "labels"]),
-                      {(p["name"], p["path"], p["mount_point"] or "", p["fstype"] or "", ",".join(p["labels"])): 1
-                       for p in pools})
+            yield _family(
+                GaugeMetricFamily(f"scratchd_pool_{key}", text, labels=["pool"]),
+                {(p["name"],): p[key] for p in pools},
+            )
+        yield _family(
+            GaugeMetricFamily("scratchd_pool_up", POOL_UP_HELP, labels=["pool"]),
+            {(p["name"],): int(p["state"] != "unavailable") for p in pools},
+        )
+        yield _family(
+            GaugeMetricFamily("scratchd_pool_state", POOL_STATE_HELP, labels=["pool", "state", "reason"]),
+            {
+                (p["name"], state, reason): int((p["state"], p["reason"] or "") == (state, reason))
+                for p in pools
+                for state, reason in POOL_STATES
+            },
+        )
+        yield _family(
+            GaugeMetricFamily(
+                "scratchd_pool_info",
+                POOL_INFO_HELP,
+                labels=["pool", "path", "mount_point", "fstype", "labels"],
+            ),
+            {
+                (p["name"], p["path"], p["mount_point"] or "", p["fstype"] or "", ",".join(p["labels"])): 1
+                for p in pools
+            },
+        )
 
         active = Counter((lease.pool, lease.tenant) for lease in self._daemon.manager.active.values())
-        yield _family(GaugeMetricFamily("scratchd_leases_active",
-                                        'Active leases; beyond the [metrics] tenants busiest, tenant="other".',
-                                        labels=["pool", "tenant"]),
-                      top_tenants(active, self._daemon.config.metrics.tenants))
-        yield _family(CounterMetricFamily("scratchd_leases_created", "Leases started since the daemon started.",
-                                          labels=["pool"]),
-                      {(pool,): self.counts.created[pool] for pool in names})
+        yield _family(
+            GaugeMetricFamily(
+                "scratchd_leases_active",
+                'Active leases; beyond the [metrics] tenants busiest, tenant="other".',
+                labels=["pool", "tenant"],
+            ),
+            top_tenants(active, self._daemon.config.metrics.tenants),
+        )
+        yield _family(
+            CounterMetricFamily(
+                "scratchd_leases_created", "Leases started since the daemon started.", labels=["pool"]
+            ),
+            {(pool,): self.counts.created[pool] for pool in names},
+        )
         # Every (pool, reason) from 0, so rate() sees an end's first occurrence.
-        ended = {(pool, reason.value): self.counts.ended[pool, reason.value] for pool in names for reason in EndReason}
-        yield _family(CounterMetricFamily("scratchd_leases_ended", "Leases ended since the daemon started.",
-                                          labels=["pool", "reason"]),
-                      ended)
+        ended = {
+            (pool, reason.value): self.counts.ended[pool, reason.value]
+            for pool in names
+            for reason in EndReason
+        }
+        yield _family(
+            CounterMetricFamily(
+                "scratchd_leases_ended", "Leases ended since the daemon started.", labels=["pool", "reason"]
+            ),
+            ended,
+        )
 
         trash = self._daemon.trash
-        yield GaugeMetricFamily("scratchd_reclaim_pending", "Ended leases' trees waiting to be deleted.",
-                                value=trash.pending)
-        yield GaugeMetricFamily("scratchd_reclaim_pending_bytes", "Estimated bytes waiting to be deleted.",
-                                value=trash.pending_bytes)
-        yield CounterMetricFamily("scratchd_reclaimed", "Trees deleted completely since the daemon started.",
-                                  value=trash.reclaimed_total)
-        yield CounterMetricFamily("scratchd_reclaimed_bytes", "Bytes freed by deletion since the daemon started.",
-                                  value=trash.reclaimed_bytes_total)
+        yield GaugeMetricFamily(
+            "scratchd_reclaim_pending", "Ended leases' trees waiting to be deleted.", value=trash.pending
+        )
+        yield GaugeMetricFamily(
+            "scratchd_reclaim_pending_bytes",
+            "Estimated bytes waiting to be deleted.",
+            value=trash.pending_bytes,
+        )
+        yield CounterMetricFamily(
+            "scratchd_reclaimed",
+            "Trees deleted completely since the daemon started.",
+            value=trash.reclaimed_total,
+        )
+        yield CounterMetricFamily(
+            "scratchd_reclaimed_bytes",
+            "Bytes freed by deletion since the daemon started.",
+            value=trash.reclaimed_bytes_total,
+        )
         failed = trash.failed_by_pool
-        yield _family(CounterMetricFamily("scratchd_reclaim_failed",
-                                          "Deletions of a tree that failed (each retry counts) since the daemon started.",
-                                          labels=["pool"]),
-                      {(pool,): failed.get(pool, 0) for pool in sorted(set(names) | set(failed))})
-        yield _family(GaugeMetricFamily("scratchd_build_info", "The running scratchd: always 1.",
-                                        labels=["version", "python"]),
-                      {BUILD: 1})
+        yield _family(
+            CounterMetricFamily(
+                "scratchd_reclaim_failed",
+                "Deletions of a tree that failed (each retry counts) since the daemon started.",
+                labels=["pool"],
+            ),
+            {(pool,): failed.get(pool, 0) for pool in sorted(set(names) | set(failed))},
+        )
+        yield _family(
+            GaugeMetricFamily(
+                "scratchd_build_info", "The running scratchd: always 1.", labels=["version", "python"]
+            ),
+            {BUILD: 1},
+        )
 
 
-def _family(family: GaugeMetricFamily | CounterMetricFamily, samples: Mapping[tuple[str, ...], int]) -> Metric:
+def _family(
+    family: GaugeMetricFamily | CounterMetricFamily, samples: Mapping[tuple[str, ...], int]
+) -> Metric:
     for labels, value in samples.items():
         family.add_metric(list(labels), value)
     return family
@@ -177,8 +236,11 @@ class Metrics:
         ProcessCollector(registry=self.registry)
         PlatformCollector(registry=self.registry)
         self.request_duration = Histogram(
-            "scratchd_request_duration_seconds", "Time to answer an HTTP request, by route template.",
-            ["route", "method", "status"], buckets=REQUEST_BUCKETS, registry=self.registry,
+            "scratchd_request_duration_seconds",
+            "Time to answer an HTTP request, by route template.",
+            ["route", "method", "status"],
+            buckets=REQUEST_BUCKETS,
+            registry=self.registry,
         )
 
 

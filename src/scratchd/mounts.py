@@ -103,7 +103,9 @@ def mount_of(path: str, mounts: Sequence[Mount]) -> Mount:
         top, seen = attached[-1], set()
         while True:
             seen.add(top.mount_id)
-            above = [mount for mount in here if mount.parent_id == top.mount_id and mount.mount_id not in seen]
+            above = [
+                mount for mount in here if mount.parent_id == top.mount_id and mount.mount_id not in seen
+            ]
             if not above:
                 break
             top = above[-1]

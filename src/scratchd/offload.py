@@ -48,8 +48,12 @@ def disk_worker(niceness: int, work: Callable[..., object]) -> ProcessPoolExecut
     imported, so the first deletion waits neither for an interpreter to boot nor for
     its imports (70-90 ms here, against ~1 s for ``rm -rf`` of a 100k-file tree on tmpfs).
     """
-    executor = ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn"),
-                                   initializer=_init_worker, initargs=(os.getpid(), niceness))
+    executor = ProcessPoolExecutor(
+        max_workers=1,
+        mp_context=multiprocessing.get_context("spawn"),
+        initializer=_init_worker,
+        initargs=(os.getpid(), niceness),
+    )
     executor.submit(_import, work.__module__)
     return executor
 

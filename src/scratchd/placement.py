@@ -73,7 +73,9 @@ def place(
         candidates = [pool for pool in usable if pool.mount_id == near.mount_id]
         if not candidates:
             raise PlacementError(
-                409, "no_pool_on_filesystem", "No usable pool is on the same filesystem as near.",
+                409,
+                "no_pool_on_filesystem",
+                "No usable pool is on the same filesystem as near.",
                 {"near_mount_id": near.mount_id, "pools": [pool.name for pool in usable]},
             )
     elif near is not None and placement is Placement.PREFER_SAME_FILESYSTEM:
@@ -87,7 +89,9 @@ def place(
         wanted = f"{format_size(expected_bytes)} free" if expected_bytes else "free space"
         available = {pool.name: max(room(pool), 0) for pool in candidates}
         raise PlacementError(
-            507, "insufficient_storage", f"No pool has {wanted} beyond its reserve and reservations.",
+            507,
+            "insufficient_storage",
+            f"No pool has {wanted} beyond its reserve and reservations.",
             {"expected_bytes": expected_bytes, "available_bytes": available},
         )
     chosen = min(fit, key=lambda pool: (-room(pool), pool.name))
@@ -102,21 +106,30 @@ def _usable(pools: Sequence[PoolStatus], pool_name: str | None) -> list[PoolStat
     if pool_name is not None:
         named = next((pool for pool in pools if pool.name == pool_name), None)
         if named is None:
-            raise PlacementError(404, "pool_not_found", f"No pool named {pool_name!r} is configured.",
-                                 {"pool": pool_name})
+            raise PlacementError(
+                404, "pool_not_found", f"No pool named {pool_name!r} is configured.", {"pool": pool_name}
+            )
         if named.state is PoolState.FULL:
-            raise PlacementError(507, "insufficient_storage", f"Pool {pool_name} is full.",
-                                 {"pool": pool_name, "free_bytes": named.free_bytes,
-                                  "reserve_bytes": named.reserve_bytes})
+            raise PlacementError(
+                507,
+                "insufficient_storage",
+                f"Pool {pool_name} is full.",
+                {"pool": pool_name, "free_bytes": named.free_bytes, "reserve_bytes": named.reserve_bytes},
+            )
         if named.state is not PoolState.OK:
-            raise PlacementError(503, "pool_unavailable", f"Pool {pool_name} is {named.state.value.replace('_', '-')}.",
-                                 {"pool": pool_name, "state": named.state.value, "reason": named.reason})
+            raise PlacementError(
+                503,
+                "pool_unavailable",
+                f"Pool {pool_name} is {named.state.value.replace('_', '-')}.",
+                {"pool": pool_name, "state": named.state.value, "reason": named.reason},
+            )
         return [named]
     usable = [pool for pool in pools if pool.state is PoolState.OK]
     if not usable:
         states = {pool.name: pool.state.value for pool in pools}
         if any(pool.state is PoolState.FULL for pool in pools):
-            raise PlacementError(507, "insufficient_storage", "No pool has space left above its reserve.",
-                                 {"pools": states})
+            raise PlacementError(
+                507, "insufficient_storage", "No pool has space left above its reserve.", {"pools": states}
+            )
         raise PlacementError(503, "pool_unavailable", "No pool is available right now.", {"pools": states})
     return usable

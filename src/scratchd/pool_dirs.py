@@ -47,8 +47,13 @@ class ConfiguredPool(Protocol):
 def probe_pool(cfg: ConfiguredPool, mounts: Sequence[Mount], *, expected_mount_id: int | None) -> PoolStatus:
     """Look at a pool's directory as it is now; never creates anything."""
 
-    def status(reason: PoolReason | None, message: str | None, mount: Mount | None = None, capacity: int = 0,
-               free: int = 0) -> PoolStatus:
+    def status(
+        reason: PoolReason | None,
+        message: str | None,
+        mount: Mount | None = None,
+        capacity: int = 0,
+        free: int = 0,
+    ) -> PoolStatus:
         return PoolStatus(
             name=cfg.name,
             path=cfg.path,
@@ -81,26 +86,37 @@ def probe_pool(cfg: ConfiguredPool, mounts: Sequence[Mount], *, expected_mount_i
     # Capacity is only worth reporting for the filesystem the pool belongs on:
     # a pool that fell through to the root filesystem must not show its space.
     if cfg.mount_point is not None and mount.mount_point != os.path.realpath(cfg.mount_point):
-        return status(PoolReason.NOT_ON_MOUNT_POINT,
-                      f"Pool path {cfg.path} is on {mount.mount_point}, not on {cfg.mount_point}.", mount)
+        return status(
+            PoolReason.NOT_ON_MOUNT_POINT,
+            f"Pool path {cfg.path} is on {mount.mount_point}, not on {cfg.mount_point}.",
+            mount,
+        )
     if expected_mount_id is not None and mount.mount_id != expected_mount_id:
-        return status(PoolReason.UNMOUNTED,
-                      f"The filesystem under pool path {cfg.path} was unmounted or replaced.", mount)
+        return status(
+            PoolReason.UNMOUNTED,
+            f"The filesystem under pool path {cfg.path} was unmounted or replaced.",
+            mount,
+        )
     try:
         fs = os.statvfs(real)
     except OSError as exc:
-        return status(PoolReason.INACCESSIBLE, f"Pool path {cfg.path} cannot be examined: {exc.strerror}.", mount)
+        return status(
+            PoolReason.INACCESSIBLE, f"Pool path {cfg.path} cannot be examined: {exc.strerror}.", mount
+        )
     capacity = fs.f_blocks * fs.f_frsize
     free = fs.f_bavail * fs.f_frsize
     reserve = cfg.reserve_bytes(capacity)
-    reason = space_reason(read_only=bool(fs.f_flag & os.ST_RDONLY) or mount.read_only, free_bytes=free,
-                          reserve_bytes=reserve)
+    reason = space_reason(
+        read_only=bool(fs.f_flag & os.ST_RDONLY) or mount.read_only, free_bytes=free, reserve_bytes=reserve
+    )
     message = None
     if reason is PoolReason.READ_ONLY:
         message = f"Pool path {cfg.path} is on a read-only filesystem ({mount.mount_point})."
     elif reason is PoolReason.FULL:
-        message = (f"Pool {cfg.name} has {format_size(free)} free, "
-                   f"not more than its reserve of {format_size(reserve)}.")
+        message = (
+            f"Pool {cfg.name} has {format_size(free)} free, "
+            f"not more than its reserve of {format_size(reserve)}."
+        )
     return status(reason, message, mount, capacity, free)
 
 
@@ -145,13 +161,21 @@ class PoolSet:
             self._locks[name] = lock_pool(status.path, self._locks.values())
         except PoolLocked as exc:
             holder = "pid unknown" if exc.holder is None else f"pid {exc.holder}"
-            return dataclasses.replace(status, state=PoolState.UNAVAILABLE, reason=PoolReason.LOCKED,
-                                       message=f"Pool path {status.path} is locked by another scratchd ({holder}).")
+            return dataclasses.replace(
+                status,
+                state=PoolState.UNAVAILABLE,
+                reason=PoolReason.LOCKED,
+                message=f"Pool path {status.path} is locked by another scratchd ({holder}).",
+            )
         except OSError as exc:
             if status.state is PoolState.READ_ONLY:
                 return status  # nothing can change in it; locked once it is writable
-            return dataclasses.replace(status, state=PoolState.UNAVAILABLE, reason=PoolReason.INACCESSIBLE,
-                                       message=f"Pool path {status.path} cannot be locked: {exc.strerror}.")
+            return dataclasses.replace(
+                status,
+                state=PoolState.UNAVAILABLE,
+                reason=PoolReason.INACCESSIBLE,
+                message=f"Pool path {status.path} cannot be locked: {exc.strerror}.",
+            )
         return status
 
     def _unlock(self, name: str) -> None:

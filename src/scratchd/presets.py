@@ -37,7 +37,7 @@ class Preset:
     the lease is deleted when it ends.
     """
 
-    __slots__ = ("name", "paths", "scratch", "fixed", "append", "modes", "links_from", "carry")
+    __slots__ = ("append", "carry", "fixed", "links_from", "modes", "name", "paths", "scratch")
 
     def __init__(
         self,
@@ -117,7 +117,12 @@ PRESETS: dict[str, Preset] = {
         Preset(
             "gradle",
             {"GRADLE_USER_HOME": ""},
-            carry={"GRADLE_USER_HOME": (".gradle", ("gradle.properties", "init.d", "init.gradle", "init.gradle.kts"))},
+            carry={
+                "GRADLE_USER_HOME": (
+                    ".gradle",
+                    ("gradle.properties", "init.d", "init.gradle", "init.gradle.kts"),
+                )
+            },
         ),
         # Appended, not set: CI often puts flags such as -B in MAVEN_ARGS already.
         Preset("maven", append={"MAVEN_ARGS": "-Dmaven.repo.local={dir}"}),
@@ -147,7 +152,7 @@ class PresetPlan:
     """What to do for some tools: variables to set, directories to create, names left to
     the user, and the user's config files to copy (``(source, destination)``)."""
 
-    __slots__ = ("env", "directories", "skipped", "carried")
+    __slots__ = ("carried", "directories", "env", "skipped")
 
     def __init__(self) -> None:
         self.env: dict[str, str] = {}
@@ -177,7 +182,9 @@ def preset_env(
             raise UnknownTool(name)
         tool_dir = posixpath.join(lease_path, name)
         plan.directories.append(tool_dir)
-        wanted = {var: posixpath.join(tool_dir, sub) if sub else tool_dir for var, sub in preset.paths.items()}
+        wanted = {
+            var: posixpath.join(tool_dir, sub) if sub else tool_dir for var, sub in preset.paths.items()
+        }
         wanted.update({var: posixpath.join(lease_path, sub) for var, sub in preset.scratch.items()})
         plan.directories.extend(wanted.values())
         wanted.update(preset.fixed)
@@ -195,7 +202,9 @@ def preset_env(
         for var, (home, names) in preset.carry.items():
             if var in plan.env and environ.get("HOME"):
                 source = posixpath.join(environ["HOME"], home)
-                plan.carried += [(posixpath.join(source, file), posixpath.join(plan.env[var], file)) for file in names]
+                plan.carried += [
+                    (posixpath.join(source, file), posixpath.join(plan.env[var], file)) for file in names
+                ]
     plan.directories = list(dict.fromkeys(plan.directories))
     return plan
 

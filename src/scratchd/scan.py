@@ -319,7 +319,9 @@ class _Scan(_Walk):
             self.given = self.take(share=0.5, most=MAX_PARTS)
         if self.given:
             try:
-                self.pending = executor.submit(scan_parts, self.path, self.identity, self.given, HELPER_BUDGET)
+                self.pending = executor.submit(
+                    scan_parts, self.path, self.identity, self.given, HELPER_BUDGET
+                )
             except BrokenProcessPool:
                 self.helper_lost()
 

@@ -145,19 +145,36 @@ class PeerCredProtocol(HttpToolsProtocol):
         cls._slow_closed += 1
         now = time.monotonic()
         if now - cls._slow_logged_at >= _SLOW_LOG_EVERY_SECONDS:  # one line a minute, even under a flood
-            log.warning("closed connections that did not send a whole request in time",
-                        extra={"connections": cls._slow_closed, "deadline_seconds": REQUEST_DEADLINE_SECONDS,
-                               "last_peer_pid_uid_gid": self.peer})
+            log.warning(
+                "closed connections that did not send a whole request in time",
+                extra={
+                    "connections": cls._slow_closed,
+                    "deadline_seconds": REQUEST_DEADLINE_SECONDS,
+                    "last_peer_pid_uid_gid": self.peer,
+                },
+            )
             cls._slow_closed, cls._slow_logged_at = 0, now
 
     def send_400_response(self, msg: str) -> None:
         """Bad HTTP framing gets the same error envelope as everything else (docs/api.md, "Errors")."""
-        body = json.dumps({"error": {"code": "invalid_request", "message": f"Malformed HTTP request: {msg}",
-                                     "details": None}}).encode()
-        self.transport.write(b"".join([
-            b"HTTP/1.1 400 Bad Request\r\ncontent-type: application/json\r\n",
-            b"content-length: %d\r\nconnection: close\r\n\r\n" % len(body), body,
-        ]))
+        body = json.dumps(
+            {
+                "error": {
+                    "code": "invalid_request",
+                    "message": f"Malformed HTTP request: {msg}",
+                    "details": None,
+                }
+            }
+        ).encode()
+        self.transport.write(
+            b"".join(
+                [
+                    b"HTTP/1.1 400 Bad Request\r\ncontent-type: application/json\r\n",
+                    b"content-length: %d\r\nconnection: close\r\n\r\n" % len(body),
+                    body,
+                ]
+            )
+        )
         self.transport.close()
 
 
@@ -225,16 +242,24 @@ def _raise_fd_limit() -> None:
         try:
             resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
         except (ValueError, OSError) as exc:
-            log.warning("cannot raise the open-files limit", extra={"soft": soft, "hard": hard, "error": str(exc)})
+            log.warning(
+                "cannot raise the open-files limit", extra={"soft": soft, "hard": hard, "error": str(exc)}
+            )
 
 
 def _load(config_path: str | None) -> Config:
     if config_path is not None:
         return load_config(config_path)
     config = embedded_default()
-    log.info("no config file given: running on the embedded default",
-             extra={"socket": config.server.socket, "pool": config.pool[0].path, "listen": config.server.listen,
-                    "state_dir": config.server.state_dir})
+    log.info(
+        "no config file given: running on the embedded default",
+        extra={
+            "socket": config.server.socket,
+            "pool": config.pool[0].path,
+            "listen": config.server.listen,
+            "state_dir": config.server.state_dir,
+        },
+    )
     return config
 
 
@@ -266,19 +291,32 @@ def serve(config_path: str | None, log_level: str = "info") -> int:
         os.unlink(config.server.socket)
         return EXIT_START
     app = create_app(daemon)
-    server = uvicorn.Server(uvicorn.Config(
-        app, http=PeerCredProtocol, loop="uvloop", lifespan="on", access_log=False, log_config=None,
-        timeout_graceful_shutdown=10,
-        # No proxy stands in front: X-Forwarded-For from a local TCP client would only let it
-        # pose as another address, and the middleware that reads it is on every request's path.
-        proxy_headers=False,
-        # Idle connections: uvicorn's keep-alive timeout (5 s) closes them between requests,
-        # REQUEST_DEADLINE_SECONDS before and during one. limit_concurrency stays off: it
-        # counts idle connections too, and answers 503 in plain text, outside the API's
-        # error envelope, to every client once a few slow ones hold the slots.
-    ))
-    log.info("serving", extra={"socket": config.server.socket, "listen": config.server.listen or None,
-                               "pools": [p.name for p in config.pool]})
+    server = uvicorn.Server(
+        uvicorn.Config(
+            app,
+            http=PeerCredProtocol,
+            loop="uvloop",
+            lifespan="on",
+            access_log=False,
+            log_config=None,
+            timeout_graceful_shutdown=10,
+            # No proxy stands in front: X-Forwarded-For from a local TCP client would only let it
+            # pose as another address, and the middleware that reads it is on every request's path.
+            proxy_headers=False,
+            # Idle connections: uvicorn's keep-alive timeout (5 s) closes them between requests,
+            # REQUEST_DEADLINE_SECONDS before and during one. limit_concurrency stays off: it
+            # counts idle connections too, and answers 503 in plain text, outside the API's
+            # error envelope, to every client once a few slow ones hold the slots.
+        )
+    )
+    log.info(
+        "serving",
+        extra={
+            "socket": config.server.socket,
+            "listen": config.server.listen or None,
+            "pools": [p.name for p in config.pool],
+        },
+    )
     # uvicorn re-raises the stop signal once it has shut down; a graceful stop exits 0.
     signal.signal(signal.SIGTERM, lambda *_: None)
     signal.signal(signal.SIGINT, lambda *_: None)

@@ -147,11 +147,22 @@ def lease_inserted(lease: Lease) -> Statement:
 
 def lease_updated(lease: Lease) -> Statement:
     """A renew or an end: only what those change (an UPDATE, not a row rewrite)."""
-    return ("UPDATE leases SET state=?, end_reason=?, ended_at=?, expires_at=?, ttl_seconds=?, "
-            "usage_bytes=?, usage_files=?, usage_measured_at=?, last_activity_at=? WHERE id=?",
-            (lease.state.value, lease.end_reason.value if lease.end_reason else None, lease.ended_at,
-             lease.expires_at, lease.ttl_seconds, lease.usage.bytes, lease.usage.files, lease.usage.measured_at,
-             lease.last_activity_at, lease.id))
+    return (
+        "UPDATE leases SET state=?, end_reason=?, ended_at=?, expires_at=?, ttl_seconds=?, "
+        "usage_bytes=?, usage_files=?, usage_measured_at=?, last_activity_at=? WHERE id=?",
+        (
+            lease.state.value,
+            lease.end_reason.value if lease.end_reason else None,
+            lease.ended_at,
+            lease.expires_at,
+            lease.ttl_seconds,
+            lease.usage.bytes,
+            lease.usage.files,
+            lease.usage.measured_at,
+            lease.last_activity_at,
+            lease.id,
+        ),
+    )
 
 
 class StoreError(Exception):
@@ -160,28 +171,89 @@ class StoreError(Exception):
 
 def _row(lease: Lease) -> tuple[Any, ...]:
     return (
-        lease.id, lease.path, lease.pool, lease.tenant, lease.uid, lease.gid, lease.state.value,
-        lease.end_reason.value if lease.end_reason else None, lease.created_at, lease.expires_at,
-        lease.ended_at, lease.ttl_seconds, lease.idle_timeout_seconds, lease.pid, lease.pid_start_time,
-        lease.max_bytes, lease.expected_bytes, int(lease.evictable), json.dumps(lease.labels),
-        None if lease.same_filesystem is None else int(lease.same_filesystem), lease.mount_point,
-        lease.last_activity_at, lease.usage.bytes, lease.usage.files, lease.usage.measured_at,
+        lease.id,
+        lease.path,
+        lease.pool,
+        lease.tenant,
+        lease.uid,
+        lease.gid,
+        lease.state.value,
+        lease.end_reason.value if lease.end_reason else None,
+        lease.created_at,
+        lease.expires_at,
+        lease.ended_at,
+        lease.ttl_seconds,
+        lease.idle_timeout_seconds,
+        lease.pid,
+        lease.pid_start_time,
+        lease.max_bytes,
+        lease.expected_bytes,
+        int(lease.evictable),
+        json.dumps(lease.labels),
+        None if lease.same_filesystem is None else int(lease.same_filesystem),
+        lease.mount_point,
+        lease.last_activity_at,
+        lease.usage.bytes,
+        lease.usage.files,
+        lease.usage.measured_at,
         lease.link_mode.value if lease.link_mode else None,
     )
 
 
 def _lease(row: tuple[Any, ...]) -> Lease:
-    (id_, path, pool, tenant, uid, gid, state, end_reason, created_at, expires_at, ended_at, ttl, idle, pid,
-     pid_start, max_bytes, expected, evictable, labels, same_fs, mount_point, last_activity, u_bytes, u_files,
-     u_at, link_mode) = row
+    (
+        id_,
+        path,
+        pool,
+        tenant,
+        uid,
+        gid,
+        state,
+        end_reason,
+        created_at,
+        expires_at,
+        ended_at,
+        ttl,
+        idle,
+        pid,
+        pid_start,
+        max_bytes,
+        expected,
+        evictable,
+        labels,
+        same_fs,
+        mount_point,
+        last_activity,
+        u_bytes,
+        u_files,
+        u_at,
+        link_mode,
+    ) = row
     return Lease(
-        id=id_, path=path, pool=pool, tenant=tenant, uid=uid, gid=gid, state=LeaseState(state),
-        end_reason=EndReason(end_reason) if end_reason else None, created_at=created_at,
-        expires_at=expires_at, ended_at=ended_at, ttl_seconds=ttl, idle_timeout_seconds=idle, pid=pid,
-        pid_start_time=pid_start, max_bytes=max_bytes, expected_bytes=expected, evictable=bool(evictable),
-        labels=json.loads(labels), same_filesystem=None if same_fs is None else bool(same_fs),
-        mount_point=mount_point, last_activity_at=last_activity,
-        link_mode=LinkMode(link_mode) if link_mode else None, usage=Usage(bytes=u_bytes, files=u_files, measured_at=u_at),
+        id=id_,
+        path=path,
+        pool=pool,
+        tenant=tenant,
+        uid=uid,
+        gid=gid,
+        state=LeaseState(state),
+        end_reason=EndReason(end_reason) if end_reason else None,
+        created_at=created_at,
+        expires_at=expires_at,
+        ended_at=ended_at,
+        ttl_seconds=ttl,
+        idle_timeout_seconds=idle,
+        pid=pid,
+        pid_start_time=pid_start,
+        max_bytes=max_bytes,
+        expected_bytes=expected,
+        evictable=bool(evictable),
+        labels=json.loads(labels),
+        same_filesystem=None if same_fs is None else bool(same_fs),
+        mount_point=mount_point,
+        last_activity_at=last_activity,
+        link_mode=LinkMode(link_mode) if link_mode else None,
+        usage=Usage(bytes=u_bytes, files=u_files, measured_at=u_at),
     )
 
 
@@ -283,11 +355,15 @@ def migrate(db: sqlite3.Connection) -> None:
     """Bring a database of any earlier version up to this one's, in place."""
     version = db.execute("PRAGMA user_version").fetchone()[0]
     if version > len(MIGRATIONS):
-        raise StoreError(f"the state database is at version {version}, newer than this scratchd's "
-                         f"{len(MIGRATIONS)}: it was written by a later release; refusing to change it")
+        raise StoreError(
+            f"the state database is at version {version}, newer than this scratchd's "
+            f"{len(MIGRATIONS)}: it was written by a later release; refusing to change it"
+        )
     for number in range(version, len(MIGRATIONS)):
         try:
-            db.executescript(f"BEGIN IMMEDIATE; {MIGRATIONS[number]} PRAGMA user_version = {number + 1}; COMMIT;")
+            db.executescript(
+                f"BEGIN IMMEDIATE; {MIGRATIONS[number]} PRAGMA user_version = {number + 1}; COMMIT;"
+            )
         except sqlite3.Error as exc:
             if db.in_transaction:
                 db.execute("ROLLBACK")
@@ -386,8 +462,15 @@ class Store:
     def _insert_event(self, event: NewEvent, now: float) -> int:
         cursor = self._db.execute(
             "INSERT INTO events (at, kind, lease_id, pool, tenant, reason, details) VALUES (?, ?, ?, ?, ?, ?, ?)",
-            (now, event.kind, event.lease_id, event.pool, event.tenant, event.reason,
-             json.dumps(event.details) if event.details is not None else None),
+            (
+                now,
+                event.kind,
+                event.lease_id,
+                event.pool,
+                event.tenant,
+                event.reason,
+                json.dumps(event.details) if event.details is not None else None,
+            ),
         )
         return int(cursor.lastrowid or 0)
 
@@ -407,9 +490,12 @@ class Store:
     def prune(self, before: float) -> None:
         """Drop ended records and events older than ``gc.history_retention``."""
         self._write(
-            [("DELETE FROM leases WHERE state = 'ended' AND ended_at < ?", (before,)),
-             ("DELETE FROM events WHERE at < ? AND seq < (SELECT MAX(seq) FROM events)", (before,))],
-            [], before,
+            [
+                ("DELETE FROM leases WHERE state = 'ended' AND ended_at < ?", (before,)),
+                ("DELETE FROM events WHERE at < ? AND seq < (SELECT MAX(seq) FROM events)", (before,)),
+            ],
+            [],
+            before,
         )
 
     # -- reads ----------------------------------------------------------------------------
@@ -422,11 +508,19 @@ class Store:
         return _lease(row) if row else None
 
     def ended_leases(self) -> Iterator[Lease]:
-        cursor = self._db.execute(f"SELECT {_COLUMNS} FROM leases WHERE state = 'ended' ORDER BY ended_at DESC")
+        cursor = self._db.execute(
+            f"SELECT {_COLUMNS} FROM leases WHERE state = 'ended' ORDER BY ended_at DESC"
+        )
         return (_lease(r) for r in cursor)
 
     def events(
-        self, since: int, limit: int, *, before: int | None = None, tenant: str | None = None, newest_first: bool = False
+        self,
+        since: int,
+        limit: int,
+        *,
+        before: int | None = None,
+        tenant: str | None = None,
+        newest_first: bool = False,
     ) -> list[Event]:
         """Up to ``limit`` events between ``since`` and ``before`` (both exclusive), only ``tenant``'s if given.
 

@@ -61,17 +61,29 @@ class Tenant:
         return bool(directory.st_mode & stat.S_IXOTH)
 
 
-def lease_ttl(tenant: str, requested: int | None, *, default_ttl: float, max_ttl: float,
-              own: TenantLimits | None) -> int:
+def lease_ttl(
+    tenant: str, requested: int | None, *, default_ttl: float, max_ttl: float, own: TenantLimits | None
+) -> int:
     """The TTL a lease gets: ``requested`` or the default, within the daemon's and the tenant's maximum."""
     ttl = requested if requested is not None else int(default_ttl)
     if ttl > max_ttl:
-        raise Refused(422, "invalid_request", f"ttl_seconds may be at most {int(max_ttl)}.",
-                      {"fields": {"ttl_seconds": f"above limits.max_ttl ({int(max_ttl)})"},
-                       "max_ttl": int(max_ttl), "requested": ttl})
+        raise Refused(
+            422,
+            "invalid_request",
+            f"ttl_seconds may be at most {int(max_ttl)}.",
+            {
+                "fields": {"ttl_seconds": f"above limits.max_ttl ({int(max_ttl)})"},
+                "max_ttl": int(max_ttl),
+                "requested": ttl,
+            },
+        )
     if own is not None and own.max_ttl is not None and ttl > own.max_ttl:
-        raise Refused(429, "quota_exceeded", f"Tenant {tenant} may lease for at most {int(own.max_ttl)}s.",
-                      {"limit": "max_ttl", "max_ttl": int(own.max_ttl), "requested": ttl})
+        raise Refused(
+            429,
+            "quota_exceeded",
+            f"Tenant {tenant} may lease for at most {int(own.max_ttl)}s.",
+            {"limit": "max_ttl", "max_ttl": int(own.max_ttl), "requested": ttl},
+        )
     return ttl
 
 
@@ -79,16 +91,23 @@ def check_lease_count(tenant: str, held_leases: int, own: TenantLimits | None) -
     """Refuse one more lease to a tenant that holds its maximum already."""
     max_leases = own.max_leases if own and own.max_leases is not None else DEFAULT_MAX_LEASES_PER_TENANT
     if held_leases >= max_leases:
-        raise Refused(429, "quota_exceeded", f"Tenant {tenant} already holds {held_leases} active leases.",
-                      {"limit": "max_leases", "max_leases": max_leases, "active_leases": held_leases})
+        raise Refused(
+            429,
+            "quota_exceeded",
+            f"Tenant {tenant} already holds {held_leases} active leases.",
+            {"limit": "max_leases", "max_leases": max_leases, "active_leases": held_leases},
+        )
 
 
 def check_bytes(tenant: str, held: int, asked: int, max_bytes: int) -> None:
     """Refuse a lease whose charge (``asked``) would take the tenant's (``held``) past ``max_bytes``."""
     if held + asked > max_bytes:
-        raise Refused(429, "quota_exceeded", f"Tenant {tenant} would exceed its byte quota.",
-                      {"limit": "max_bytes", "max_bytes": max_bytes, "held_bytes": held,
-                       "requested_bytes": asked})
+        raise Refused(
+            429,
+            "quota_exceeded",
+            f"Tenant {tenant} would exceed its byte quota.",
+            {"limit": "max_bytes", "max_bytes": max_bytes, "held_bytes": held, "requested_bytes": asked},
+        )
 
 
 def tenant_charge(lease: Lease) -> int:

@@ -50,8 +50,15 @@ class UsageMonitor:
     ``interval`` reads ``gc.interval`` (a reload may change it).
     """
 
-    def __init__(self, manager: LeaseManager, store: Store, *, directory_gone: Callable[[Lease], None],
-                 interval: Callable[[], float], clock: Callable[[], float]) -> None:
+    def __init__(
+        self,
+        manager: LeaseManager,
+        store: Store,
+        *,
+        directory_gone: Callable[[Lease], None],
+        interval: Callable[[], float],
+        clock: Callable[[], float],
+    ) -> None:
         self._manager = manager
         self._store = store
         self._directory_gone = directory_gone
@@ -169,7 +176,8 @@ class UsageMonitor:
             self._directory_gone(lease)
             return
         self._manager.active.set_usage(
-            lease, Usage(bytes=sample.bytes, files=sample.files, measured_at=sample.measured_at))
+            lease, Usage(bytes=sample.bytes, files=sample.files, measured_at=sample.measured_at)
+        )
         newest = min(sample.newest_mtime, sample.measured_at)
         if lease.last_activity_at is None or newest > lease.last_activity_at:
             lease.last_activity_at = newest

@@ -10,8 +10,7 @@ import subprocess
 import sys
 
 import pytest
-
-from conftest import needs_root, tmpfs, bind_mount, wait_for
+from conftest import bind_mount, needs_root, tmpfs, wait_for
 
 RFC3339 = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d+)?Z$")
 
@@ -64,7 +63,10 @@ def test_create_get_list_renew_release(daemon, tmp_path):
     again = daemon.request("DELETE", f"/v1/leases/{lease['id']}")
     assert again.status_code == 200 and again.json()["end_reason"] == "released"
     assert_envelope(daemon.request("POST", f"/v1/leases/{lease['id']}/renew", json={}), 409, "lease_ended")
-    assert daemon.request("GET", "/v1/leases", params={"state": "ended"}).json()["leases"][0]["id"] == lease["id"]
+    assert (
+        daemon.request("GET", "/v1/leases", params={"state": "ended"}).json()["leases"][0]["id"]
+        == lease["id"]
+    )
     assert daemon.request("GET", "/v1/leases").json()["leases"] == []
 
     # the trash drains in the background
@@ -76,17 +78,30 @@ def test_create_get_list_renew_release(daemon, tmp_path):
 def test_the_hot_path_answers_as_the_routes_do(daemon):
     """api.hotpath takes ``application/json`` creates on the Unix socket; FastAPI takes
     other JSON types: the two must answer alike, refusals included."""
+
     def create(content_type: str, body: bytes) -> tuple[int, dict]:
         response = daemon.request("POST", "/v1/leases", content=body, headers={"content-type": content_type})
         return response.status_code, response.json()
 
     body = b'{"ttl_seconds": 60, "labels": {"job": "x"}, "evictable": true}'
-    (hot_status, hot), (route_status, routed) = create("application/json", body), create("application/x+json", body)
+    (hot_status, hot), (route_status, routed) = (
+        create("application/json", body),
+        create("application/x+json", body),
+    )
     assert hot_status == route_status == 201
     differ = {"id", "path", "created_at", "expires_at", "last_activity_at"}
-    assert {k: v for k, v in hot.items() if k not in differ} == {k: v for k, v in routed.items() if k not in differ}
-    for refused in (b'{"pool": "nowhere"}', b'{"ttl_seconds": 0}', b'{"ttl_seconds": 999999999}', b'{"x": 1}',
-                    b'{"pool": "a", "pool": "b"}', b"[]", b"{"):
+    assert {k: v for k, v in hot.items() if k not in differ} == {
+        k: v for k, v in routed.items() if k not in differ
+    }
+    for refused in (
+        b'{"pool": "nowhere"}',
+        b'{"ttl_seconds": 0}',
+        b'{"ttl_seconds": 999999999}',
+        b'{"x": 1}',
+        b'{"pool": "a", "pool": "b"}',
+        b"[]",
+        b"{",
+    ):
         assert create("application/json", refused) == create("application/x+json", refused), refused
     status, defaults = create("application/json", b"")
     assert status == 201
@@ -115,8 +130,11 @@ def test_events_record_the_lifecycle(daemon):
 
 def test_ttl_expiry_ends_lease_within_gc_interval(daemon):
     lease = daemon.lease(ttl_seconds=1)
-    ended = wait_for(lambda: (r := daemon.request("GET", f"/v1/leases/{lease['id']}").json())["state"] == "ended" and r,
-                     timeout=5, what="lease to expire")
+    ended = wait_for(
+        lambda: (r := daemon.request("GET", f"/v1/leases/{lease['id']}").json())["state"] == "ended" and r,
+        timeout=5,
+        what="lease to expire",
+    )
     assert ended["end_reason"] == "expired"
     assert not os.path.lexists(lease["path"])
 
@@ -130,7 +148,13 @@ def test_pools_usage_health(daemon):
     assert pool["reserved_bytes"] == 1024 and pool["capacity_bytes"] > 0 and pool["mount_point"]
     usage = daemon.request("GET", "/v1/usage").json()
     assert usage["tenants"][0]["active_leases"] == 1
-    assert set(usage["reclaim"]) == {"pending", "pending_bytes", "reclaimed_total", "reclaimed_bytes_total", "by_reason"}
+    assert set(usage["reclaim"]) == {
+        "pending",
+        "pending_bytes",
+        "reclaimed_total",
+        "reclaimed_bytes_total",
+        "by_reason",
+    }
     assert daemon.request("GET", "/healthz").json() == {"status": "ok"}
     assert daemon.request("GET", "/readyz").status_code == 200
 
@@ -179,13 +203,19 @@ def test_bad_input_is_refused_and_changes_nothing(daemon, body, field):
     assert daemon.request("GET", "/v1/leases", params={"state": "all"}).json()["leases"] == []
 
 
-@pytest.mark.parametrize(("body", "said"), [
-    ({"ttl_seconds": 0}, "ttl_seconds must be ≥ 1"),
-    ({"ttl_seconds": "60"}, "ttl_seconds must be an integer"),
-    ({"placement": "nearby"}, "placement must be one of 'prefer-same-filesystem', 'same-filesystem' or 'any'"),
-    ({"near": "relative"}, "near must be an absolute path"),
-    ({"colour": "red"}, "colour is not a field of this request"),
-])
+@pytest.mark.parametrize(
+    ("body", "said"),
+    [
+        ({"ttl_seconds": 0}, "ttl_seconds must be ≥ 1"),
+        ({"ttl_seconds": "60"}, "ttl_seconds must be an integer"),
+        (
+            {"placement": "nearby"},
+            "placement must be one of 'prefer-same-filesystem', 'same-filesystem' or 'any'",
+        ),
+        ({"near": "relative"}, "near must be an absolute path"),
+        ({"colour": "red"}, "colour is not a field of this request"),
+    ],
+)
 def test_a_refusal_says_why(daemon, body, said):
     error = assert_envelope(daemon.request("POST", "/v1/leases", json=body), 422, "invalid_request")
     assert error["message"] == f"Invalid request: {said}."
@@ -199,12 +229,15 @@ def test_an_integral_number_is_an_integer_as_the_published_schema_says(daemon):
     assert renewed.status_code == 200 and renewed.json()["ttl_seconds"] == 99
 
 
-@pytest.mark.parametrize(("method", "path", "allowed"), [
-    ("OPTIONS", "/v1/leases", "GET, POST"),
-    ("PUT", "/v1/leases", "GET, POST"),
-    ("PATCH", "/v1/leases/someid", "DELETE, GET"),
-    ("GET", "/v1/leases/someid/renew", "POST"),
-])
+@pytest.mark.parametrize(
+    ("method", "path", "allowed"),
+    [
+        ("OPTIONS", "/v1/leases", "GET, POST"),
+        ("PUT", "/v1/leases", "GET, POST"),
+        ("PATCH", "/v1/leases/someid", "DELETE, GET"),
+        ("GET", "/v1/leases/someid/renew", "POST"),
+    ],
+)
 def test_a_405_names_every_method_of_the_path(daemon, method, path, allowed):
     answer = daemon.request(method, path)
     assert_envelope(answer, 405, "method_not_allowed")
@@ -212,19 +245,30 @@ def test_a_405_names_every_method_of_the_path(daemon, method, path, allowed):
 
 
 def test_transport_level_errors_use_the_envelope(daemon):
-    assert_envelope(daemon.request("POST", "/v1/leases", content=b"{not json",
-                                   headers={"content-type": "application/json"}), 422, "invalid_request")
+    assert_envelope(
+        daemon.request(
+            "POST", "/v1/leases", content=b"{not json", headers={"content-type": "application/json"}
+        ),
+        422,
+        "invalid_request",
+    )
     assert_envelope(daemon.request("POST", "/v1/leases", json=[1, 2]), 422, "invalid_request")
-    assert_envelope(daemon.request("POST", "/v1/leases", content=b"x" * (1 << 20),
-                                   headers={"content-type": "application/json"}), 413, "request_too_large")
+    assert_envelope(
+        daemon.request(
+            "POST", "/v1/leases", content=b"x" * (1 << 20), headers={"content-type": "application/json"}
+        ),
+        413,
+        "request_too_large",
+    )
     assert_envelope(daemon.request("GET", "/v1/nope"), 404, "not_found")
     assert_envelope(daemon.request("PUT", "/v1/leases"), 405, "method_not_allowed")
     assert_envelope(daemon.request("GET", "/v1/leases/doesnotexist"), 404, "lease_not_found")
     assert_envelope(daemon.request("DELETE", "/v1/leases/doesnotexist"), 404, "lease_not_found")
     assert_envelope(daemon.request("GET", "/v1/leases", params={"state": "gone"}), 422, "invalid_request")
     assert_envelope(daemon.request("POST", "/v1/leases", json={"pool": "nope"}), 404, "pool_not_found")
-    assert_envelope(daemon.request("POST", "/v1/leases", json={"expected_bytes": 2**53 - 1}), 507,
-                    "insufficient_storage")
+    assert_envelope(
+        daemon.request("POST", "/v1/leases", json={"expected_bytes": 2**53 - 1}), 507, "insufficient_storage"
+    )
     assert pool_entries(daemon) == set()
 
 
@@ -247,12 +291,18 @@ def test_answers_without_a_body_are_sent_whole(daemon):
 
 
 def test_ttl_limits(make_daemon):
-    daemon = make_daemon(limits={"default_ttl": "1m", "max_ttl": "1h"},
-                         tenant=[{"name": _me(), "max_ttl": "10m", "max_leases": 2}])
+    daemon = make_daemon(
+        limits={"default_ttl": "1m", "max_ttl": "1h"},
+        tenant=[{"name": _me(), "max_ttl": "10m", "max_leases": 2}],
+    )
     assert daemon.lease()["ttl_seconds"] == 60
-    error = assert_envelope(daemon.request("POST", "/v1/leases", json={"ttl_seconds": 7200}), 422, "invalid_request")
+    error = assert_envelope(
+        daemon.request("POST", "/v1/leases", json={"ttl_seconds": 7200}), 422, "invalid_request"
+    )
     assert "ttl_seconds" in error["details"]["fields"]
-    error = assert_envelope(daemon.request("POST", "/v1/leases", json={"ttl_seconds": 1200}), 429, "quota_exceeded")
+    error = assert_envelope(
+        daemon.request("POST", "/v1/leases", json={"ttl_seconds": 1200}), 429, "quota_exceeded"
+    )
     assert error["details"]["limit"] == "max_ttl"
     daemon.lease()
     error = assert_envelope(daemon.request("POST", "/v1/leases", json={}), 429, "quota_exceeded")
@@ -274,8 +324,16 @@ def test_pid_binding_validation(daemon):
 def test_openapi_documents_every_route(daemon):
     spec = daemon.request("GET", "/openapi.json").json()
     paths = spec["paths"]
-    for path in ("/v1/leases", "/v1/leases/{lease_id}", "/v1/leases/{lease_id}/renew", "/v1/pools",
-                 "/v1/usage", "/v1/events", "/healthz", "/readyz"):
+    for path in (
+        "/v1/leases",
+        "/v1/leases/{lease_id}",
+        "/v1/leases/{lease_id}/renew",
+        "/v1/pools",
+        "/v1/usage",
+        "/v1/events",
+        "/healthz",
+        "/readyz",
+    ):
         assert path in paths, path
     assert "LeaseRequest" in spec["components"]["schemas"]
     assert "ErrorBody" in spec["components"]["schemas"]
@@ -290,12 +348,16 @@ def test_bad_config_exits_2_naming_the_key(tmp_path):
         '[server]\nsokcet = "/x"\n': "server.sokcet",
         f'[[pool]]\nname = "a"\npath = "{pool}"\n[[pool]]\nname = "a"\npath = "{pool}"\n': "pool[1].name",
         '[limits]\nmax_ttl = 5\ndefault_ttl = "1h"\n': "limits",
-        '[gc]\ninterval = true\n': "gc.interval",
+        "[gc]\ninterval = true\n": "gc.interval",
     }
     for text, key in cases.items():
         config.write_text(text)
-        result = subprocess.run([sys.executable, "-m", "scratchd", "serve", "--config", str(config)],
-                                capture_output=True, text=True, timeout=30)
+        result = subprocess.run(
+            [sys.executable, "-m", "scratchd", "serve", "--config", str(config)],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
         assert result.returncode == 2, (text, result.stderr)
         assert key in result.stderr, (key, result.stderr)
         assert len(result.stderr.strip().splitlines()) == 1, result.stderr
@@ -339,15 +401,20 @@ def test_placement_on_near_mount_and_bind_mount_is_another_filesystem(make_daemo
                 os.link(fs_b / "project" / "f", bind_b / "pool" / "f")
             assert excinfo.value.errno == 18  # EXDEV
 
-            daemon = make_daemon(pool=[{"name": "a", "path": str(fs_a / "pool"), "reserve": "0"},
-                                       {"name": "b", "path": str(fs_b / "pool")}])
+            daemon = make_daemon(
+                pool=[
+                    {"name": "a", "path": str(fs_a / "pool"), "reserve": "0"},
+                    {"name": "b", "path": str(fs_b / "pool")},
+                ]
+            )
             lease = daemon.lease(near=str(fs_b / "project" / "venv-not-yet"))
             assert lease["pool"] == "b" and lease["same_filesystem"] is True
             assert lease["mount_point"] == str(fs_b)
 
             # near via the bind mount: same device, different mount -> not the same filesystem
-            refused = daemon.request("POST", "/v1/leases",
-                                     json={"near": str(bind_b / "project"), "placement": "same-filesystem"})
+            refused = daemon.request(
+                "POST", "/v1/leases", json={"near": str(bind_b / "project"), "placement": "same-filesystem"}
+            )
             assert_envelope(refused, 409, "no_pool_on_filesystem")
             fallback = daemon.lease(near=str(bind_b / "project"))
             assert fallback["same_filesystem"] is False

@@ -20,9 +20,9 @@ import termios
 from pathlib import Path
 
 import pytest
+from conftest import wait_for
 
 import scratchd
-from conftest import wait_for
 
 SCRATCHD = [sys.executable, "-m", "scratchd"]
 CLI_DOC = Path(__file__).parents[2] / "docs" / "cli.md"
@@ -46,8 +46,9 @@ def on_a_terminal(daemon, *argv: str, columns: int = 80) -> tuple[int, str, str]
     fcntl.ioctl(terminal, termios.TIOCSWINSZ, struct.pack("HHHH", 40, columns, 0, 0))
     env = {**os.environ, "SCRATCHD_SOCKET": daemon.socket}
     env.pop("COLUMNS", None)
-    process = subprocess.Popen([*SCRATCHD, *argv], stdout=terminal, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL,
-                               env=env)
+    process = subprocess.Popen(
+        [*SCRATCHD, *argv], stdout=terminal, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, env=env
+    )
     os.close(terminal)
     output = b""
     while True:
@@ -68,8 +69,14 @@ def into_a_closed_pipe(daemon, *argv: str) -> subprocess.CompletedProcess[str]:
     read, write = os.pipe()
     os.close(read)
     try:
-        return subprocess.run([*SCRATCHD, *argv], stdout=write, stderr=subprocess.PIPE, text=True, timeout=60,
-                              env={**os.environ, "SCRATCHD_SOCKET": daemon.socket})
+        return subprocess.run(
+            [*SCRATCHD, *argv],
+            stdout=write,
+            stderr=subprocess.PIPE,
+            text=True,
+            timeout=60,
+            env={**os.environ, "SCRATCHD_SOCKET": daemon.socket},
+        )
     finally:
         os.close(write)
 
@@ -219,8 +226,13 @@ def test_off_a_terminal_each_row_is_one_line_however_wide(daemon) -> None:
     branch = "feature/" + "a-very-long-branch-name-" * 8
     leases = [daemon.lease(labels={"job": f"test-shard-{n}", "branch": branch}) for n in range(5)]
     grep = f"{shlex.join(SCRATCHD)} ls | grep job=test-shard-3"
-    found = subprocess.run(["sh", "-c", grep], capture_output=True, text=True, timeout=60,
-                           env={**os.environ, "SCRATCHD_SOCKET": daemon.socket, "COLUMNS": "80"})
+    found = subprocess.run(
+        ["sh", "-c", grep],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "SCRATCHD_SOCKET": daemon.socket, "COLUMNS": "80"},
+    )
     assert found.returncode == 0, found.stderr
     (line,) = found.stdout.splitlines()
     assert line.split()[0] == leases[3]["id"] and f"branch={branch}" in line
@@ -230,11 +242,29 @@ def test_off_a_terminal_each_row_is_one_line_however_wide(daemon) -> None:
     assert len(pools) == 2 and pools[1].endswith(daemon.pool_path)
 
 
-CLOSED_PIPE_COMMANDS = [["ls"], ["ls", "--json"], ["ls", "--all"], ["show", "{id}"], ["show", "{id}", "--json"],
-                        ["pools"], ["pools", "--json"], ["usage"], ["usage", "--json"], ["events"],
-                        ["events", "--json"], ["events", "--follow"], ["events", "-n", "0", "--follow"],
-                        ["lease"], ["lease", "--shell"], ["renew", "{id}"], ["--help"], ["ls", "--help"],
-                        ["--version"], ["run", "--list-tools"], ["completion", "bash"]]
+CLOSED_PIPE_COMMANDS = [
+    ["ls"],
+    ["ls", "--json"],
+    ["ls", "--all"],
+    ["show", "{id}"],
+    ["show", "{id}", "--json"],
+    ["pools"],
+    ["pools", "--json"],
+    ["usage"],
+    ["usage", "--json"],
+    ["events"],
+    ["events", "--json"],
+    ["events", "--follow"],
+    ["events", "-n", "0", "--follow"],
+    ["lease"],
+    ["lease", "--shell"],
+    ["renew", "{id}"],
+    ["--help"],
+    ["ls", "--help"],
+    ["--version"],
+    ["run", "--list-tools"],
+    ["completion", "bash"],
+]
 
 
 @pytest.mark.parametrize("argv", CLOSED_PIPE_COMMANDS, ids=" ".join)
@@ -251,8 +281,13 @@ def test_piped_into_head_the_status_is_a_shells(daemon, command: str) -> None:
     for n in range(40):
         daemon.lease(labels={"job": f"shard-{n}"})
     script = f'{shlex.join(SCRATCHD)} {command} | head -1; echo "${{PIPESTATUS[*]}}"'
-    result = subprocess.run(["bash", "-c", script], capture_output=True, text=True, timeout=60,
-                            env={**os.environ, "SCRATCHD_SOCKET": daemon.socket})
+    result = subprocess.run(
+        ["bash", "-c", script],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "SCRATCHD_SOCKET": daemon.socket},
+    )
     first, status = result.stdout.splitlines()
     assert first and status in ("0 0", "141 0") and result.stderr == ""
 
@@ -260,8 +295,13 @@ def test_piped_into_head_the_status_is_a_shells(daemon, command: str) -> None:
 def test_events_follow_into_head_ends_when_head_does(daemon) -> None:
     daemon.lease()
     script = f'{shlex.join(SCRATCHD)} events --follow | head -1; echo "${{PIPESTATUS[*]}}"'
-    result = subprocess.run(["bash", "-c", script], capture_output=True, text=True, timeout=60,
-                            env={**os.environ, "SCRATCHD_SOCKET": daemon.socket})
+    result = subprocess.run(
+        ["bash", "-c", script],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "SCRATCHD_SOCKET": daemon.socket},
+    )
     first, status = result.stdout.splitlines()
     assert first and status == "141 0" and result.stderr == ""
 
@@ -292,8 +332,12 @@ def test_events_prints_the_newest_oldest_first_and_says_how_to_see_more(daemon) 
 
 def test_events_follow_goes_on_from_the_newest(daemon) -> None:
     first, last = daemon.lease(), daemon.lease()
-    follower = subprocess.Popen([*SCRATCHD, "events", "-n", "1", "--follow", "--json"], stdout=subprocess.PIPE,
-                                text=True, env={**os.environ, "SCRATCHD_SOCKET": daemon.socket})
+    follower = subprocess.Popen(
+        [*SCRATCHD, "events", "-n", "1", "--follow", "--json"],
+        stdout=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "SCRATCHD_SOCKET": daemon.socket},
+    )
     try:
         assert json.loads(follower.stdout.readline())["lease_id"] == last["id"]
         daemon.request("DELETE", f"/v1/leases/{first['id']}")
@@ -311,9 +355,20 @@ def test_refusals_say_why_in_the_users_units(make_daemon) -> None:
     said = {
         ("lease", "--ttl", "0"): "invalid_request: Invalid request: ttl_seconds must be ≥ 1.",
         ("lease", "--ttl", "30d"): "invalid_request: --ttl 30d is over the daemon's limit: at most 7d",
-        ("run", "--ttl", "200h", "--", "true"): "invalid_request: --ttl 200h is over the daemon's limit: at most 168h",
+        (
+            "run",
+            "--ttl",
+            "200h",
+            "--",
+            "true",
+        ): "invalid_request: --ttl 200h is over the daemon's limit: at most 168h",
         ("lease", "--ttl", "3h"): "quota_exceeded: --ttl 3h is over your tenant's limit: at most 2h",
-        ("renew", lease["id"], "--ttl", "150m"): "quota_exceeded: --ttl 150m is over your tenant's limit: at most 120m",
+        (
+            "renew",
+            lease["id"],
+            "--ttl",
+            "150m",
+        ): "quota_exceeded: --ttl 150m is over your tenant's limit: at most 120m",
         ("lease", "--pool", "nope"): "pool_not_found: ",
     }
     for argv, message in said.items():
@@ -421,7 +476,14 @@ def test_over_tcp_with_a_token(make_daemon) -> None:
     secret = "ci-secret"
     make_daemon(
         server={"listen": f"127.0.0.1:{port}"},
-        token=[{"name": "ci", "sha256": hashlib.sha256(secret.encode()).hexdigest(), "role": "tenant", "tenant": "ci"}],
+        token=[
+            {
+                "name": "ci",
+                "sha256": hashlib.sha256(secret.encode()).hexdigest(),
+                "role": "tenant",
+                "tenant": "ci",
+            }
+        ],
     )
     url = f"http://127.0.0.1:{port}"
     env = {**os.environ, "SCRATCHD_SOCKET": "", "SCRATCHD_URL": url}
@@ -429,7 +491,9 @@ def test_over_tcp_with_a_token(make_daemon) -> None:
     refused = subprocess.run(run, capture_output=True, text=True, timeout=60, env=env)
     assert refused.returncode == 1
     assert "unauthenticated" in refused.stderr
-    leased = subprocess.run(run, capture_output=True, text=True, timeout=60, env={**env, "SCRATCHD_TOKEN": secret})
+    leased = subprocess.run(
+        run, capture_output=True, text=True, timeout=60, env={**env, "SCRATCHD_TOKEN": secret}
+    )
     assert leased.returncode == 0, leased.stderr
     assert json.loads(leased.stdout)["tenant"] == "ci"
 
@@ -459,7 +523,9 @@ def test_a_python_job_killed_by_sigkill_loses_its_lease_within_2_s(daemon) -> No
         assert int(pid) == process.pid  # bound to the process that holds it, by default
         process.kill()
         process.wait()
-        ended = wait_for(lambda: lease_state(daemon, lease_id)["end_reason"], timeout=2 + 3, what="the lease's end")
+        ended = wait_for(
+            lambda: lease_state(daemon, lease_id)["end_reason"], timeout=2 + 3, what="the lease's end"
+        )
         assert ended == "process_exited"
     finally:
         process.kill()

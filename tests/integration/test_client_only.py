@@ -10,8 +10,14 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).parents[2]
-OFFLINE = ("Could not find a version", "No matching distribution", "Failed to establish", "Network is unreachable",
-           "Temporary failure in name resolution", "Name or service not known")
+OFFLINE = (
+    "Could not find a version",
+    "No matching distribution",
+    "Failed to establish",
+    "Network is unreachable",
+    "Temporary failure in name resolution",
+    "Name or service not known",
+)
 
 
 def test_pip_install_scratchd_gives_the_client_and_cli_without_the_server(daemon, tmp_path: Path) -> None:
@@ -20,27 +26,49 @@ def test_pip_install_scratchd_gives_the_client_and_cli_without_the_server(daemon
     for name in ("pyproject.toml", "README.md"):
         shutil.copy(REPO / name, source / name)
     venv = tmp_path / "venv"
-    made = subprocess.run([sys.executable, "-m", "venv", str(venv)], capture_output=True, text=True, timeout=120)
+    made = subprocess.run(
+        [sys.executable, "-m", "venv", str(venv)], capture_output=True, text=True, timeout=120
+    )
     if made.returncode != 0:
         pytest.skip(f"cannot make a venv: {made.stderr.strip()[-300:]}")
-    pip = subprocess.run([venv / "bin" / "pip", "install", "-q", "--disable-pip-version-check", str(source)],
-                         capture_output=True, text=True, timeout=280)
+    pip = subprocess.run(
+        [venv / "bin" / "pip", "install", "-q", "--disable-pip-version-check", str(source)],
+        capture_output=True,
+        text=True,
+        timeout=280,
+    )
     if pip.returncode != 0 and any(sign in pip.stderr for sign in OFFLINE):
-        pytest.skip(f"pip cannot reach the package index (for setuptools, to build): {pip.stderr.strip()[-300:]}")
+        pytest.skip(
+            f"pip cannot reach the package index (for setuptools, to build): {pip.stderr.strip()[-300:]}"
+        )
     assert pip.returncode == 0, pip.stderr
 
     def run(*argv: str | Path) -> subprocess.CompletedProcess[str]:
-        return subprocess.run([str(arg) for arg in argv], capture_output=True, text=True, timeout=60, cwd=tmp_path)
+        return subprocess.run(
+            [str(arg) for arg in argv], capture_output=True, text=True, timeout=60, cwd=tmp_path
+        )
 
-    installed = run(venv / "bin" / "pip", "list", "--format=freeze", "--disable-pip-version-check").stdout.split()
+    installed = run(
+        venv / "bin" / "pip", "list", "--format=freeze", "--disable-pip-version-check"
+    ).stdout.split()
     assert {line.split("==")[0].lower() for line in installed} - {"pip", "setuptools"} == {"scratchd"}
     assert run(venv / "bin" / "python", "-c", "import fastapi").returncode != 0
     version = run(venv / "bin" / "scratchd", "--version")
     assert version.returncode == 0 and version.stdout.startswith("scratchd "), version.stderr
     helped = run(venv / "bin" / "scratchd", "run", "--help")
     assert helped.returncode == 0 and "-- CMD" in helped.stdout, helped.stderr
-    used = run(venv / "bin" / "scratchd", "--socket", daemon.socket, "run", "--tool", "uv", "--", "sh", "-c",
-               'test -d "$UV_CACHE_DIR"')
+    used = run(
+        venv / "bin" / "scratchd",
+        "--socket",
+        daemon.socket,
+        "run",
+        "--tool",
+        "uv",
+        "--",
+        "sh",
+        "-c",
+        'test -d "$UV_CACHE_DIR"',
+    )
     assert used.returncode == 0, used.stderr
     served = run(venv / "bin" / "scratchd", "serve")
     assert served.returncode == 1

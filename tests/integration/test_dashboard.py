@@ -33,12 +33,17 @@ def token(name: str, role: str, **more: str) -> dict[str, str]:
 
 def test_the_page_is_public_its_data_is_not(make_daemon):
     port = free_port()
-    make_daemon(server={"listen": f"127.0.0.1:{port}", "anonymous": "none"},
-                token=[token("grafana", "viewer"), token("ci", "tenant", tenant="ci")])
+    make_daemon(
+        server={"listen": f"127.0.0.1:{port}", "anonymous": "none"},
+        token=[token("grafana", "viewer"), token("ci", "tenant", tenant="ci")],
+    )
     url = f"http://127.0.0.1:{port}"
     # A browser must load the page before it can ask for a token: the files hold no data.
-    for path, media_type in (("/", "text/html"), ("/dashboard/app.js", "text/javascript"),
-                             ("/dashboard/style.css", "text/css")):
+    for path, media_type in (
+        ("/", "text/html"),
+        ("/dashboard/app.js", "text/javascript"),
+        ("/dashboard/style.css", "text/css"),
+    ):
         page = httpx.get(url + path)
         assert page.status_code == 200 and page.headers["content-type"].startswith(media_type), path
         assert "default-src 'none'" in page.headers["content-security-policy"]
@@ -54,11 +59,17 @@ def test_the_page_is_public_its_data_is_not(make_daemon):
 
 def test_every_401_names_the_bearer_scheme(make_daemon):
     port = free_port()
-    make_daemon(server={"listen": f"127.0.0.1:{port}", "anonymous": "none"}, token=[token("grafana", "viewer")])
+    make_daemon(
+        server={"listen": f"127.0.0.1:{port}", "anonymous": "none"}, token=[token("grafana", "viewer")]
+    )
     url = f"http://127.0.0.1:{port}"
     spec = httpx.get(url + "/openapi.json", headers={"Authorization": "Bearer grafana"}).json()
-    calls = [(method.upper(), path.replace("{lease_id}", "some-lease")) for path, item in spec["paths"].items()
-             for method in item if path not in ("/healthz", "/readyz")]
+    calls = [
+        (method.upper(), path.replace("{lease_id}", "some-lease"))
+        for path, item in spec["paths"].items()
+        for method in item
+        if path not in ("/healthz", "/readyz")
+    ]
     calls += [("GET", "/metrics"), ("GET", "/openapi.json")]
     assert ("POST", "/v1/leases") in calls and ("GET", "/v1/usage") in calls
     for method, path in calls:
@@ -74,7 +85,11 @@ def test_dashboard_files(daemon):
     assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
     assert "default-src 'none'" in page.headers["content-security-policy"]
     assert 'src="dashboard/app.js"' in page.text and 'href="dashboard/style.css"' in page.text
-    for path in ("/", "/dashboard/app.js", "/dashboard/style.css"):  # nothing from elsewhere: hosts may be offline
+    for path in (
+        "/",
+        "/dashboard/app.js",
+        "/dashboard/style.css",
+    ):  # nothing from elsewhere: hosts may be offline
         assert "://" not in daemon.request("GET", path).text, path
     assert daemon.request("GET", "/dashboard/style.css").headers["content-type"].startswith("text/css")
     missing = daemon.request("GET", "/dashboard/nope.js")
@@ -88,9 +103,17 @@ def browser(tmp_path: Path) -> Iterator[object]:
     webdriver = pytest.importorskip("selenium.webdriver", reason="needs the selenium package")
     options = webdriver.ChromeOptions()
     options.binary_location = CHROMIUM
-    for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                 f"--user-data-dir={tmp_path / 'chromium-profile'}"):
+    for flag in (
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-quic",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        f"--user-data-dir={tmp_path / 'chromium-profile'}",
+    ):
         options.add_argument(flag)
     options.set_capability("goog:loggingPrefs", {"browser": "ALL", "performance": "ALL"})
     driver = webdriver.Chrome(options=options, service=webdriver.ChromeService(CHROMEDRIVER))
@@ -103,13 +126,17 @@ def browser(tmp_path: Path) -> Iterator[object]:
 
 def show_as(browser, size: str) -> None:
     width, height, scale, mobile = SIZES[size]
-    browser.execute_cdp_cmd("Emulation.setDeviceMetricsOverride",
-                            {"width": width, "height": height, "deviceScaleFactor": scale, "mobile": mobile})
+    browser.execute_cdp_cmd(
+        "Emulation.setDeviceMetricsOverride",
+        {"width": width, "height": height, "deviceScaleFactor": scale, "mobile": mobile},
+    )
 
 
 def screenshot(browser, path: Path) -> None:
     width = browser.execute_script("return window.innerWidth")
-    assert browser.execute_script("return document.documentElement.scrollWidth") <= width, "page scrolls sideways"
+    assert browser.execute_script("return document.documentElement.scrollWidth") <= width, (
+        "page scrolls sideways"
+    )
     browser.save_screenshot(str(path))
 
 
@@ -160,7 +187,9 @@ def test_dashboard_in_a_browser(make_daemon, browser, tmp_path):
 
     daemon.stop()  # a daemon that goes away is reported on the page, not in the console
     problem = browser.find_element(By.ID, "problem")
-    WebDriverWait(browser, 10).until(lambda _: problem.is_displayed(), "no visible error while the daemon is down")
+    WebDriverWait(browser, 10).until(
+        lambda _: problem.is_displayed(), "no visible error while the daemon is down"
+    )
     assert "Cannot reach scratchd" in problem.text and shows(second["id"])  # the last data stays
     screenshot(browser, tmp_path / "phone-offline.png")
     # Chromium itself logs each refused connection; anything else would be the page's fault.
@@ -189,8 +218,10 @@ def locked(make_daemon, tmp_path) -> Locked:
     daemon = make_daemon(
         server={"listen": f"127.0.0.1:{port}", "anonymous": "none"},
         token=[token(SECRET, "viewer")],
-        pool=[{"name": "fast-ssd", "path": str(ssd), "labels": ["nvme", "rack=<b>b7</b>"]},
-              {"name": "usb-later", "path": str(tmp_path / "not-mounted-yet"), "labels": ["usb"]}],
+        pool=[
+            {"name": "fast-ssd", "path": str(ssd), "labels": ["nvme", "rack=<b>b7</b>"]},
+            {"name": "usb-later", "path": str(tmp_path / "not-mounted-yet"), "labels": ["usb"]},
+        ],
     )
     return Locked(daemon, f"http://127.0.0.1:{port}", daemon.lease(labels={"job": "locked-test"}))
 
@@ -212,7 +243,9 @@ def asks_for_a_token(browser) -> bool:
 
 
 def shows_lease(browser, lease: dict[str, Any]) -> bool:
-    return lease["id"] in by_id(browser, "lease-rows").text and lease["pool"] in by_id(browser, "pool-list").text
+    return (
+        lease["id"] in by_id(browser, "lease-rows").text and lease["pool"] in by_id(browser, "pool-list").text
+    )
 
 
 def shows_no_data(browser, site: Locked) -> bool:
@@ -226,7 +259,9 @@ def stored_token(browser) -> str | None:
 
 def page_errors(browser) -> list[dict]:
     """Console errors but Chromium's own line for each answer that is not 2xx (the 401s)."""
-    return [e for e in console_errors(browser) if "the server responded with a status of 401" not in e["message"]]
+    return [
+        e for e in console_errors(browser) if "the server responded with a status of 401" not in e["message"]
+    ]
 
 
 def test_without_a_token_the_page_asks_for_one_and_shows_no_data(locked, browser):
@@ -297,8 +332,12 @@ def test_a_wrong_token_asks_again_and_says_so(locked, browser, tmp_path):
 
 
 def test_pool_labels_and_why_a_pool_is_not_ok(locked, browser, tmp_path):
-    pools = {pool["name"]: pool for pool in httpx.get(locked.url + "/v1/pools", headers={
-        "Authorization": f"Bearer {SECRET}"}).json()["pools"]}
+    pools = {
+        pool["name"]: pool
+        for pool in httpx.get(locked.url + "/v1/pools", headers={"Authorization": f"Bearer {SECRET}"}).json()[
+            "pools"
+        ]
+    }
     missing = pools["usb-later"]
     assert (missing["state"], missing["reason"]) == ("unavailable", "missing") and missing["message"]
 
@@ -307,8 +346,10 @@ def test_pool_labels_and_why_a_pool_is_not_ok(locked, browser, tmp_path):
     until(browser, lambda: "usb-later" in by_id(browser, "pool-list").text, "the pools were not shown")
     from selenium.webdriver.common.by import By
 
-    cards = {card.find_element(By.TAG_NAME, "h3").text: card
-             for card in by_id(browser, "pool-list").find_elements(By.CLASS_NAME, "card")}
+    cards = {
+        card.find_element(By.TAG_NAME, "h3").text: card
+        for card in by_id(browser, "pool-list").find_elements(By.CLASS_NAME, "card")
+    }
     ok, broken = cards["fast-ssd"].text, cards["usb-later"].text
     assert "nvme" in ok and "rack=<b>b7</b>" in ok  # labels are text, never markup
     assert "missing" not in ok and not cards["fast-ssd"].find_elements(By.CLASS_NAME, "reason")

@@ -24,18 +24,21 @@ from typing import Any
 
 import httpx
 import pytest
-
 from conftest import IS_ROOT, Daemon, sysctl, tmpfs, wait_for
+
 from scratchd.server import REQUEST_DEADLINE_SECONDS
 
 MakeDaemon = Callable[..., Daemon]
 
 INOTIFY_INSTANCES = Path("/proc/sys/fs/inotify/max_user_instances")
 
-needs_tmpfs = pytest.mark.skipif(not IS_ROOT, reason="needs root: mounts a small tmpfs for the state directory")
+needs_tmpfs = pytest.mark.skipif(
+    not IS_ROOT, reason="needs root: mounts a small tmpfs for the state directory"
+)
 needs_inotify_sysctl = pytest.mark.skipif(
     not (IS_ROOT and os.access(INOTIFY_INSTANCES, os.W_OK)),
-    reason=f"needs root and a writable {INOTIFY_INSTANCES} to exhaust inotify")
+    reason=f"needs root and a writable {INOTIFY_INSTANCES} to exhaust inotify",
+)
 
 
 # -- helpers ------------------------------------------------------------------------------------
@@ -176,7 +179,9 @@ def assert_release_recorded(daemon: Daemon, database: Path, lease_id: str) -> No
     assert ended["state"] == "ended" and ended["end_reason"] == "released", ended
 
 
-def create_until_refused(daemon: Daemon, most: int = 300) -> tuple[list[dict[str, Any]], httpx.Response, set[str]]:
+def create_until_refused(
+    daemon: Daemon, most: int = 300
+) -> tuple[list[dict[str, Any]], httpx.Response, set[str]]:
     """Creates on a full state filesystem until one is refused: (the leases created, the refusal,
     the pool's entries just before it).
 
@@ -198,8 +203,9 @@ def create_until_refused(daemon: Daemon, most: int = 300) -> tuple[list[dict[str
 
 @needs_tmpfs
 @pytest.mark.timeout(60)
-def test_full_state_filesystem_refuses_creates_and_still_ends_leases(make_daemon: MakeDaemon,
-                                                                      tmp_path: Path) -> None:
+def test_full_state_filesystem_refuses_creates_and_still_ends_leases(
+    make_daemon: MakeDaemon, tmp_path: Path
+) -> None:
     with tmpfs(tmp_path / "statefs", size="2m") as state:
         daemon = make_daemon(server={"state_dir": str(state)})
         try:
@@ -299,8 +305,11 @@ def test_a_release_whose_record_cannot_be_written_ends_all_the_same(make_daemon:
         assert released.status_code == 200, released.text
         assert released.json()["state"] == "ended" and released.json()["end_reason"] == "released"
         assert not os.path.lexists(lease["path"])
-        wait_for(lambda: "cannot record end of lease" in daemon.log() and lease["id"] in daemon.log(),
-                 timeout=5, what="the lost end record in the log (manager._record_lost)")
+        wait_for(
+            lambda: "cannot record end of lease" in daemon.log() and lease["id"] in daemon.log(),
+            timeout=5,
+            what="the lost end record in the log (manager._record_lost)",
+        )
         assert lease_state(daemon, lease["id"])["state"] == "ended"
         assert active_leases(daemon) == []
         assert db.execute("SELECT state FROM leases WHERE id = ?", (lease["id"],)).fetchone() == ("active",)
@@ -333,7 +342,9 @@ def test_pool_watch_refused_by_inotify_falls_back_to_gc(make_daemon: MakeDaemon)
     daemon = make_daemon(start=False, gc={"interval": "0.5s"})
     with sysctl(INOTIFY_INSTANCES, 0):
         daemon.start()
-        wait_for(lambda: "cannot watch pool" in daemon.log(), timeout=5, what="'cannot watch pool' in the log")
+        wait_for(
+            lambda: "cannot watch pool" in daemon.log(), timeout=5, what="'cannot watch pool' in the log"
+        )
         kept = daemon.lease()
         removed = daemon.lease()
         released = daemon.lease()
@@ -342,8 +353,11 @@ def test_pool_watch_refused_by_inotify_falls_back_to_gc(make_daemon: MakeDaemon)
 
         shutil.rmtree(removed["path"])  # the user removes the directory: only the GC scan can tell
         started = time.monotonic()
-        wait_for(lambda: lease_state(daemon, removed["id"])["state"] == "ended", timeout=2,
-                 what="the removed directory's lease to end (guarantee 5: within 2 s)")
+        wait_for(
+            lambda: lease_state(daemon, removed["id"])["state"] == "ended",
+            timeout=2,
+            what="the removed directory's lease to end (guarantee 5: within 2 s)",
+        )
         took = time.monotonic() - started
         assert lease_state(daemon, removed["id"])["end_reason"] == "directory_removed"
         assert took <= 0.5 + 1.0, f"ended after {took:.2f}s; gc.interval is 0.5s"
@@ -375,7 +389,7 @@ def test_slow_loris_connections_do_not_block_others_and_are_closed(make_daemon: 
         b"GET /heal",  # half a request line
         b"POST /v1/leases HTTP/1.1\r\nHost: scratchd\r\nContent-Type: app",  # half the headers
         b"POST /v1/leases HTTP/1.1\r\nHost: scratchd\r\nContent-Type: application/json\r\n"
-        b"Content-Length: 100\r\n\r\n{\"labels\":",  # headers, then a tenth of the body
+        b'Content-Length: 100\r\n\r\n{"labels":',  # headers, then a tenth of the body
         b"",  # nothing at all
     ]
     opened = time.monotonic()
@@ -394,8 +408,12 @@ def test_slow_loris_connections_do_not_block_others_and_are_closed(make_daemon: 
                     sock.send(b"l")  # "GET /heall…", "Content-Type: appl…"
             return all(closed_by_peer(sock) for sock in loris)
 
-        wait_for(all_closed, timeout=REQUEST_DEADLINE_SECONDS + 5 - (time.monotonic() - opened), interval=0.25,
-                 what="the daemon to close connections that never finish their request")
+        wait_for(
+            all_closed,
+            timeout=REQUEST_DEADLINE_SECONDS + 5 - (time.monotonic() - opened),
+            interval=0.25,
+            what="the daemon to close connections that never finish their request",
+        )
         assert time.monotonic() - opened >= REQUEST_DEADLINE_SECONDS - 0.5
     finally:
         for sock in loris:
@@ -429,8 +447,11 @@ def test_two_thousand_idle_connections_leave_room_for_a_new_client(make_daemon: 
             assert daemon.request("GET", "/healthz", timeout=5).status_code == 200
             slowest = create_and_release(daemon, rounds=3, timeout=5)
             assert slowest < 2 and time.monotonic() - started < 5
-            wait_for(lambda: len(os.listdir(f"/proc/{pid}/fd")) > idle_count, timeout=5,
-                     what=f"the daemon to hold {idle_count} connections")
+            wait_for(
+                lambda: len(os.listdir(f"/proc/{pid}/fd")) > idle_count,
+                timeout=5,
+                what=f"the daemon to hold {idle_count} connections",
+            )
             assert not any(closed_by_peer(sock) for sock in idle)
             assert_healthy(daemon)
         finally:
@@ -447,8 +468,10 @@ def test_body_cut_short_creates_nothing(make_daemon: MakeDaemon) -> None:
     daemon = make_daemon()
     records = len(daemon.request("GET", "/v1/leases", params={"state": "all"}).json()["leases"])
     body = b'{"ttl_secs'  # 10 of the 100 bytes announced
-    request = (b"POST /v1/leases HTTP/1.1\r\nHost: scratchd\r\nContent-Type: application/json\r\n"
-               b"Content-Length: 100\r\n\r\n" + body)
+    request = (
+        b"POST /v1/leases HTTP/1.1\r\nHost: scratchd\r\nContent-Type: application/json\r\n"
+        b"Content-Length: 100\r\n\r\n" + body
+    )
     assert len(body) == 10
     for _ in range(20):  # the daemon reads headers and 10 bytes, then the end of the stream
         sock = unix_connection(daemon, request)

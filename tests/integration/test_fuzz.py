@@ -34,15 +34,15 @@ import pytest
 import requests
 import schemathesis
 import urllib3
+from conftest import Daemon
 from fastapi import FastAPI
 from hypothesis import HealthCheck, settings
 from requests.adapters import HTTPAdapter
 from schemathesis.checks import CHECKS as REGISTRY
 from schemathesis.checks import load_all_checks, not_a_server_error, positive_data_acceptance
-
-from conftest import Daemon
-from scratchd.api import routes
 from users import free_port
+
+from scratchd.api import routes
 
 MAX_EXAMPLES = 80
 TOKENS = {"tenant": "tenant-" + "x" * 40, "viewer": "viewer-" + "y" * 40}
@@ -60,7 +60,9 @@ def no_server_error(ctx: Any, response: schemathesis.Response, case: schemathesi
     return not_a_server_error(ctx, response, case)  # type: ignore[no-any-return]
 
 
-def schema_valid_data_accepted(ctx: Any, response: schemathesis.Response, case: schemathesis.Case) -> bool | None:
+def schema_valid_data_accepted(
+    ctx: Any, response: schemathesis.Response, case: schemathesis.Case
+) -> bool | None:
     if response.status_code == 422:
         fields = (response.json()["error"]["details"] or {}).get("fields", {})
         if fields and all(STATEFUL_422.get(name, "\0") in reason for name, reason in fields.items()):
@@ -70,7 +72,9 @@ def schema_valid_data_accepted(ctx: Any, response: schemathesis.Response, case: 
 
 load_all_checks()
 REPLACED = {"not_a_server_error": no_server_error, "positive_data_acceptance": schema_valid_data_accepted}
-CHECKS = [REPLACED.get(check.__name__, check) for check in REGISTRY.get_all() if check.__name__ != "use_after_free"]
+CHECKS = [
+    REPLACED.get(check.__name__, check) for check in REGISTRY.get_all() if check.__name__ != "use_after_free"
+]
 
 
 @dataclass
@@ -129,12 +133,22 @@ schema.config.generation.update(max_examples=MAX_EXAMPLES)
 def target(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Target]:
     """One daemon per caller, shared by every operation's fuzzing (pytest groups the tests by caller)."""
     root = tmp_path_factory.mktemp(request.param)
-    daemon = Daemon(root, {
-        "server": {"listen": f"127.0.0.1:{free_port()}"},
-        "limits": {"max_ttl": "1h", "default_ttl": "10m"},
-        "token": [{"name": role, "sha256": hashlib.sha256(token.encode()).hexdigest(), "role": role,
-                   "tenant": "ci" if role == "tenant" else ""} for role, token in TOKENS.items()],
-    }).start()
+    daemon = Daemon(
+        root,
+        {
+            "server": {"listen": f"127.0.0.1:{free_port()}"},
+            "limits": {"max_ttl": "1h", "default_ttl": "10m"},
+            "token": [
+                {
+                    "name": role,
+                    "sha256": hashlib.sha256(token.encode()).hexdigest(),
+                    "role": role,
+                    "tenant": "ci" if role == "tenant" else "",
+                }
+                for role, token in TOKENS.items()
+            ],
+        },
+    ).start()
     session = requests.Session()
     if request.param == "unix-admin":
         session.mount("http://scratchd/", UnixAdapter(daemon.socket))
@@ -164,8 +178,13 @@ def envelope(ctx: Any, response: schemathesis.Response, case: schemathesis.Case)
 @schema.parametrize()
 @settings(deadline=None, suppress_health_check=list(HealthCheck), database=None)
 def test_fuzz(case: schemathesis.Case, target: Target) -> None:
-    case.call_and_validate(base_url=target.base_url, session=target.session, headers=target.headers,
-                           checks=CHECKS, additional_checks=[envelope])
+    case.call_and_validate(
+        base_url=target.base_url,
+        session=target.session,
+        headers=target.headers,
+        checks=CHECKS,
+        additional_checks=[envelope],
+    )
 
 
 def test_linked_sequences(target: Target) -> None:
@@ -175,12 +194,26 @@ def test_linked_sequences(target: Target) -> None:
         def get_call_kwargs(self, case: schemathesis.Case) -> dict[str, Any]:
             return {"base_url": target.base_url, "session": target.session, "headers": target.headers}
 
-        def validate_response(self, response: schemathesis.Response, case: schemathesis.Case,
-                              additional_checks: Any = None, **kwargs: Any) -> None:
-            case.validate_response(response, checks=CHECKS, additional_checks=[envelope], transport_kwargs=kwargs)
+        def validate_response(
+            self,
+            response: schemathesis.Response,
+            case: schemathesis.Case,
+            additional_checks: Any = None,
+            **kwargs: Any,
+        ) -> None:
+            case.validate_response(
+                response, checks=CHECKS, additional_checks=[envelope], transport_kwargs=kwargs
+            )
 
-    Sequences.run(settings=settings(max_examples=MAX_EXAMPLES // 2, stateful_step_count=6, deadline=None,
-                                    suppress_health_check=list(HealthCheck), database=None))
+    Sequences.run(
+        settings=settings(
+            max_examples=MAX_EXAMPLES // 2,
+            stateful_step_count=6,
+            deadline=None,
+            suppress_health_check=list(HealthCheck),
+            database=None,
+        )
+    )
 
 
 def test_nothing_leaked(target: Target) -> None:

@@ -10,7 +10,6 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-
 from conftest import QUEUED_EVENTS, needs_queue_sysctl, sysctl, wait_for
 
 
@@ -38,8 +37,13 @@ def ended_reasons(daemon) -> dict[str, str]:
 
 def overflow_warnings(daemon) -> set[str]:
     """The watches ("pools", "activity") that logged an overflow."""
-    return {watch for line in daemon.log().splitlines() if "inotify queue overflowed" in line
-            for watch in ("pools", "activity") if f'"watch": "{watch}"' in line}
+    return {
+        watch
+        for line in daemon.log().splitlines()
+        if "inotify queue overflowed" in line
+        for watch in ("pools", "activity")
+        if f'"watch": "{watch}"' in line
+    }
 
 
 @needs_queue_sysctl
@@ -60,19 +64,28 @@ def test_watches_outlive_overflowing_queues(make_daemon):
         for lease in doomed:
             os.rmdir(lease["path"])
     removed_at = time.monotonic()
-    wait_for(lambda: overflow_warnings(daemon) == {"pools", "activity"}, timeout=5,
-             what=f"both watches to log an overflow (log: {daemon.log_path})")
+    wait_for(
+        lambda: overflow_warnings(daemon) == {"pools", "activity"},
+        timeout=5,
+        what=f"both watches to log an overflow (log: {daemon.log_path})",
+    )
 
     ids = {lease["id"] for lease in doomed}
-    ended = wait_for(lambda: ids <= (reasons := ended_reasons(daemon)).keys() and reasons, timeout=2,
-                     what="every lease removed while events were lost to end within 2 s")
+    ended = wait_for(
+        lambda: ids <= (reasons := ended_reasons(daemon)).keys() and reasons,
+        timeout=2,
+        what="every lease removed while events were lost to end within 2 s",
+    )
     assert time.monotonic() - removed_at <= 2
     assert {ended[lease_id] for lease_id in ids} == {"directory_removed"}
 
     gone = daemon.lease()  # removed after the overflows, alone
     os.rmdir(gone["path"])
-    wait_for(lambda: state_of(daemon, gone["id"])["state"] == "ended", timeout=2,
-             what="a lease removed after the overflows to end within 2 s")
+    wait_for(
+        lambda: state_of(daemon, gone["id"])["state"] == "ended",
+        timeout=2,
+        what="a lease removed after the overflows to end within 2 s",
+    )
     assert state_of(daemon, gone["id"])["end_reason"] == "directory_removed"
 
     writer = daemon.lease(idle_timeout_seconds=1)

@@ -111,9 +111,18 @@ def test_logs_one_json_line_per_start_and_end_at_debug_and_never_a_token(make_da
 
     token = "s3cret-token-" + "z" * 30
     port = free_port()
-    daemon = make_daemon(start=False, server={"listen": f"127.0.0.1:{port}"},
-                         token=[{"name": "ci", "sha256": hashlib.sha256(token.encode()).hexdigest(),
-                                 "role": "tenant", "tenant": "ci"}])
+    daemon = make_daemon(
+        start=False,
+        server={"listen": f"127.0.0.1:{port}"},
+        token=[
+            {
+                "name": "ci",
+                "sha256": hashlib.sha256(token.encode()).hexdigest(),
+                "role": "tenant",
+                "tenant": "ci",
+            }
+        ],
+    )
     daemon.log_level = "debug"
     daemon.start()
     import httpx
@@ -138,10 +147,14 @@ def test_logs_the_leases_the_daemon_ends_not_the_ones_clients_start_and_release(
     released = daemon.lease()
     daemon.request("DELETE", f"/v1/leases/{released['id']}")
     expiring = daemon.lease(ttl_seconds=1)
-    wait_for(lambda: daemon.request("GET", f"/v1/leases/{expiring['id']}").json()["state"] == "ended",
-             timeout=10, what="the lease to expire")
+    wait_for(
+        lambda: daemon.request("GET", f"/v1/leases/{expiring['id']}").json()["state"] == "ended",
+        timeout=10,
+        what="the lease to expire",
+    )
     daemon.stop()
     lines = [json.loads(line) for line in daemon.log().splitlines() if line.startswith("{")]
     assert not [line for line in lines if line.get("lease") == released["id"]]
     assert [(line["msg"], line["reason"]) for line in lines if line.get("lease") == expiring["id"]] == [
-        ("lease ended", "expired")]
+        ("lease ended", "expired")
+    ]

@@ -13,8 +13,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-
 from conftest import bind_mount, mounted, needs_root, tmpfs, wait_for
+
 from scratchd.pool_dirs import FICLONE
 
 STATE_V0 = Path(__file__).parent.parent / "data" / "state-v0.sql"
@@ -73,11 +73,18 @@ def test_xfs_with_reflink_clones_through_a_bind_mount(make_daemon, tmp_path) -> 
     with xfs_with_reflink(tmp_path) as xfs:
         (xfs / "pool").mkdir()
         (xfs / "project").mkdir()
-        with bind_mount(xfs / "project", tmp_path / "checkout"), tmpfs(tmp_path / "other", size="2g") as other:
+        with (
+            bind_mount(xfs / "project", tmp_path / "checkout"),
+            tmpfs(tmp_path / "other", size="2g") as other,
+        ):
             (other / "pool").mkdir()
             # The tmpfs pool has more room than the XFS one...
-            daemon = make_daemon(pool=[{"name": "xfs", "path": str(xfs / "pool")},
-                                       {"name": "tmp", "path": str(other / "pool")}])
+            daemon = make_daemon(
+                pool=[
+                    {"name": "xfs", "path": str(xfs / "pool")},
+                    {"name": "tmp", "path": str(other / "pool")},
+                ]
+            )
             wait_for(lambda: daemon.pool("xfs")["reflink"], what="the XFS pool probed as cloning")
             assert daemon.pool("tmp")["reflink"] is False
 
@@ -109,8 +116,22 @@ def test_uv_clones_on_clone(make_daemon, tmp_path) -> None:
             env = {key: value for key, value in os.environ.items() if not key.startswith("UV_")}
             env["SCRATCHD_SOCKET"] = daemon.socket
             shown = subprocess.run(
-                [sys.executable, "-m", "scratchd", "lease", "--shell", "--tool", "uv", "--near", str(tmp_path / "checkout")],
-                capture_output=True, text=True, env=env, timeout=60, check=True,
+                [
+                    sys.executable,
+                    "-m",
+                    "scratchd",
+                    "lease",
+                    "--shell",
+                    "--tool",
+                    "uv",
+                    "--near",
+                    str(tmp_path / "checkout"),
+                ],
+                capture_output=True,
+                text=True,
+                env=env,
+                timeout=60,
+                check=True,
             ).stdout
             assert "export UV_LINK_MODE=clone" in shown.splitlines()
 
@@ -127,19 +148,28 @@ def test_a_state_directory_of_the_first_release_upgrades_on_start(make_daemon) -
         path = Path(daemon.pool_path, lease_id)
         path.mkdir(mode=0o700)
         (path / "kept").write_text(lease_id)
-        db.execute("UPDATE leases SET path = ?, uid = ?, gid = ?, expires_at = 4e9 WHERE id = ?",
-                   (str(path), uid, gid, lease_id))
+        db.execute(
+            "UPDATE leases SET path = ?, uid = ?, gid = ?, expires_at = 4e9 WHERE id = ?",
+            (str(path), uid, gid, lease_id),
+        )
     db.commit()
     db.close()
     daemon.start()
     leases = daemon.request("GET", "/v1/leases", params={"tenant": "ci"}).json()["leases"]
     assert sorted((lease["labels"]["job"], lease["link_mode"]) for lease in leases) == [
-        ("1", "hardlink"), ("2", "copy"), ("3", None)]
+        ("1", "hardlink"),
+        ("2", "copy"),
+        ("3", None),
+    ]
     # Past the orphan grace, several GC cycles later, every leased directory is still there.
     seq = daemon.request("GET", "/v1/events", params={"limit": 1000}).json()["events"][-1]["seq"]
     daemon.lease()
-    wait_for(lambda: any(event["kind"] == "lease_created" for event in
-                         daemon.request("GET", "/v1/events", params={"since": seq}).json()["events"]))
+    wait_for(
+        lambda: any(
+            event["kind"] == "lease_created"
+            for event in daemon.request("GET", "/v1/events", params={"since": seq}).json()["events"]
+        )
+    )
     stray = Path(daemon.pool_path, "stray")
     stray.mkdir()
     wait_for(lambda: not stray.exists(), what="a real orphan reclaimed (so orphan review ran)")

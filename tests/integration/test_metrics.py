@@ -13,10 +13,9 @@ from importlib import metadata
 
 import httpx
 import pytest
+from conftest import needs_root, wait_for
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.samples import Sample
-
-from conftest import needs_root, wait_for
 from users import free_port
 
 ME = pwd.getpwuid(os.geteuid()).pw_name
@@ -41,8 +40,10 @@ def test_lease_counters_follow_leases(daemon):
     daemon.request("POST", f"/v1/leases/{second['id']}/renew", json={"ttl_seconds": 60})  # not a start
 
     # Compare with /v1/pools once the lease's usage is measured, so neither moves in between.
-    wait_for(lambda: daemon.request("GET", f"/v1/leases/{second['id']}").json()["usage"]["measured_at"],
-             what="the lease's first usage scan")
+    wait_for(
+        lambda: daemon.request("GET", f"/v1/leases/{second['id']}").json()["usage"]["measured_at"],
+        what="the lease's first usage scan",
+    )
     [pool] = daemon.request("GET", "/v1/pools").json()["pools"]
     samples = scrape(daemon)
     assert value(samples, "scratchd_leases_created_total", pool="main") == 2
@@ -81,8 +82,11 @@ def test_request_duration_is_labelled_by_route_template(daemon):
     daemon.request("PATCH", "/v1/pools")
     daemon.request("DELETE", f"/v1/leases/{lease['id']}")  # answered by api.hotpath, labelled all the same
 
-    counts = {(s.labels["route"], s.labels["method"], s.labels["status"]): s.value
-              for s in scrape(daemon) if s.name == "scratchd_request_duration_seconds_count"}
+    counts = {
+        (s.labels["route"], s.labels["method"], s.labels["status"]): s.value
+        for s in scrape(daemon)
+        if s.name == "scratchd_request_duration_seconds_count"
+    }
     assert counts[("/v1/leases/{lease_id}", "GET", "200")] == 1
     assert counts[("/v1/leases/{lease_id}", "GET", "404")] == 1
     assert counts[("/v1/leases", "POST", "201")] == 1
@@ -91,14 +95,22 @@ def test_request_duration_is_labelled_by_route_template(daemon):
     assert counts[("/v1/pools", "PATCH", "405")] == 1
     assert not [route for route, _, _ in counts if lease["id"] in route or "no-such" in route]
     later = scrape(daemon)
-    assert value(later, "scratchd_request_duration_seconds_count", route="/metrics", method="GET", status="200") == 1
-    buckets = [s for s in later if s.name == "scratchd_request_duration_seconds_bucket"
-               and s.labels["route"] == "/metrics"]
+    assert (
+        value(later, "scratchd_request_duration_seconds_count", route="/metrics", method="GET", status="200")
+        == 1
+    )
+    buckets = [
+        s
+        for s in later
+        if s.name == "scratchd_request_duration_seconds_bucket" and s.labels["route"] == "/metrics"
+    ]
     assert buckets[-1].labels["le"] == "+Inf" and buckets[-1].value == 1
 
 
 def test_openmetrics_when_asked(daemon):
-    response = daemon.request("GET", "/metrics", headers={"Accept": "application/openmetrics-text; version=1.0.0"})
+    response = daemon.request(
+        "GET", "/metrics", headers={"Accept": "application/openmetrics-text; version=1.0.0"}
+    )
     assert response.status_code == 200
     assert response.headers["content-type"].startswith("application/openmetrics-text")
     assert response.text.endswith("# EOF\n")
@@ -108,11 +120,18 @@ def test_pool_state_and_info_carry_the_reason_and_the_labels(make_daemon, tmp_pa
     main = tmp_path / "main"
     main.mkdir()
     late = tmp_path / "late"  # its disk "not mounted yet": missing until the directory appears
-    daemon = make_daemon(pool=[{"name": "main", "path": str(main), "labels": ["fast", "nvme"]},
-                               {"name": "late", "path": str(late)}])
+    daemon = make_daemon(
+        pool=[
+            {"name": "main", "path": str(main), "labels": ["fast", "nvme"]},
+            {"name": "late", "path": str(late)},
+        ]
+    )
     samples = scrape(daemon)
-    states = {(s.labels["state"], s.labels["reason"]): s.value for s in samples
-              if s.name == "scratchd_pool_state" and s.labels["pool"] == "late"}
+    states = {
+        (s.labels["state"], s.labels["reason"]): s.value
+        for s in samples
+        if s.name == "scratchd_pool_state" and s.labels["pool"] == "late"
+    }
     assert len(states) == 8 and sum(states.values()) == 1  # every pair, one of them 1: bounded, never absent
     assert states["unavailable", "missing"] == 1
     assert value(samples, "scratchd_pool_state", pool="main", state="ok", reason="") == 1
@@ -120,21 +139,41 @@ def test_pool_state_and_info_carry_the_reason_and_the_labels(make_daemon, tmp_pa
     assert value(samples, "scratchd_pool_up", pool="late") == 0
     [info] = [s for s in samples if s.name == "scratchd_pool_info" and s.labels["pool"] == "main"]
     [pool] = [p for p in daemon.request("GET", "/v1/pools").json()["pools"] if p["name"] == "main"]
-    assert info.value == 1 and info.labels == {"pool": "main", "path": str(main), "mount_point": pool["mount_point"],
-                                                "fstype": pool["fstype"], "labels": "fast,nvme"}
-    assert value(samples, "scratchd_pool_info", pool="late", path=str(late), mount_point="", fstype="",
-                 labels="") == 1
+    assert info.value == 1 and info.labels == {
+        "pool": "main",
+        "path": str(main),
+        "mount_point": pool["mount_point"],
+        "fstype": pool["fstype"],
+        "labels": "fast,nvme",
+    }
+    assert (
+        value(
+            samples, "scratchd_pool_info", pool="late", path=str(late), mount_point="", fstype="", labels=""
+        )
+        == 1
+    )
 
     late.mkdir()
-    wait_for(lambda: value(scrape(daemon), "scratchd_pool_state", pool="late", state="ok", reason="") == 1,
-             what="the late pool to come up")
-    assert value(scrape(daemon), "scratchd_pool_state", pool="late", state="unavailable", reason="missing") == 0
+    wait_for(
+        lambda: value(scrape(daemon), "scratchd_pool_state", pool="late", state="ok", reason="") == 1,
+        what="the late pool to come up",
+    )
+    assert (
+        value(scrape(daemon), "scratchd_pool_state", pool="late", state="unavailable", reason="missing") == 0
+    )
 
 
 def test_build_info_and_process_metrics(daemon):
     samples = scrape(daemon)
-    assert value(samples, "scratchd_build_info", version=metadata.version("scratchd"),
-                 python=platform.python_version()) == 1
+    assert (
+        value(
+            samples,
+            "scratchd_build_info",
+            version=metadata.version("scratchd"),
+            python=platform.python_version(),
+        )
+        == 1
+    )
     assert value(samples, "process_resident_memory_bytes") > 0
     assert value(samples, "process_open_fds") > 0
     assert value(samples, "process_start_time_seconds") > 0
@@ -143,8 +182,15 @@ def test_build_info_and_process_metrics(daemon):
 
 def tenant_tokens(*tenants):
     tokens = {tenant: f"token-of-{tenant}" for tenant in tenants}
-    return tokens, [{"name": tenant, "sha256": hashlib.sha256(token.encode()).hexdigest(), "role": "tenant",
-                     "tenant": tenant} for tenant, token in tokens.items()]
+    return tokens, [
+        {
+            "name": tenant,
+            "sha256": hashlib.sha256(token.encode()).hexdigest(),
+            "role": "tenant",
+            "tenant": tenant,
+        }
+        for tenant, token in tokens.items()
+    ]
 
 
 def test_tenants_beyond_the_busiest_are_summed_as_other(make_daemon):
@@ -152,15 +198,23 @@ def test_tenants_beyond_the_busiest_are_summed_as_other(make_daemon):
     daemon = make_daemon(server={"listen": f"127.0.0.1:{free_port()}"}, token=entries, metrics={"tenants": 1})
     for tenant, count in (("a", 3), ("b", 2), ("c", 1)):
         for _ in range(count):
-            response = httpx.post(f"http://{daemon.config['server']['listen']}/v1/leases", json={}, timeout=10,
-                                  headers={"authorization": f"Bearer {tokens[tenant]}"})
+            response = httpx.post(
+                f"http://{daemon.config['server']['listen']}/v1/leases",
+                json={},
+                timeout=10,
+                headers={"authorization": f"Bearer {tokens[tenant]}"},
+            )
             assert response.status_code == 201, response.text
 
     def active() -> dict[str, float]:
         return {s.labels["tenant"]: s.value for s in scrape(daemon) if s.name == "scratchd_leases_active"}
 
     assert active() == {"a": 3, "other": 3}
-    for tenants, expected in ((2, {"a": 3, "b": 2, "other": 1}), (0, {"other": 6}), (3, {"a": 3, "b": 2, "c": 1})):
+    for tenants, expected in (
+        (2, {"a": 3, "b": 2, "other": 1}),
+        (0, {"other": 6}),
+        (3, {"a": 3, "b": 2, "c": 1}),
+    ):
         daemon.config["metrics"] = {"tenants": tenants}
         daemon.write_config()
         daemon.process.send_signal(signal.SIGHUP)
@@ -178,15 +232,22 @@ def test_a_failed_deletion_is_counted_per_pool(daemon):
         pytest.skip("this filesystem has no immutable flag (chattr +i)")
     try:
         assert daemon.request("DELETE", f"/v1/leases/{lease['id']}").status_code == 200
-        wait_for(lambda: value(scrape(daemon), "scratchd_reclaim_failed_total", pool="main") >= 1,
-                 what="the failed deletion to be counted")
+        wait_for(
+            lambda: value(scrape(daemon), "scratchd_reclaim_failed_total", pool="main") >= 1,
+            what="the failed deletion to be counted",
+        )
     finally:  # the retries then delete it, and pytest can clean up
         subprocess.run(["chattr", "-R", "-i", daemon.pool_path], capture_output=True)
-    wait_for(lambda: value(scrape(daemon), "scratchd_reclaimed_total") == 1, timeout=15, what="the retry to succeed")
+    wait_for(
+        lambda: value(scrape(daemon), "scratchd_reclaimed_total") == 1,
+        timeout=15,
+        what="the retry to succeed",
+    )
 
 
 def test_reclaimed_bytes_count_what_short_leases_held(daemon):
     """Leases released before any usage scan: the bytes are what deletion freed, rm's share of a big tree too."""
+
     def reclaimed() -> tuple[float, int]:
         usage = daemon.request("GET", "/v1/usage").json()["reclaim"]
         return value(scrape(daemon), "scratchd_reclaimed_bytes_total"), usage["reclaimed_bytes_total"]

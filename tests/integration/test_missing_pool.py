@@ -8,7 +8,9 @@ from typing import Any
 from conftest import needs_root, tmpfs, wait_for
 
 
-def test_a_pool_missing_at_start_comes_up_when_its_directory_appears(make_daemon: Any, tmp_path: Path) -> None:
+def test_a_pool_missing_at_start_comes_up_when_its_directory_appears(
+    make_daemon: Any, tmp_path: Path
+) -> None:
     main, later = tmp_path / "main", tmp_path / "later"
     main.mkdir()
     daemon = make_daemon(pool=[{"name": "main", "path": str(main)}, {"name": "later", "path": str(later)}])
@@ -44,8 +46,12 @@ def test_no_pool_at_all_yet_the_daemon_still_starts(make_daemon: Any, tmp_path: 
 def test_pool_up_is_0_only_when_unavailable(make_daemon: Any, tmp_path: Path) -> None:
     # A full pool is still mounted and served (its leases work): up, though it takes no new leases.
     (tmp_path / "full").mkdir()
-    daemon = make_daemon(pool=[{"name": "full", "path": str(tmp_path / "full"), "reserve": "100%"},
-                               {"name": "gone", "path": str(tmp_path / "gone")}])
+    daemon = make_daemon(
+        pool=[
+            {"name": "full", "path": str(tmp_path / "full"), "reserve": "100%"},
+            {"name": "gone", "path": str(tmp_path / "gone")},
+        ]
+    )
     assert (daemon.pool("full")["state"], daemon.pool("full")["reason"]) == ("full", "full")
     assert (daemon.pool_up("full"), daemon.pool_up("gone")) == (1, 0)
 
@@ -55,8 +61,12 @@ def test_a_pool_whose_disk_is_mounted_after_start(make_daemon: Any, tmp_path: Pa
     disk = tmp_path / "disk"
     disk.mkdir()  # the mount point exists; nothing is mounted on it yet
     (tmp_path / "main").mkdir()
-    daemon = make_daemon(pool=[{"name": "main", "path": str(tmp_path / "main")},
-                               {"name": "disk", "path": str(disk), "mount_point": str(disk)}])
+    daemon = make_daemon(
+        pool=[
+            {"name": "main", "path": str(tmp_path / "main")},
+            {"name": "disk", "path": str(disk), "mount_point": str(disk)},
+        ]
+    )
     status = daemon.pool("disk")
     assert (status["state"], status["reason"]) == ("unavailable", "not_on_mount_point"), status
     assert daemon.pool_up("disk") == 0

@@ -19,14 +19,18 @@ GRACE = {"interval": "0.2s", "orphan_grace": "0.5s"}
 
 def reclaimed_orphans(daemon: Daemon, pool_name: str) -> set[str]:
     events = daemon.request("GET", "/v1/events", params={"since": 0, "limit": 1000}).json()["events"]
-    return {e["details"]["entry"] for e in events if e["kind"] == "orphan_reclaimed" and e["pool"] == pool_name}
+    return {
+        e["details"]["entry"] for e in events if e["kind"] == "orphan_reclaimed" and e["pool"] == pool_name
+    }
 
 
 def snapshot(path: str) -> dict[str, tuple[int, int]]:
     """Every name in the pool and its trash, with mode and mtime: what a daemon touching it would change."""
     names = {name: os.lstat(os.path.join(path, name)) for name in os.listdir(path)}
-    names |= {f".trash/{name}": os.lstat(os.path.join(path, ".trash", name))
-              for name in os.listdir(os.path.join(path, ".trash"))}
+    names |= {
+        f".trash/{name}": os.lstat(os.path.join(path, ".trash", name))
+        for name in os.listdir(os.path.join(path, ".trash"))
+    }
     names["."] = os.lstat(path)
     return {name: (st.st_mode, st.st_mtime_ns) for name, st in names.items()}
 
@@ -43,7 +47,9 @@ def test_a_second_daemon_never_touches_a_pool_the_first_serves(make_daemon: Any,
 
     own = tmp_path / "own"
     own.mkdir()
-    second = make_daemon(gc=GRACE, pool=[{"name": "own", "path": str(own)}, {"name": "shared", "path": shared}])
+    second = make_daemon(
+        gc=GRACE, pool=[{"name": "own", "path": str(own)}, {"name": "shared", "path": shared}]
+    )
 
     # Refused at once, and said why: unavailable, locked, the holder's pid.
     holder = first.process.pid
@@ -61,8 +67,11 @@ def test_a_second_daemon_never_touches_a_pool_the_first_serves(make_daemon: Any,
     # Well past the second's grace, twice over: orphans of its own pool come and go ...
     for name in ("orphan-1", "orphan-2"):
         (own / name).mkdir()
-        wait_for(lambda name=name: name in reclaimed_orphans(second, "own"), timeout=15,
-                 what=f"the second daemon reclaiming its own {name}")
+        wait_for(
+            lambda name=name: name in reclaimed_orphans(second, "own"),
+            timeout=15,
+            what=f"the second daemon reclaiming its own {name}",
+        )
     # ... while the shared pool is exactly as the first left it: nothing read into leases,
     # created, chmod-ed or deleted, and the first's lease still active with its data.
     assert snapshot(shared) == before
@@ -79,8 +88,11 @@ def test_a_second_daemon_never_touches_a_pool_the_first_serves(make_daemon: Any,
     wait_for(lambda: second.pool("shared")["state"] == "ok", timeout=5, what="the second taking the pool")
     assert second.pool("shared")["reason"] is None and second.pool_up("shared") == 1
     assert Path(shared, ".lock").read_text() == f"{second.process.pid}\n"
-    wait_for(lambda: reclaimed_orphans(second, "shared") == {lease["id"], "stray"}, timeout=15,
-             what="the first's directories reclaimed as orphans after the second's grace")
+    wait_for(
+        lambda: reclaimed_orphans(second, "shared") == {lease["id"], "stray"},
+        timeout=15,
+        what="the first's directories reclaimed as orphans after the second's grace",
+    )
     assert second.lease(pool="shared")["pool"] == "shared"
 
 

@@ -18,16 +18,32 @@ import pytest
 SCRATCHD = [sys.executable, "-m", "scratchd"]
 CARGO = shutil.which("cargo") or shutil.which(os.path.expanduser("~/.cargo/bin/cargo"))
 GRADLE = shutil.which("gradle")
-TOOL_VARIABLES = ("CARGO_HOME", "CARGO_TARGET_DIR", "GRADLE_USER_HOME", "HF_HOME", "HF_HUB_CACHE",
-                  "HF_DATASETS_CACHE", "HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "XDG_CACHE_HOME")
+TOOL_VARIABLES = (
+    "CARGO_HOME",
+    "CARGO_TARGET_DIR",
+    "GRADLE_USER_HOME",
+    "HF_HOME",
+    "HF_HUB_CACHE",
+    "HF_DATASETS_CACHE",
+    "HF_TOKEN",
+    "HUGGING_FACE_HUB_TOKEN",
+    "XDG_CACHE_HOME",
+)
 
 
-def run_tool(daemon, home: Path, tool: str, *command: str, cwd: Path | None = None,
-             env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+def run_tool(
+    daemon, home: Path, tool: str, *command: str, cwd: Path | None = None, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
     environ = {name: value for name, value in os.environ.items() if name not in TOOL_VARIABLES}
     environ.update(SCRATCHD_SOCKET=daemon.socket, HOME=str(home), **(env or {}))
-    return subprocess.run([*SCRATCHD, "run", "-v", "--tool", tool, "--", *command], capture_output=True, text=True,
-                          timeout=300, env=environ, cwd=cwd)
+    return subprocess.run(
+        [*SCRATCHD, "run", "-v", "--tool", tool, "--", *command],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=environ,
+        cwd=cwd,
+    )
 
 
 @pytest.fixture
@@ -49,9 +65,13 @@ def test_cargo_reads_the_users_config_and_credentials(daemon, home, tmp_path) ->
     (project / "src" / "main.rs").write_text("fn main() {}\n")
     # rustup's cargo finds its toolchains through RUSTUP_HOME, which the new HOME would move.
     rustup_home = os.environ.get("RUSTUP_HOME") or os.path.expanduser("~/.rustup")
-    script = (f'"{CARGO}" scratchd-build && test -x "$CARGO_TARGET_DIR/debug/probe" '
-              f'&& case "$CARGO_TARGET_DIR" in "$SCRATCHD_LEASE_PATH"/*) "{CARGO}" logout;; *) exit 9;; esac')
-    result = run_tool(daemon, home, "cargo", "sh", "-c", script, cwd=project, env={"RUSTUP_HOME": rustup_home})
+    script = (
+        f'"{CARGO}" scratchd-build && test -x "$CARGO_TARGET_DIR/debug/probe" '
+        f'&& case "$CARGO_TARGET_DIR" in "$SCRATCHD_LEASE_PATH"/*) "{CARGO}" logout;; *) exit 9;; esac'
+    )
+    result = run_tool(
+        daemon, home, "cargo", "sh", "-c", script, cwd=project, env={"RUSTUP_HOME": rustup_home}
+    )
     assert result.returncode == 0, result.stderr
     assert not (project / "target").exists()  # built in the lease
     # `cargo logout` found the user's token (and removed it: it read credentials.toml).
@@ -60,7 +80,9 @@ def test_cargo_reads_the_users_config_and_credentials(daemon, home, tmp_path) ->
 
 
 def test_huggingface_reads_the_users_token(daemon, home) -> None:
-    pytest.importorskip("huggingface_hub", reason="huggingface_hub is not installed (pip install huggingface_hub)")
+    pytest.importorskip(
+        "huggingface_hub", reason="huggingface_hub is not installed (pip install huggingface_hub)"
+    )
     token_file = home / ".cache" / "huggingface" / "token"
     token_file.parent.mkdir(parents=True)
     token_file.write_text("hf_the_users_token")
@@ -93,10 +115,16 @@ def test_gradle_home_in_the_lease_carries_the_users_settings(daemon, home) -> No
     result = run_tool(daemon, home, "gradle", "sh", "-c", script)
     assert result.returncode == 0, result.stderr
     *copied, gradle_user_home = result.stdout.splitlines()
-    assert copied == ["scratchdProbe=from-the-users-properties", 'allprojects { ext.scratchdInit = "from-the-users-init-d" }']
+    assert copied == [
+        "scratchdProbe=from-the-users-properties",
+        'allprojects { ext.scratchdInit = "from-the-users-init-d" }',
+    ]
     assert gradle_user_home.endswith("/gradle")
     for name in ("gradle.properties", "init.d"):  # and -v says so
-        assert f"scratchd: carried {home}/.gradle/{name} into the lease: {gradle_user_home}/{name}" in result.stderr
+        assert (
+            f"scratchd: carried {home}/.gradle/{name} into the lease: {gradle_user_home}/{name}"
+            in result.stderr
+        )
 
 
 @pytest.mark.skipif(GRADLE is None, reason="gradle is not installed (apt-get install gradle)")

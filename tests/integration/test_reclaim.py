@@ -13,7 +13,6 @@ from pathlib import Path
 
 import httpx
 import pytest
-
 from conftest import bind_mount, needs_root, tmpfs, wait_for
 
 SLOW_GC = {"interval": "30s"}  # only events (pidfd, inotify) can end a lease in time
@@ -24,8 +23,11 @@ def state_of(daemon, lease_id: str) -> dict:
 
 
 def wait_ended(daemon, lease_id: str, timeout: float) -> dict:
-    return wait_for(lambda: (l := state_of(daemon, lease_id))["state"] == "ended" and l, timeout=timeout,
-                    what=f"lease {lease_id} to end")
+    return wait_for(
+        lambda: (l := state_of(daemon, lease_id))["state"] == "ended" and l,
+        timeout=timeout,
+        what=f"lease {lease_id} to end",
+    )
 
 
 def trash_empty(pool_path: str) -> bool:
@@ -33,8 +35,11 @@ def trash_empty(pool_path: str) -> bool:
 
 
 def events(daemon, kind: str) -> list[dict]:
-    return [e for e in daemon.request("GET", "/v1/events", params={"limit": 1000}).json()["events"]
-            if e["kind"] == kind]
+    return [
+        e
+        for e in daemon.request("GET", "/v1/events", params={"limit": 1000}).json()["events"]
+        if e["kind"] == kind
+    ]
 
 
 def sleeper() -> subprocess.Popen:
@@ -168,7 +173,9 @@ def test_usage_counts_hard_links_once(make_daemon):
     def measured() -> dict | None:
         lease_now = state_of(daemon, lease["id"])
         usage = lease_now["usage"]
-        if lease_now["state"] != "active" or (usage["measured_at"] and _epoch(usage["measured_at"]) > linked_at):
+        if lease_now["state"] != "active" or (
+            usage["measured_at"] and _epoch(usage["measured_at"]) > linked_at
+        ):
             return lease_now
         return None
 
@@ -229,8 +236,11 @@ def _sighted(daemon) -> set[str]:
 def build_hostile_tree(root: Path, outside: Path) -> dict[Path, bytes]:
     """Everything a tenant could leave behind; returns the canaries that must survive."""
     outside.mkdir()
-    canaries = {outside / "canary-dir" / "keep": b"dir canary", outside / "canary-file": b"file canary",
-                outside / "linked": b"hard linked"}
+    canaries = {
+        outside / "canary-dir" / "keep": b"dir canary",
+        outside / "canary-file": b"file canary",
+        outside / "linked": b"hard linked",
+    }
     for path, content in canaries.items():
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_bytes(content)
@@ -302,8 +312,10 @@ def test_the_deleter_keeps_the_daemons_priority_and_the_scanner_yields(daemon):
 
     own = _niceness(daemon.process.pid)
     # A worker process exists a little before its initializer has set its niceness.
-    wait_for(lambda: sorted(_niceness(pid) - own for pid in workers()) == [0, 10],
-             what="the deleter at the daemon's niceness and the scanner 10 above it")
+    wait_for(
+        lambda: sorted(_niceness(pid) - own for pid in workers()) == [0, 10],
+        what="the deleter at the daemon's niceness and the scanner 10 above it",
+    )
 
 
 def test_trash_resumes_after_kill_mid_deletion(daemon):
@@ -334,9 +346,13 @@ def test_pool_unmounted_under_the_daemon(make_daemon, tmp_path):
     healthy.mkdir()
     with tmpfs(mount_point):
         (mount_point / "pool").mkdir()
-        daemon = make_daemon(pool=[{"name": "disk", "path": str(mount_point / "pool")},
-                                   {"name": "healthy", "path": str(healthy)}],
-                             gc={"interval": "0.2s", "orphan_grace": "1s"})
+        daemon = make_daemon(
+            pool=[
+                {"name": "disk", "path": str(mount_point / "pool")},
+                {"name": "healthy", "path": str(healthy)},
+            ],
+            gc={"interval": "0.2s", "orphan_grace": "1s"},
+        )
         lease = daemon.lease(pool="disk")
         Path(lease["path"], "work").write_text("job output")
         subprocess.run(["umount", "-l", str(mount_point)], check=True)
@@ -359,23 +375,26 @@ def test_pool_unmounted_under_the_daemon(make_daemon, tmp_path):
 def test_full_filesystem(make_daemon, tmp_path):
     with tmpfs(tmp_path / "small", size="4m") as small:
         (small / "pool").mkdir()
-        daemon = make_daemon(pool=[{"name": "small", "path": str(small / "pool")}],
-                             gc={"interval": "0.2s"})
+        daemon = make_daemon(pool=[{"name": "small", "path": str(small / "pool")}], gc={"interval": "0.2s"})
         lease = daemon.lease()
         with pytest.raises(OSError) as excinfo, open(os.path.join(lease["path"], "fill"), "wb") as f:
             while True:
                 f.write(b"\0" * (1 << 20))
                 f.flush()
         assert excinfo.value.errno == 28  # ENOSPC
-        wait_for(lambda: daemon.request("GET", "/v1/pools").json()["pools"][0]["state"] == "full",
-                 what="pool full")
+        wait_for(
+            lambda: daemon.request("GET", "/v1/pools").json()["pools"][0]["state"] == "full", what="pool full"
+        )
         refused = daemon.request("POST", "/v1/leases", json={})
         assert refused.status_code == 507 and refused.json()["error"]["code"] == "insufficient_storage"
         assert state_of(daemon, lease["id"])["state"] == "active"  # guarantee 2
         assert os.path.getsize(os.path.join(lease["path"], "fill")) > 0
         assert daemon.request("DELETE", f"/v1/leases/{lease['id']}").status_code == 200
-        wait_for(lambda: daemon.request("GET", "/v1/pools").json()["pools"][0]["state"] == "ok",
-                 timeout=10, what="space back")
+        wait_for(
+            lambda: daemon.request("GET", "/v1/pools").json()["pools"][0]["state"] == "ok",
+            timeout=10,
+            what="space back",
+        )
         daemon.lease()
         daemon.stop()
 
@@ -387,8 +406,10 @@ def test_pool_remounted_read_only(make_daemon, tmp_path):
         daemon = make_daemon(pool=[{"name": "ro", "path": str(fs / "pool")}], gc={"interval": "0.2s"})
         lease = daemon.lease(ttl_seconds=1)
         subprocess.run(["mount", "-o", "remount,ro", str(fs)], check=True)
-        wait_for(lambda: daemon.request("GET", "/v1/pools").json()["pools"][0]["state"] == "read_only",
-                 what="pool read-only")
+        wait_for(
+            lambda: daemon.request("GET", "/v1/pools").json()["pools"][0]["state"] == "read_only",
+            what="pool read-only",
+        )
         refused = daemon.request("POST", "/v1/leases", json={})
         assert refused.status_code == 503
         # expired, but its directory cannot be moved: it stays active and intact (guarantee 2/3)
@@ -403,8 +424,9 @@ def test_pool_remounted_read_only(make_daemon, tmp_path):
 def test_eviction_takes_evictable_least_recently_active_first(make_daemon, tmp_path):
     with tmpfs(tmp_path / "ev", size="16m") as fs:
         (fs / "pool").mkdir()
-        daemon = make_daemon(pool=[{"name": "ev", "path": str(fs / "pool"), "reserve": "6M"}],
-                             gc={"interval": "0.2s"})
+        daemon = make_daemon(
+            pool=[{"name": "ev", "path": str(fs / "pool"), "reserve": "6M"}], gc={"interval": "0.2s"}
+        )
         pinned = daemon.lease()
         first = daemon.lease(evictable=True)
         second = daemon.lease(evictable=True)
@@ -413,14 +435,20 @@ def test_eviction_takes_evictable_least_recently_active_first(make_daemon, tmp_p
 
         def measured() -> bool:
             a, b = state_of(daemon, first["id"]), state_of(daemon, second["id"])
-            return (a["usage"]["bytes"] >= 4 << 20 and b["usage"]["bytes"] >= 4 << 20
-                    and a["last_activity_at"] > b["last_activity_at"])
+            return (
+                a["usage"]["bytes"] >= 4 << 20
+                and b["usage"]["bytes"] >= 4 << 20
+                and a["last_activity_at"] > b["last_activity_at"]
+            )
 
         wait_for(measured, timeout=10, what="usage and activity measured")
         Path(pinned["path"], "data").write_bytes(b"\1" * (4 << 20))  # free now below the reserve
         assert wait_ended(daemon, second["id"], timeout=10)["end_reason"] == "evicted"
-        wait_for(lambda: daemon.request("GET", "/v1/pools").json()["pools"][0]["free_bytes"] >= 6 << 20,
-                 timeout=10, what="free space back above reserve")
+        wait_for(
+            lambda: daemon.request("GET", "/v1/pools").json()["pools"][0]["free_bytes"] >= 6 << 20,
+            timeout=10,
+            what="free space back above reserve",
+        )
         assert state_of(daemon, first["id"])["state"] == "active"
         assert state_of(daemon, pinned["id"])["state"] == "active"
         daemon.stop()
@@ -477,8 +505,12 @@ def test_pid_binding_from_another_pid_namespace(make_daemon):
         "lease = Client(socket=%r).create_lease(pid=os.getpid());"
         "print(json.dumps({'lease': lease, 'ns_pid': os.getpid()}), flush=True); sys.stdin.read()"
     ) % (str(Path(__file__).resolve().parents[2] / "src"), daemon.socket)
-    inner = subprocess.Popen(["unshare", "--pid", "--fork", sys.executable, "-c", code],
-                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    inner = subprocess.Popen(
+        ["unshare", "--pid", "--fork", sys.executable, "-c", code],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     try:
         import json
 
@@ -501,6 +533,9 @@ def test_usage_is_measured_again_within_5s_after_writes_stop(daemon):
     with open(os.path.join(lease["path"], "data"), "wb") as f:
         f.write(os.urandom(3 << 20))
     stopped = time.monotonic()
-    wait_for(lambda: state_of(daemon, lease["id"])["usage"]["bytes"] >= 3 << 20, timeout=5 + 5,
-             what="usage of 3 MiB (5 s, and as much again for a loaded host; the periodic pass is 60 s)")
+    wait_for(
+        lambda: state_of(daemon, lease["id"])["usage"]["bytes"] >= 3 << 20,
+        timeout=5 + 5,
+        what="usage of 3 MiB (5 s, and as much again for a loaded host; the periodic pass is 60 s)",
+    )
     assert time.monotonic() - stopped < 10

@@ -12,7 +12,6 @@ from typing import Any
 
 import httpx
 import pytest
-
 from conftest import Daemon, needs_root, wait_for
 from users import User, call_as, free_port, throwaway_group, throwaway_user, world_traversable_dir
 
@@ -76,12 +75,15 @@ def test_anonymous_applies_at_the_reload(make_daemon: Callable[..., Daemon]) -> 
     assert anonymous_status() == 401
 
 
-def test_what_was_bound_at_start_waits_for_a_restart_and_the_log_says_so(make_daemon: Callable[..., Daemon],
-                                                                         tmp_path: Path) -> None:
+def test_what_was_bound_at_start_waits_for_a_restart_and_the_log_says_so(
+    make_daemon: Callable[..., Daemon], tmp_path: Path
+) -> None:
     daemon = make_daemon(server={"socket_mode": "0666"})
     socket_path, state_dir = daemon.socket, daemon.config["server"]["state_dir"]
     lease = daemon.lease()
-    reload(daemon, socket_mode="0600", listen=f"127.0.0.1:{free_port()}", state_dir=str(tmp_path / "elsewhere"))
+    reload(
+        daemon, socket_mode="0600", listen=f"127.0.0.1:{free_port()}", state_dir=str(tmp_path / "elsewhere")
+    )
 
     assert stat.S_IMODE(os.stat(socket_path).st_mode) == 0o666
     with pytest.raises(httpx.ConnectError):

@@ -16,7 +16,6 @@ import time
 from pathlib import Path
 
 import pytest
-
 from conftest import needs_root, tmpfs, wait_for
 from users import as_user, throwaway_user, world_traversable_dir
 
@@ -126,7 +125,9 @@ def test_the_command_dies_with_run_even_by_sigkill(daemon, jobs, tmp_path) -> No
     job.run.kill()
     job.run.wait()
     wait_for(lambda: not job.command_alive(), timeout=2 + SLACK, what="the command to die with run")
-    ended = wait_for(lambda: lease_state(daemon, job.lease_id)["end_reason"], timeout=2 + SLACK, what="the lease end")
+    ended = wait_for(
+        lambda: lease_state(daemon, job.lease_id)["end_reason"], timeout=2 + SLACK, what="the lease end"
+    )
     assert ended == "process_exited"
     assert not os.path.exists(job.path)
     # Every heartbeat until the command died found the lease's directory there.
@@ -153,7 +154,9 @@ def remove_directory(path: str) -> bool:
     ],
     ids=["released", "released-while-renewing", "directory_removed", "over_quota"],
 )
-def test_a_lease_ended_under_run_ends_the_command_with_exit_4(daemon, jobs, tmp_path, reason, options) -> None:
+def test_a_lease_ended_under_run_ends_the_command_with_exit_4(
+    daemon, jobs, tmp_path, reason, options
+) -> None:
     job = jobs(daemon, tmp_path / "notes", *options, fill=4 << 20 if reason == "over_quota" else 0)
     if reason == "released":  # by an admin (root, over the socket): not by run
         assert daemon.request("DELETE", f"/v1/leases/{job.lease_id}").status_code == 200
@@ -187,7 +190,9 @@ def test_a_command_that_ignores_sigterm_is_killed_10_s_later(daemon, jobs, tmp_p
 PROBE = 'stat -c %a "$SCRATCHD_LEASE_PATH"; echo "$SCRATCHD_LEASE_PATH"; echo "id=$SCRATCHD_LEASE_ID"; echo "$TMPDIR"'
 
 
-def run_unreachable(tmp_path: Path, *argv: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+def run_unreachable(
+    tmp_path: Path, *argv: str, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
     environ = {name: value for name, value in os.environ.items() if name != "SCRATCHD_FALLBACK"}
     environ.update(SCRATCHD_SOCKET=str(tmp_path / "no-daemon.sock"), **(env or {}))
     return subprocess.run([*SCRATCHD, "run", *argv], capture_output=True, text=True, timeout=60, env=environ)
@@ -217,9 +222,13 @@ def test_fallback_local_runs_the_command_in_a_private_directory(tmp_path, how: s
     outside = tmp_path / "outside"
     outside.mkdir()
     (outside / "keep").write_text("not the command's")
-    script = f'{PROBE}; ln -s "{outside}" "$SCRATCHD_LEASE_PATH/link"; mkdir -p "$UV_CACHE_DIR/ro"; ' \
-             'touch "$UV_CACHE_DIR/ro/f"; chmod 500 "$UV_CACHE_DIR/ro"; exit 5'
-    result = run_unreachable(tmp_path, *argv, "--near", str(project), "--tool", "uv", "--", "sh", "-c", script, env=env)
+    script = (
+        f'{PROBE}; ln -s "{outside}" "$SCRATCHD_LEASE_PATH/link"; mkdir -p "$UV_CACHE_DIR/ro"; '
+        'touch "$UV_CACHE_DIR/ro/f"; chmod 500 "$UV_CACHE_DIR/ro"; exit 5'
+    )
+    result = run_unreachable(
+        tmp_path, *argv, "--near", str(project), "--tool", "uv", "--", "sh", "-c", script, env=env
+    )
     assert result.returncode == 5, result.stderr
     mode, path, lease_id, tmpdir = result.stdout.splitlines()
     assert mode == "700"
@@ -238,7 +247,9 @@ def test_fallback_local_on_a_mount_goes_to_its_root(tmp_path) -> None:
     with tmpfs(tmp_path / "fs") as fs:
         project = fs / "src" / "project"
         project.mkdir(parents=True)
-        result = run_unreachable(tmp_path, "--fallback", "local", "--near", str(project), "--", "sh", "-c", PROBE)
+        result = run_unreachable(
+            tmp_path, "--fallback", "local", "--near", str(project), "--", "sh", "-c", PROBE
+        )
         assert result.returncode == 0, result.stderr
         path = result.stdout.splitlines()[1]
         assert os.path.dirname(path) == str(fs)
@@ -251,8 +262,20 @@ def test_fallback_local_uses_tmpdir_when_nears_mount_is_read_only(tmp_path) -> N
     temp = tmp_path / "temp"
     temp.mkdir()
     with tmpfs(tmp_path / "ro", options="ro") as read_only:
-        result = run_unreachable(tmp_path, "--fallback", "local", "--near", str(read_only), "--tool", "uv", "--",
-                                 "sh", "-c", 'echo "$SCRATCHD_LEASE_PATH"; echo "$UV_LINK_MODE"', env={"TMPDIR": str(temp)})
+        result = run_unreachable(
+            tmp_path,
+            "--fallback",
+            "local",
+            "--near",
+            str(read_only),
+            "--tool",
+            "uv",
+            "--",
+            "sh",
+            "-c",
+            'echo "$SCRATCHD_LEASE_PATH"; echo "$UV_LINK_MODE"',
+            env={"TMPDIR": str(temp)},
+        )
     assert result.returncode == 0, result.stderr
     path, link_mode = result.stdout.splitlines()
     assert os.path.dirname(path) == str(temp)
@@ -281,7 +304,11 @@ def test_fallback_local_as_a_user_goes_to_their_writable_directory_and_cleans_up
         _remove_tree(path)
         return path, link_mode
 
-    with throwaway_user() as user, world_traversable_dir() as top, tmpfs(top / "fs", options="mode=755") as fs:
+    with (
+        throwaway_user() as user,
+        world_traversable_dir() as top,
+        tmpfs(top / "fs", options="mode=755") as fs,
+    ):
         home = fs / "home" / user.name
         (home / "project").mkdir(parents=True)
         for directory in (home, home / "project"):

@@ -26,7 +26,7 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
-import soak  # noqa: E402
+import soak
 
 CHURN_SECONDS = 28
 GC_INTERVAL = 0.2
@@ -40,9 +40,20 @@ def test_short_soak_keeps_the_books_and_stays_flat(make_daemon, tmp_path, capsys
     curve: list[str] = []
     started = time.monotonic()
     report = soak.run_soak(
-        daemon.socket, daemon.pool_path, daemon.process.pid,
-        seconds=CHURN_SECONDS, clients=4, sample_every=2.0, warmup=8.0, gc_interval=GC_INTERVAL,
-        journal_dir=journals, seed=7, think=0.01, settle_timeout=20.0, rss_growth_mb=30.0, log=curve.append,
+        daemon.socket,
+        daemon.pool_path,
+        daemon.process.pid,
+        seconds=CHURN_SECONDS,
+        clients=4,
+        sample_every=2.0,
+        warmup=8.0,
+        gc_interval=GC_INTERVAL,
+        journal_dir=journals,
+        seed=7,
+        think=0.01,
+        settle_timeout=20.0,
+        rss_growth_mb=30.0,
+        log=curve.append,
     )
     elapsed = time.monotonic() - started
     with capsys.disabled():  # the curve and the summary, even when it passes

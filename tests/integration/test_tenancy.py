@@ -23,13 +23,26 @@ from typing import Any
 
 import httpx
 import pytest
-
 from conftest import IS_ROOT, Daemon, wait_for
-from scratchd.ratelimit import CREATE_BURST
-from users import (User, as_user, call, call_as, calls_as, free_port, raw_http, spawn_as, throwaway_group,
-                   throwaway_user, world_traversable_dir)
+from users import (
+    User,
+    as_user,
+    call,
+    call_as,
+    calls_as,
+    free_port,
+    raw_http,
+    spawn_as,
+    throwaway_group,
+    throwaway_user,
+    world_traversable_dir,
+)
 
-pytestmark = pytest.mark.skipif(not IS_ROOT, reason="needs root: creates Unix users and drops to their credentials")
+from scratchd.ratelimit import CREATE_BURST
+
+pytestmark = pytest.mark.skipif(
+    not IS_ROOT, reason="needs root: creates Unix users and drops to their credentials"
+)
 
 TOKENS = {name: f"{name}-{secrets.token_urlsafe(24)}" for name in ("ci", "other", "viewer", "admin")}
 TOKEN_CONFIG = [
@@ -88,8 +101,12 @@ def start(shared_dir: Path, make_daemon: Callable[..., Daemon], admin_group: str
         root = shared_dir / f"d{next(counter)}"
         (root / "run").mkdir(parents=True)
         (root / "pool").mkdir()
-        server = {"socket": str(root / "run" / "scratchd.sock"), "listen": f"127.0.0.1:{free_port()}",
-                  "anonymous": anonymous, "admins": ["root", f"@{admin_group}"]}
+        server = {
+            "socket": str(root / "run" / "scratchd.sock"),
+            "listen": f"127.0.0.1:{free_port()}",
+            "anonymous": anonymous,
+            "admins": ["root", f"@{admin_group}"],
+        }
         config.setdefault("pool", [{"name": "main", "path": str(root / "pool")}])
         daemon = make_daemon(start=False, server=server, token=TOKEN_CONFIG, **config)
         daemon.socket = server["socket"]  # the fixture's default socket path is under root's tmp_path
@@ -103,7 +120,9 @@ def tcp(daemon: Daemon, token: str | None = None) -> httpx.Client:
     return httpx.Client(base_url=f"http://{daemon.config['server']['listen']}", headers=headers, timeout=10)
 
 
-def tcp_request(daemon: Daemon, token: str | None, method: str, path: str, body: Any = None) -> httpx.Response:
+def tcp_request(
+    daemon: Daemon, token: str | None, method: str, path: str, body: Any = None
+) -> httpx.Response:
     with tcp(daemon, token) as client:
         return client.request(method, path, json=body)
 
@@ -129,7 +148,15 @@ def tcp_lease(daemon: Daemon, token: str) -> dict[str, Any]:
 
 # -- the role matrix ---------------------------------------------------------------------------
 
-CALLERS = ("unix_tenant", "unix_admin", "tcp_tenant", "tcp_viewer", "tcp_admin", "no_token", "anonymous_viewer")
+CALLERS = (
+    "unix_tenant",
+    "unix_admin",
+    "tcp_tenant",
+    "tcp_viewer",
+    "tcp_admin",
+    "no_token",
+    "anonymous_viewer",
+)
 OK = "2xx"
 # route -> answer class per caller, in CALLERS' order. Lease routes act on a lease of another tenant.
 MATRIX: dict[tuple[str, str], tuple[Any, ...]] = {
@@ -181,8 +208,10 @@ def test_every_route_with_every_role(start, alice):
     def over_tcp(daemon: Daemon, token: str | None) -> list[tuple[int, Any]]:
         with tcp(daemon, token) as client:
             answers = [client.request(m, p, json=b) for m, p, b in requests_for(daemon)]
-        return [(a.status_code, a.json() if a.headers["content-type"].startswith("application/json") else None)
-                for a in answers]
+        return [
+            (a.status_code, a.json() if a.headers["content-type"].startswith("application/json") else None)
+            for a in answers
+        ]
 
     def over_socket(daemon: Daemon) -> list[tuple[int, Any]]:
         answers = []
@@ -205,9 +234,13 @@ def test_every_route_with_every_role(start, alice):
     for caller in CALLERS:
         for route, (status, body) in zip(routes, runs[caller]()):
             got[route].append(answer_class(status, body))
-    mismatches = {f"{m} {p}": {c: (want, have) for c, want, have in zip(CALLERS, MATRIX[m, p], got[m, p])
-                               if want != have}
-                  for m, p in routes if tuple(got[m, p]) != MATRIX[m, p]}
+    mismatches = {
+        f"{m} {p}": {
+            c: (want, have) for c, want, have in zip(CALLERS, MATRIX[m, p], got[m, p]) if want != have
+        }
+        for m, p in routes
+        if tuple(got[m, p]) != MATRIX[m, p]
+    }
     assert not mismatches, mismatches
 
 
@@ -221,16 +254,20 @@ def test_each_tenant_sees_only_its_own_leases(start, alice, bob):
     assert (mine["tenant"], mine["uid"]) == (alice.name, alice.uid)
     assert (theirs["tenant"], theirs["uid"]) == (bob.name, bob.uid)
     other = f"/v1/leases/{theirs['id']}"
-    answers = calls_as(alice, daemon.socket, [
-        ("GET", "/v1/leases", None),
-        ("GET", f"/v1/leases?tenant={bob.name}", None),
-        ("GET", "/v1/leases?state=all", None),
-        ("GET", other, None),
-        ("POST", f"{other}/renew", {"ttl_seconds": 60}),
-        ("DELETE", other, None),
-        ("GET", "/v1/usage", None),
-        ("GET", "/v1/events", None),
-    ])
+    answers = calls_as(
+        alice,
+        daemon.socket,
+        [
+            ("GET", "/v1/leases", None),
+            ("GET", f"/v1/leases?tenant={bob.name}", None),
+            ("GET", "/v1/leases?state=all", None),
+            ("GET", other, None),
+            ("POST", f"{other}/renew", {"ttl_seconds": 60}),
+            ("DELETE", other, None),
+            ("GET", "/v1/usage", None),
+            ("GET", "/v1/events", None),
+        ],
+    )
     (listed, filtered, everything, get, renew, release, usage, events) = answers
     assert [l["id"] for l in listed[1]["leases"]] == [mine["id"]]
     assert filtered[1]["leases"] == []
@@ -284,8 +321,9 @@ def test_an_admin_group_member_sees_and_ends_every_lease(start, alice, bob, caro
     leases = [lease_as(alice, daemon), lease_as(bob, daemon), tcp_lease(daemon, TOKENS["ci"])]
     own = lease_as(carol, daemon)
     assert (own["tenant"], own["uid"]) == (carol.name, carol.uid)  # an admin is still a tenant of its own
-    listed, released = calls_as(carol, daemon.socket, [("GET", "/v1/leases", None),
-                                                        ("DELETE", f"/v1/leases/{leases[0]['id']}", None)])
+    listed, released = calls_as(
+        carol, daemon.socket, [("GET", "/v1/leases", None), ("DELETE", f"/v1/leases/{leases[0]['id']}", None)]
+    )
     assert {l["id"] for l in listed[1]["leases"]} == {l["id"] for l in [*leases, own]}
     assert released[0] == 200 and released[1]["end_reason"] == "released"
     assert not os.path.lexists(leases[0]["path"])
@@ -311,9 +349,13 @@ def test_tokens_and_roles_over_tcp(start):
     assert viewer.status_code == 403 and code(viewer.json()) == "forbidden"
     viewer = tcp_request(daemon, TOKENS["viewer"], "DELETE", f"/v1/leases/{lease['id']}")
     assert viewer.status_code == 403 and code(viewer.json()) == "forbidden"
-    assert tcp_request(daemon, TOKENS["viewer"], "GET", f"/v1/leases/{lease['id']}").json()["state"] == "active"
+    assert (
+        tcp_request(daemon, TOKENS["viewer"], "GET", f"/v1/leases/{lease['id']}").json()["state"] == "active"
+    )
     assert tcp_request(daemon, TOKENS["other"], "GET", f"/v1/leases/{lease['id']}").status_code == 404
-    assert tcp_request(daemon, TOKENS["admin"], "POST", "/v1/leases", {}).status_code == 403  # holds no leases
+    assert (
+        tcp_request(daemon, TOKENS["admin"], "POST", "/v1/leases", {}).status_code == 403
+    )  # holds no leases
     released = tcp_request(daemon, TOKENS["admin"], "DELETE", f"/v1/leases/{lease['id']}")
     assert released.status_code == 200 and released.json()["end_reason"] == "released"
 
@@ -332,8 +374,10 @@ def test_a_token_dropped_from_the_config_stops_working_at_the_reload(start):
     daemon.config["token"] = [entry for entry in TOKEN_CONFIG if entry["name"] != "ci"]
     daemon.write_config()
     daemon.process.send_signal(signal.SIGHUP)
-    wait_for(lambda: tcp_request(daemon, TOKENS["ci"], "GET", "/v1/leases").status_code == 401,
-             what="the reload to revoke the token")
+    wait_for(
+        lambda: tcp_request(daemon, TOKENS["ci"], "GET", "/v1/leases").status_code == 401,
+        what="the reload to revoke the token",
+    )
     assert tcp_request(daemon, TOKENS["viewer"], "GET", "/v1/leases").status_code == 200
 
 
@@ -406,8 +450,10 @@ def test_an_admin_renewing_a_lease_is_held_to_its_owners_max_ttl(start, alice):
     assert renewed.status_code == 429 and renewed.json()["error"]["details"]["limit"] == "max_ttl"
 
 
-CREATE = b"POST /v1/leases HTTP/1.1\r\nhost: scratchd\r\ncontent-type: application/json\r\n" \
-         b"content-length: 2\r\n\r\n{}"
+CREATE = (
+    b"POST /v1/leases HTTP/1.1\r\nhost: scratchd\r\ncontent-type: application/json\r\n"
+    b"content-length: 2\r\n\r\n{}"
+)
 LOW_CREATE_RATE = 100.0  # limits.create_rate: a pipelined flood outruns it on any host, fast or slow
 FLOOD = 2 * CREATE_BURST + 2000  # outruns LOW_CREATE_RATE unless the host answers under ~150 creates/s
 
@@ -432,7 +478,7 @@ def test_create_rate_limit_holds_back_one_tenant_only(start):
     answers, limits, elapsed = flood(daemon, FLOOD)
     allowed = CREATE_BURST + LOW_CREATE_RATE * elapsed
     assert limits.count("max_leases") <= allowed + 1
-    if FLOOD < allowed * 1.1:
+    if allowed * 1.1 > FLOOD:
         pytest.skip(f"this host sent only {FLOOD / elapsed:.0f} creates/s: too slow to outrun the limit")
     status, headers, body = next(a for a, limit in zip(answers, limits) if limit == "create_rate")
     assert status == 429 and code(json.loads(body)) == "quota_exceeded"
@@ -454,11 +500,18 @@ def test_a_reload_takes_the_new_create_rate(start):
     daemon.config["limits"] = {"create_rate": LOW_CREATE_RATE}
     daemon.write_config()
     daemon.process.send_signal(signal.SIGHUP)
-    wait_for(lambda: any(e["kind"] == "config_reloaded" for e in
-                         daemon.request("GET", "/v1/events", params={"limit": 1000}).json()["events"]),
-             what="the reload")
+    wait_for(
+        lambda: any(
+            e["kind"] == "config_reloaded"
+            for e in daemon.request("GET", "/v1/events", params={"limit": 1000}).json()["events"]
+        ),
+        what="the reload",
+    )
     answers, limits, elapsed = flood(daemon, FLOOD)
     assert limits.count("max_leases") <= CREATE_BURST + LOW_CREATE_RATE * elapsed + 1
-    refused = [json.loads(body)["error"]["details"] for (_, _, body), limit in zip(answers, limits)
-               if limit == "create_rate"]
+    refused = [
+        json.loads(body)["error"]["details"]
+        for (_, _, body), limit in zip(answers, limits)
+        if limit == "create_rate"
+    ]
     assert refused and {d["per_second"] for d in refused} == {LOW_CREATE_RATE}

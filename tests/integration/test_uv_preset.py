@@ -17,7 +17,6 @@ import zipfile
 from pathlib import Path
 
 import pytest
-
 from conftest import needs_root, tmpfs
 
 UV = shutil.which("uv", path=os.path.dirname(sys.executable)) or shutil.which("uv")
@@ -32,7 +31,7 @@ def build_wheel(directory: Path) -> Path:
         "tinypkg/__init__.py": b"DATA = " + repr("x" * 20000).encode() + b"\n",
         "tinypkg-1.0.dist-info/METADATA": b"Metadata-Version: 2.1\nName: tinypkg\nVersion: 1.0\n",
         "tinypkg-1.0.dist-info/WHEEL": b"Wheel-Version: 1.0\nGenerator: scratchd-tests\nRoot-Is-Purelib: true\n"
-                                        b"Tag: py3-none-any\n",
+        b"Tag: py3-none-any\n",
     }
     record = []
     for name, content in files.items():
@@ -53,8 +52,12 @@ def uv_env(daemon, project: Path) -> dict[str, str]:
     env = {**os.environ, "UV_OFFLINE": "1", "UV_PYTHON_DOWNLOADS": "never", "SCRATCHD_SOCKET": daemon.socket}
     for name in ("UV_CACHE_DIR", "UV_LINK_MODE", "UV_NO_CACHE", "TMPDIR"):
         env.pop(name, None)
-    subprocess.run([UV, "venv", "--python", sys.executable, str(project / ".venv")], check=True, env=env,
-                   capture_output=True)
+    subprocess.run(
+        [UV, "venv", "--python", sys.executable, str(project / ".venv")],
+        check=True,
+        env=env,
+        capture_output=True,
+    )
     return env
 
 
@@ -62,12 +65,26 @@ def install_in_a_lease(daemon, project: Path, wheel: Path) -> tuple[subprocess.C
     """`scratchd run --tool uv -- uv pip install …`; returns the run and the installed file's link count
     as seen while the lease (and so uv's cache) still exists."""
     env = uv_env(daemon, project)
-    installed = project / ".venv" / "lib" / f"python{sys.version_info.major}.{sys.version_info.minor}" \
-        / "site-packages" / "tinypkg" / "__init__.py"
-    script = (f'"{UV}" pip install --python "{project}/.venv/bin/python" --no-index "{wheel}" '
-              f'&& stat -c %h "{installed}" > "{project}/nlink"')
-    result = subprocess.run([*SCRATCHD, "run", "--near", str(project), "--tool", "uv", "--", "sh", "-c", script],
-                            env=env, capture_output=True, text=True, timeout=120)
+    installed = (
+        project
+        / ".venv"
+        / "lib"
+        / f"python{sys.version_info.major}.{sys.version_info.minor}"
+        / "site-packages"
+        / "tinypkg"
+        / "__init__.py"
+    )
+    script = (
+        f'"{UV}" pip install --python "{project}/.venv/bin/python" --no-index "{wheel}" '
+        f'&& stat -c %h "{installed}" > "{project}/nlink"'
+    )
+    result = subprocess.run(
+        [*SCRATCHD, "run", "--near", str(project), "--tool", "uv", "--", "sh", "-c", script],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     nlink = int((project / "nlink").read_text()) if result.returncode == 0 else 0
     return result, nlink
 
@@ -80,8 +97,9 @@ def test_uv_hardlinks_when_a_pool_shares_the_projects_mount(make_daemon, tmp_pat
         project = fs_a / "project"
         project.mkdir()
         # B first and roomier would win on free space alone; near must pick A.
-        daemon = make_daemon(pool=[{"name": "b", "path": str(fs_b / "pool")},
-                                   {"name": "a", "path": str(fs_a / "pool")}])
+        daemon = make_daemon(
+            pool=[{"name": "b", "path": str(fs_b / "pool")}, {"name": "a", "path": str(fs_a / "pool")}]
+        )
         result, nlink = install_in_a_lease(daemon, project, wheel)
         daemon.stop()
     assert result.returncode == 0, result.stderr
@@ -123,10 +141,17 @@ def test_the_seed_uv_no_cache_links_from_a_temporary_cache_in_the_lease(make_dae
         env = uv_env(daemon, project)
         before = uv_temp_dirs()
         # -vv: uv's trace names the files of its temporary cache.
-        script = (f'echo "$SCRATCHD_LEASE_PATH"; exec "{UV}" --no-cache -vv pip install '
-                  f'--python "{project}/.venv/bin/python" --no-index "{wheel}"')
-        result = subprocess.run([*SCRATCHD, "run", "--near", str(project), "--tool", "uv", "--", "sh", "-c", script],
-                                env=env, capture_output=True, text=True, timeout=120)
+        script = (
+            f'echo "$SCRATCHD_LEASE_PATH"; exec "{UV}" --no-cache -vv pip install '
+            f'--python "{project}/.venv/bin/python" --no-index "{wheel}"'
+        )
+        result = subprocess.run(
+            [*SCRATCHD, "run", "--near", str(project), "--tool", "uv", "--", "sh", "-c", script],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
         daemon.stop()
     assert result.returncode == 0, result.stderr
     assert "failed to hardlink" not in result.stderr.lower(), result.stderr

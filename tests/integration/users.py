@@ -91,7 +91,7 @@ def as_user(user: User, function: Callable[[], T]) -> T:
             outcome = {"result": function()}
         except OSError as exc:
             outcome = {"errno": exc.errno, "strerror": exc.strerror, "filename": exc.filename}
-        except BaseException:  # noqa: BLE001 - everything must reach the parent
+        except BaseException:
             outcome = {"traceback": traceback.format_exc()}
         try:
             with os.fdopen(write_end, "w") as pipe:
@@ -104,7 +104,9 @@ def as_user(user: User, function: Callable[[], T]) -> T:
     os.waitpid(pid, 0)
     outcome = json.loads(text)
     if "errno" in outcome:
-        raise OSError(outcome["errno"], outcome["strerror"], outcome["filename"])  # PermissionError for EACCES
+        raise OSError(
+            outcome["errno"], outcome["strerror"], outcome["filename"]
+        )  # PermissionError for EACCES
     if "traceback" in outcome:
         raise FailedAsUser(f"as {user.name}:\n{outcome['traceback']}")
     return outcome["result"]  # type: ignore[no-any-return]

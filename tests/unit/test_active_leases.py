@@ -10,8 +10,18 @@ from scratchd.manager import ActiveLeases, Totals
 
 
 def lease(i: int, pool: str, tenant: str, expected: int | None) -> Lease:
-    return Lease(id=f"l{i}", path=f"/{pool}/l{i}", pool=pool, tenant=tenant, uid=1, gid=1, created_at=1.0,
-                 expires_at=2.0, ttl_seconds=1, expected_bytes=expected)
+    return Lease(
+        id=f"l{i}",
+        path=f"/{pool}/l{i}",
+        pool=pool,
+        tenant=tenant,
+        uid=1,
+        gid=1,
+        created_at=1.0,
+        expires_at=2.0,
+        ttl_seconds=1,
+        expected_bytes=expected,
+    )
 
 
 def recount(leases: list[Lease], key: str) -> dict[str, Totals]:
@@ -24,14 +34,17 @@ def recount(leases: list[Lease], key: str) -> dict[str, Totals]:
     return totals
 
 
-operations = st.lists(st.tuples(
-    st.sampled_from(["put", "remove", "measure", "renew", "measure_gone"]),
-    st.integers(0, 7),  # which lease
-    st.sampled_from(["a", "b"]),  # its pool
-    st.sampled_from(["t1", "t2", "t3"]),  # its tenant
-    st.one_of(st.none(), st.integers(1, 5000)),  # expected_bytes
-    st.integers(0, 8000),  # a measured size
-), max_size=60)
+operations = st.lists(
+    st.tuples(
+        st.sampled_from(["put", "remove", "measure", "renew", "measure_gone"]),
+        st.integers(0, 7),  # which lease
+        st.sampled_from(["a", "b"]),  # its pool
+        st.sampled_from(["t1", "t2", "t3"]),  # its tenant
+        st.one_of(st.none(), st.integers(1, 5000)),  # expected_bytes
+        st.integers(0, 8000),  # a measured size
+    ),
+    max_size=60,
+)
 
 
 @settings(max_examples=300, deadline=None)

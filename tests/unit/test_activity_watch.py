@@ -59,7 +59,9 @@ def test_a_lease_with_many_directories_stays_within_its_budget(tmp_path, monkeyp
     asyncio.run(scenario())
 
 
-def test_past_the_total_budget_leases_are_bound_without_a_watch_and_logged_once(tmp_path, monkeypatch, caplog):
+def test_past_the_total_budget_leases_are_bound_without_a_watch_and_logged_once(
+    tmp_path, monkeypatch, caplog
+):
     monkeypatch.setattr(watcher, "WATCHES_TOTAL", 2)
     for name in "abcd":
         (tmp_path / name).mkdir()
@@ -97,7 +99,8 @@ def test_a_deleted_subdirectory_gives_its_watch_back(tmp_path):
 
 @needs_queue_sysctl
 def test_after_an_overflow_every_watched_lease_counts_as_written_and_writes_are_still_seen(
-        tmp_path, caplog, monkeypatch):
+    tmp_path, caplog, monkeypatch
+):
     monkeypatch.setattr(watcher, "ACTIVITY_DEBOUNCE_SECONDS", 0.0)
     busy, quiet = tmp_path / "busy", tmp_path / "quiet"
     busy.mkdir()
@@ -115,8 +118,9 @@ def test_after_an_overflow_every_watched_lease_counts_as_written_and_writes_are_
             await _collect_until(reports, lambda: any(lease_id == "quiet" for lease_id, _ in reports))
             flooded = time.time()
             (busy / "after").write_text("x")
-            await _collect_until(reports, lambda: any(at >= flooded for lease_id, at in reports
-                                                      if lease_id == "busy"))
+            await _collect_until(
+                reports, lambda: any(at >= flooded for lease_id, at in reports if lease_id == "busy")
+            )
         finally:
             watch.close()
         return reports

@@ -17,7 +17,6 @@ from typing import Any
 
 import pytest
 import yaml
-
 from test_grafana import MATCHER, METRIC, SELECTOR, TARGET_LABELS, exported  # noqa: F401 - exported is a fixture
 
 REPO = Path(__file__).resolve().parents[2]
@@ -25,13 +24,16 @@ RULES = REPO / "deploy" / "prometheus" / "scratchd.rules.yml"
 RULES_TEST = REPO / "deploy" / "prometheus" / "scratchd.rules.test.yml"
 PROMETHEUS_RULE = REPO / "deploy" / "kubernetes" / "prometheusrule.yaml"
 PROMTOOL = shutil.which("promtool")
-needs_promtool = pytest.mark.skipif(PROMTOOL is None,
-                                    reason="promtool is not installed (Debian: apt-get install prometheus)")
+needs_promtool = pytest.mark.skipif(
+    PROMTOOL is None, reason="promtool is not installed (Debian: apt-get install prometheus)"
+)
 GROUPING = re.compile(r"\b(?:by|without|on|ignoring)\s*\(([^)]*)\)")
 # The Operator's CRD (monitoring.coreos.com/v1 PrometheusRule): the fields a group and a rule may have.
 GROUP_FIELDS = {"name", "interval", "rules", "limit", "labels", "partial_response_strategy", "query_offset"}
 RULE_FIELDS = {"alert", "record", "expr", "for", "keep_firing_for", "labels", "annotations"}
-DURATION = re.compile(r"^(0|(([0-9]+)y)?(([0-9]+)w)?(([0-9]+)d)?(([0-9]+)h)?(([0-9]+)m)?(([0-9]+)s)?(([0-9]+)ms)?)$")
+DURATION = re.compile(
+    r"^(0|(([0-9]+)y)?(([0-9]+)w)?(([0-9]+)d)?(([0-9]+)h)?(([0-9]+)m)?(([0-9]+)s)?(([0-9]+)ms)?)$"
+)
 
 
 def promtool(*args: str, cwd: Path = RULES.parent) -> None:
@@ -52,8 +54,12 @@ def test_promtool_checks_the_rules() -> None:
 @needs_promtool
 def test_promtool_unit_tests_pass_and_cover_every_alert() -> None:
     promtool("test", "rules", RULES_TEST.name)
-    tested = {case["alertname"] for test in yaml.safe_load(RULES_TEST.read_text())["tests"]
-              for case in test.get("alert_rule_test", []) if case["exp_alerts"]}
+    tested = {
+        case["alertname"]
+        for test in yaml.safe_load(RULES_TEST.read_text())["tests"]
+        for case in test.get("alert_rule_test", [])
+        if case["exp_alerts"]
+    }
     assert tested == {rule["alert"] for rule in rules()}, "every alert is shown firing at least once"
 
 
@@ -64,7 +70,9 @@ def test_rules_ask_for_what_the_daemon_exports(exported: dict[str, set[str]]) ->
         assert names <= set(exported), (rule["alert"], names - set(exported))
         known = set().union(*(exported[name] for name in names)) | TARGET_LABELS
         used = {name for _, matchers in SELECTOR.findall(query) for name in MATCHER.findall(matchers)}
-        used |= {label.strip() for group in GROUPING.findall(query) for label in group.split(",") if label.strip()}
+        used |= {
+            label.strip() for group in GROUPING.findall(query) for label in group.split(",") if label.strip()
+        }
         assert used <= known, (rule["alert"], used - known)
         templated = set(re.findall(r"\$labels\.(\w+)", " ".join(rule["annotations"].values())))
         assert templated <= known, (rule["alert"], templated - known)

@@ -15,7 +15,17 @@ from scratchd import cli
 from scratchd.presets import PRESETS
 
 MISSING_SOCKET = "/nonexistent/x.sock"
-HEAVY = ("fastapi", "uvicorn", "pydantic", "starlette", "rich", "watchdog", "http.client", "typing", "dataclasses")
+HEAVY = (
+    "fastapi",
+    "uvicorn",
+    "pydantic",
+    "starlette",
+    "rich",
+    "watchdog",
+    "http.client",
+    "typing",
+    "dataclasses",
+)
 
 
 def parse(*argv: str):
@@ -62,7 +72,9 @@ def test_a_relative_near_is_made_absolute(tmp_path: Path, monkeypatch: pytest.Mo
     assert cli._lease_request(parse("run", "--near", "venv", "--", "true"))["near"] == str(tmp_path / "venv")
 
 
-@pytest.mark.parametrize(("text", "seconds"), [("90", 90), ("90s", 90), ("15m", 900), ("1.5s", 2), ("7d", 604800)])
+@pytest.mark.parametrize(
+    ("text", "seconds"), [("90", 90), ("90s", 90), ("15m", 900), ("1.5s", 2), ("7d", 604800)]
+)
 def test_durations_are_whole_seconds_rounded_up(text: str, seconds: int) -> None:
     assert parse("lease", "--ttl", text).ttl == seconds
 
@@ -166,9 +178,14 @@ def test_socket_from_the_environment() -> None:
     assert MISSING_SOCKET in result.stderr
 
 
-@pytest.mark.parametrize("argv", [["--socket", MISSING_SOCKET, "--url", "http://127.0.0.1:9", "ls"],
-                                  ["ls", "--url", "http://127.0.0.1:9", "--socket", MISSING_SOCKET],
-                                  ["--socket", MISSING_SOCKET, "run", "--url", "http://127.0.0.1:9", "--", "true"]])
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["--socket", MISSING_SOCKET, "--url", "http://127.0.0.1:9", "ls"],
+        ["ls", "--url", "http://127.0.0.1:9", "--socket", MISSING_SOCKET],
+        ["--socket", MISSING_SOCKET, "run", "--url", "http://127.0.0.1:9", "--", "true"],
+    ],
+)
 def test_a_socket_and_a_url_given_together_are_a_usage_error_naming_both(argv: list[str]) -> None:
     result = scratchd(*argv, env={"SCRATCHD_SOCKET": "", "SCRATCHD_URL": ""})
     assert result.returncode == 2, result.stderr
@@ -178,7 +195,10 @@ def test_a_socket_and_a_url_given_together_are_a_usage_error_naming_both(argv: l
 def test_a_socket_and_a_url_in_the_environment_are_a_usage_error_naming_both() -> None:
     result = scratchd("ls", env={"SCRATCHD_SOCKET": MISSING_SOCKET, "SCRATCHD_URL": "http://127.0.0.1:9"})
     assert result.returncode == 2, result.stderr
-    assert f"SCRATCHD_SOCKET={MISSING_SOCKET}" in result.stderr and "SCRATCHD_URL=http://127.0.0.1:9" in result.stderr
+    assert (
+        f"SCRATCHD_SOCKET={MISSING_SOCKET}" in result.stderr
+        and "SCRATCHD_URL=http://127.0.0.1:9" in result.stderr
+    )
 
 
 @pytest.mark.parametrize(("flag", "value"), [("--url", "http://127.0.0.1:9"), ("--socket", MISSING_SOCKET)])
@@ -203,11 +223,19 @@ def test_version_is_the_installed_distributions() -> None:
     assert (result.returncode, result.stdout, result.stderr) == (0, f"scratchd {version('scratchd')}\n", "")
 
 
-@pytest.mark.parametrize(("option", "value", "forms"), [("--ttl", "-5m", "90s"), ("--idle", "-1h", "15m"),
-                                                        ("--max-size", "-1G", "512M"), ("--ttl", "3x", "2h"),
-                                                        ("--expect", "lots", "10G")])
-def test_an_unreadable_duration_or_size_names_the_value_and_the_accepted_forms(option: str, value: str,
-                                                                               forms: str) -> None:
+@pytest.mark.parametrize(
+    ("option", "value", "forms"),
+    [
+        ("--ttl", "-5m", "90s"),
+        ("--idle", "-1h", "15m"),
+        ("--max-size", "-1G", "512M"),
+        ("--ttl", "3x", "2h"),
+        ("--expect", "lots", "10G"),
+    ],
+)
+def test_an_unreadable_duration_or_size_names_the_value_and_the_accepted_forms(
+    option: str, value: str, forms: str
+) -> None:
     result = scratchd("--socket", MISSING_SOCKET, "lease", option, value)
     assert result.returncode == 2
     assert f"argument {option}:" in result.stderr and repr(value) in result.stderr and forms in result.stderr
@@ -218,17 +246,34 @@ def test_a_negative_looking_value_after_the_command_in_run_is_the_commands() -> 
     assert args.ttl == 3600 and args.cmd == ["sort", "-5m", "--ttl", "-5m"]
 
 
-@pytest.mark.parametrize(("limit", "written", "said"), [(604800, "30d", "7d"), (604800, "200h", "168h"),
-                                                        (604800, "999999", "604800s"), (100000, "2d", "1.15d"),
-                                                        (90, "1.5m ", "1.5m"), (604800, "5w", "1w")])
+@pytest.mark.parametrize(
+    ("limit", "written", "said"),
+    [
+        (604800, "30d", "7d"),
+        (604800, "200h", "168h"),
+        (604800, "999999", "604800s"),
+        (100000, "2d", "1.15d"),
+        (90, "1.5m ", "1.5m"),
+        (604800, "5w", "1w"),
+    ],
+)
 def test_a_limit_is_said_in_the_unit_the_user_wrote(limit: int, written: str, said: str) -> None:
     assert cli._in_unit(limit, written) == said
 
 
 def test_events_and_ls_options() -> None:
-    assert parse("events").n is None and parse("events", "-n", "7").n == 7 and parse("events", "--since", "0").since == 0
+    assert (
+        parse("events").n is None
+        and parse("events", "-n", "7").n == 7
+        and parse("events", "--since", "0").since == 0
+    )
     assert parse("ls", "--label", "a=b", "--label", "c=d=e").label == [("a", "b"), ("c", "d=e")]
-    for bad in (["events", "-n", "-1"], ["events", "-n", "x"], ["events", "--since", "-1"], ["ls", "--label", "k"]):
+    for bad in (
+        ["events", "-n", "-1"],
+        ["events", "-n", "x"],
+        ["events", "--since", "-1"],
+        ["ls", "--label", "k"],
+    ):
         with pytest.raises(SystemExit):
             parse(*bad)
 
@@ -244,7 +289,7 @@ class FakeEvents:
         self.calls += 1
         found = [s for s in self.seqs if s > (since or 0) and (before is None or s < before)]
         found = found[::-1] if order == "desc" else found
-        return {"events": [{"seq": s} for s in found[:limit or 100]]}
+        return {"events": [{"seq": s} for s in found[: limit or 100]]}
 
 
 @pytest.mark.parametrize("total", [0, 1, 50, 51, 2500])
@@ -252,7 +297,7 @@ class FakeEvents:
 def test_the_newest_events_page_back_across_the_apis_limit(total: int, count: int) -> None:
     fake = FakeEvents(total)
     events, more, newest = cli._newest_events(fake, count)
-    assert [e["seq"] for e in events] == fake.seqs[max(0, total - count):][:count] if count else events == []
+    assert [e["seq"] for e in events] == fake.seqs[max(0, total - count) :][:count] if count else events == []
     assert more == (total > count) and newest == total
     assert fake.calls <= count // cli.EVENTS_PAGE + 2
 
@@ -261,7 +306,7 @@ def test_the_newest_events_page_back_across_the_apis_limit(total: int, count: in
 def test_the_events_after_since_page_forward(since: int, count: int | None) -> None:
     fake = FakeEvents(2500)
     events, more = cli._events_after(fake, since, count)
-    wanted = fake.seqs[since:] if count is None else fake.seqs[since:since + count]
+    wanted = fake.seqs[since:] if count is None else fake.seqs[since : since + count]
     assert [e["seq"] for e in events] == wanted
     assert more == (count is not None and since + count < 2500)
 
@@ -290,8 +335,18 @@ def test_the_clients_json_is_the_json_modules() -> None:
 
     from scratchd import client
 
-    bodies = [{}, {"near": "/home/ünï/src", "labels": {"k": "a\"b\\c\n\u2028"}, "ttl_seconds": 3600,
-                   "evictable": True, "max_bytes": None, "ratio": 0.5, "list": [1, [2, {}]]}]
+    bodies = [
+        {},
+        {
+            "near": "/home/ünï/src",
+            "labels": {"k": 'a"b\\c\n\u2028'},
+            "ttl_seconds": 3600,
+            "evictable": True,
+            "max_bytes": None,
+            "ratio": 0.5,
+            "list": [1, [2, {}]],
+        },
+    ]
     for body in bodies:
         assert client._dumps(body) == json.dumps(body)
         assert client._loads(json.dumps(body).encode()) == body
@@ -317,16 +372,55 @@ def test_importtime_of_the_cli_lists_nothing_heavy() -> None:
     assert not [name for name in imported if name.split(".")[0] in HEAVY or name in HEAVY]
 
 
-RUN_TOKENS = ["--ttl", "2h", "--ttl=90s", "--idle=5m", "--pool", "p", "--near", "/tmp", "--label", "a=b", "--label=c",
-              "--tool", "uv", "--tool=nope", "--env", "X", "--env=Y=sub", "--evictable", "--evictable=1", "-v",
-              "--verbose", "--placement", "any", "--placement=far", "--max-size", "1G", "--expect", "x", "--",
-              "make", "-j4", "--socket", "/s", "--url=http://h", "--po", "--p", "-", "-vx", "--list-tools", "-h"]
+RUN_TOKENS = [
+    "--ttl",
+    "2h",
+    "--ttl=90s",
+    "--idle=5m",
+    "--pool",
+    "p",
+    "--near",
+    "/tmp",
+    "--label",
+    "a=b",
+    "--label=c",
+    "--tool",
+    "uv",
+    "--tool=nope",
+    "--env",
+    "X",
+    "--env=Y=sub",
+    "--evictable",
+    "--evictable=1",
+    "-v",
+    "--verbose",
+    "--placement",
+    "any",
+    "--placement=far",
+    "--max-size",
+    "1G",
+    "--expect",
+    "x",
+    "--",
+    "make",
+    "-j4",
+    "--socket",
+    "/s",
+    "--url=http://h",
+    "--po",
+    "--p",
+    "-",
+    "-vx",
+    "--list-tools",
+    "-h",
+]
 
 
 @settings(max_examples=400, deadline=None)
 @given(st.lists(st.sampled_from(RUN_TOKENS), max_size=8))
 def test_runs_quick_parse_reads_what_argparse_reads(argv: list[str]) -> None:
     """_quick_parse may decline (argparse then parses), but what it reads must be argparse's reading."""
+
     def namespace():
         return cli.SimpleNamespace(socket=None, url=None, command="run")
 
@@ -342,8 +436,15 @@ def test_client_errors_survive_pickling() -> None:
     from scratchd.client import DaemonUnreachable, ScratchdError
 
     refused = pickle.loads(pickle.dumps(ScratchdError(404, "lease_not_found", "No lease.", {"id": "x"})))
-    assert (refused.status, refused.code, refused.message, refused.details) == (404, "lease_not_found", "No lease.",
-                                                                                {"id": "x"})
+    assert (refused.status, refused.code, refused.message, refused.details) == (
+        404,
+        "lease_not_found",
+        "No lease.",
+        {"id": "x"},
+    )
     gone = pickle.loads(pickle.dumps(DaemonUnreachable("/run/s.sock", "no such file")))
-    assert (gone.address, gone.reason, str(gone)) == ("/run/s.sock", "no such file",
-                                                      "unreachable: cannot reach scratchd at /run/s.sock: no such file")
+    assert (gone.address, gone.reason, str(gone)) == (
+        "/run/s.sock",
+        "no such file",
+        "unreachable: cannot reach scratchd at /run/s.sock: no such file",
+    )

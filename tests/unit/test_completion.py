@@ -41,14 +41,20 @@ def needs(shell: str) -> None:
 
 def test_bash_loads_it_and_completes(tmp_path: Path) -> None:
     needs("bash")
-    loaded = subprocess.run(["bash", "-c", f"source <({' '.join(SCRATCHD)} completion bash); complete -p scratchd"],
-                            capture_output=True, text=True, timeout=60)
+    loaded = subprocess.run(
+        ["bash", "-c", f"source <({' '.join(SCRATCHD)} completion bash); complete -p scratchd"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert loaded.returncode == 0 and loaded.stdout.strip() == "complete -F _scratchd scratchd", loaded.stderr
     path = script("bash", tmp_path)
     for line, offered in [*CASES, ("scratchd run --ttl 1h -- ech", {"echo"})]:
         words = line.split(" ")
-        probe = (f"source {path}; COMP_WORDS=({' '.join(repr(w) for w in words)}); COMP_CWORD={len(words) - 1}; "
-                 '_scratchd; printf "%s\\n" "${COMPREPLY[@]}"')
+        probe = (
+            f"source {path}; COMP_WORDS=({' '.join(repr(w) for w in words)}); COMP_CWORD={len(words) - 1}; "
+            '_scratchd; printf "%s\\n" "${COMPREPLY[@]}"'
+        )
         result = subprocess.run(["bash", "-c", probe], capture_output=True, text=True, timeout=60)
         assert result.returncode == 0 and result.stderr == "", result.stderr
         assert set(result.stdout.split()) == offered, line
@@ -58,8 +64,9 @@ def test_fish_loads_it_and_completes(tmp_path: Path) -> None:
     needs("fish")
     path = script("fish", tmp_path)
     for line, offered in CASES:
-        result = subprocess.run(["fish", "-c", f"source {path}; complete -C {line!r}"], capture_output=True,
-                                text=True, timeout=60)
+        result = subprocess.run(
+            ["fish", "-c", f"source {path}; complete -C {line!r}"], capture_output=True, text=True, timeout=60
+        )
         assert result.returncode == 0 and result.stderr == "", result.stderr
         assert {row.split("\t")[0] for row in result.stdout.splitlines()} == offered, line
 
@@ -70,6 +77,7 @@ def zsh_completions(script: Path, line: str) -> set[str]:
     if pid == 0:
         os.execvp("zsh", ["zsh", "-f", "-i"])
     try:
+
         def send(text: str) -> None:
             os.write(terminal, text.encode())
 
@@ -83,9 +91,13 @@ def zsh_completions(script: Path, line: str) -> set[str]:
 
         send("PROMPT='%% '; autoload -U compinit && compinit -u -D\n")
         send(f"source {script}\n")
-        send('compadd() { local -a h; builtin compadd -O h "$@"; print -rn -- " HIT:"${^h}" "; builtin compadd "$@" }\n')
+        send(
+            'compadd() { local -a h; builtin compadd -O h "$@"; print -rn -- " HIT:"${^h}" "; builtin compadd "$@" }\n'
+        )
         # The completion function, then a mark: all it offered comes before that.
-        send('functions[_scratchd_itself]=$functions[_scratchd]; _scratchd() { _scratchd_itself; print -rn " DONE"42 }\n')
+        send(
+            'functions[_scratchd_itself]=$functions[_scratchd]; _scratchd() { _scratchd_itself; print -rn " DONE"42 }\n'
+        )
         send("print READY$((6 * 7))\n")
         read_until("READY42")
         send(line + "\t")
@@ -98,8 +110,17 @@ def zsh_completions(script: Path, line: str) -> set[str]:
 def test_zsh_loads_it_and_completes(tmp_path: Path) -> None:
     needs("zsh")
     path = script("zsh", tmp_path)
-    loaded = subprocess.run(["zsh", "-f", "-c", f"autoload -U compinit && compinit -u -D; source {path}; "
-                             "print $_comps[scratchd]"], capture_output=True, text=True, timeout=60)
+    loaded = subprocess.run(
+        [
+            "zsh",
+            "-f",
+            "-c",
+            f"autoload -U compinit && compinit -u -D; source {path}; print $_comps[scratchd]",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert loaded.stdout.strip() == "_scratchd", loaded.stderr
     for line, offered in CASES:
         assert zsh_completions(path, line) == offered, line

@@ -6,11 +6,11 @@ A key added to a model in scratchd.config without a commented line here fails th
 from __future__ import annotations
 
 import re
-import tomllib
 import typing
 from pathlib import Path
 from typing import Any
 
+import tomllib
 from pydantic import BaseModel
 
 from scratchd.config import Config, parse_config

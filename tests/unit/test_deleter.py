@@ -181,7 +181,12 @@ def test_walk_errors_survive_pickling_out_of_a_worker_process(exc: OSError) -> N
     exc.add_note("from the scan worker")
     copy = pickle.loads(pickle.dumps(exc))
     assert type(copy) is type(exc) and str(copy) == str(exc)
-    assert (copy.errno, copy.strerror, copy.filename, copy.args) == (exc.errno, exc.strerror, exc.filename, exc.args)
+    assert (copy.errno, copy.strerror, copy.filename, copy.args) == (
+        exc.errno,
+        exc.strerror,
+        exc.filename,
+        exc.args,
+    )
     assert copy.__notes__ == ["from the scan worker"]
 
 
@@ -334,7 +339,9 @@ def test_mount_missing_from_the_table_is_still_never_entered(
 
 
 @needs_root
-def test_top_that_is_a_mount_is_left_alone(tmp_path: Path, outside: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_top_that_is_a_mount_is_left_alone(
+    tmp_path: Path, outside: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setattr(deleter, "umount_lazily", refuse_detach)
     before = snapshot(outside)
     with bind_mount(outside, tmp_path / "top"):
@@ -347,7 +354,9 @@ def test_top_that_is_a_mount_is_left_alone(tmp_path: Path, outside: Path, monkey
 @needs_root
 def test_unprivileged_owner_deletes_its_locked_directories() -> None:
     """As the tree's owner, not root: mode-000 and read-only directories need a chmod first."""
-    with tempfile.TemporaryDirectory(prefix="scratchd-test-", dir="/tmp") as reachable:  # pytest's tmp is 0700
+    with tempfile.TemporaryDirectory(
+        prefix="scratchd-test-", dir="/tmp"
+    ) as reachable:  # pytest's tmp is 0700
         os.chmod(reachable, 0o755)
         owner_deletes_locked_directories(Path(reachable, "home"))
 
@@ -465,7 +474,9 @@ def test_without_a_working_rm_the_walk_removes_everything(
 ) -> None:
     fake = tmp_path / "rm"
     if rm == "failing":  # says it is GNU's, then removes nothing
-        fake.write_text('#!/bin/sh\n[ "$1" = --version ] && echo "rm (GNU coreutils) 9.1" && exit 0\nexit 1\n')
+        fake.write_text(
+            '#!/bin/sh\n[ "$1" = --version ] && echo "rm (GNU coreutils) 9.1" && exit 0\nexit 1\n'
+        )
         fake.chmod(0o755)
     monkeypatch.setattr(deleter, "RM", str(fake))
     tree = tmp_path / "tree"
@@ -530,7 +541,9 @@ def test_what_rm_cannot_remove_is_reported_by_the_walk(tmp_path: Path) -> None:
 
 @needs_root
 def test_unprivileged_owner_finishes_the_locked_directories_rm_cannot_enter() -> None:
-    with tempfile.TemporaryDirectory(prefix="scratchd-test-", dir="/tmp") as reachable:  # pytest's tmp is 0700
+    with tempfile.TemporaryDirectory(
+        prefix="scratchd-test-", dir="/tmp"
+    ) as reachable:  # pytest's tmp is 0700
         os.chmod(reachable, 0o755)
         home = Path(reachable, "home")
         tree = home / "tree"

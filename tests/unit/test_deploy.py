@@ -23,15 +23,15 @@ import socket
 import subprocess
 import sys
 import tempfile
-import tomllib
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+import tomllib
 import yaml
-
 from conftest import Daemon, needs_root, wait_for
+
 from scratchd.config import parse_config
 
 REPO = Path(__file__).resolve().parents[2]
@@ -46,8 +46,15 @@ CRD_KINDS = {("monitoring.coreos.com/v1", "ServiceMonitor"), ("monitoring.coreos
 TENANT_UID = 65534  # nobody
 OTHER_UID = 65533  # owns nothing on this host: "another user" inside the tenant's tree
 # capability(7) numbers of the ones the deployments name.
-CAP_NUMBERS = {"chown": 0, "dac_override": 1, "dac_read_search": 2, "fowner": 3, "kill": 5, "sys_ptrace": 19,
-               "sys_admin": 21}
+CAP_NUMBERS = {
+    "chown": 0,
+    "dac_override": 1,
+    "dac_read_search": 2,
+    "fowner": 3,
+    "kill": 5,
+    "sys_ptrace": 19,
+    "sys_admin": 21,
+}
 
 
 # -- systemd ------------------------------------------------------------------------------
@@ -90,8 +97,9 @@ def test_systemd_analyze_verify(tmp_path: Path) -> None:
     assert scratchd.exists(), f"{scratchd}: install the package into this environment"
     unit = tmp_path / "scratchd.service"
     unit.write_text(UNIT.read_text().replace("/usr/local/bin/scratchd", str(scratchd)))
-    result = subprocess.run(["systemd-analyze", "verify", str(unit)], capture_output=True, text=True,
-                            timeout=60)
+    result = subprocess.run(
+        ["systemd-analyze", "verify", str(unit)], capture_output=True, text=True, timeout=60
+    )
     output = (result.stdout + result.stderr).strip()
     # Unknown keys and bad values are only warnings to verify: any word about our unit fails.
     ours = [line for line in output.splitlines() if "scratchd" in line]
@@ -100,7 +108,9 @@ def test_systemd_analyze_verify(tmp_path: Path) -> None:
 
 def pools_drop_in() -> str:
     """The drop-in deploy/systemd/README.md tells operators to write."""
-    (block,) = [b for b in re.findall(r"```ini\n(.*?)```", UNIT_README.read_text(), re.S) if "pools.conf" in b]
+    (block,) = [
+        b for b in re.findall(r"```ini\n(.*?)```", UNIT_README.read_text(), re.S) if "pools.conf" in b
+    ]
     return block
 
 
@@ -113,19 +123,28 @@ def test_pools_drop_in_requires_the_pool_mounts() -> None:
     # Pool paths (so every mount above them counts), and the mount points they are on.
     assert settings["RequiresMountsFor"] == ["/mnt/nvme/scratchd", "/srv/scratch/scratchd"]
     assert settings["ReadWritePaths"] == ["/mnt/nvme", "/srv/scratch"]
-    assert all(any(path.startswith(mount + "/") for mount in settings["ReadWritePaths"])
-               for path in settings["RequiresMountsFor"])
+    assert all(
+        any(path.startswith(mount + "/") for mount in settings["ReadWritePaths"])
+        for path in settings["RequiresMountsFor"]
+    )
 
 
 @pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="systemd-analyze is not installed")
 def test_systemd_analyze_verify_with_the_pools_drop_in(tmp_path: Path) -> None:
     scratchd = Path(sys.executable).parent / "scratchd"
-    (tmp_path / "scratchd.service").write_text(UNIT.read_text().replace("/usr/local/bin/scratchd", str(scratchd)))
+    (tmp_path / "scratchd.service").write_text(
+        UNIT.read_text().replace("/usr/local/bin/scratchd", str(scratchd))
+    )
     (tmp_path / "scratchd.service.d").mkdir()
     (tmp_path / "scratchd.service.d" / "pools.conf").write_text(pools_drop_in())
     # The trailing colon keeps the built-in search path too; the drop-in is found next to the unit.
-    result = subprocess.run(["systemd-analyze", "verify", str(tmp_path / "scratchd.service")], capture_output=True,
-                            text=True, timeout=60, env={**os.environ, "SYSTEMD_UNIT_PATH": f"{tmp_path}:"})
+    result = subprocess.run(
+        ["systemd-analyze", "verify", str(tmp_path / "scratchd.service")],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "SYSTEMD_UNIT_PATH": f"{tmp_path}:"},
+    )
     output = (result.stdout + result.stderr).strip()
     assert result.returncode == 0 and "scratchd" not in output, output
 
@@ -162,7 +181,7 @@ def as_tenant(function: Callable[..., Any], *args: Any) -> Any:
             os.setresuid(TENANT_UID, TENANT_UID, TENANT_UID)
             result = json.dumps({"ok": function(*args)})
             status = 0
-        except BaseException as exc:  # noqa: BLE001 - reported to the parent
+        except BaseException as exc:
             result = json.dumps({"error": repr(exc)})
         with os.fdopen(write_end, "w") as pipe:
             pipe.write(result)
@@ -182,8 +201,10 @@ def _create_and_fill(socket_path: str, body: dict[str, Any]) -> dict[str, Any]:
     with socket.socket(socket.AF_UNIX) as sock:
         sock.settimeout(10)
         sock.connect(socket_path)
-        sock.sendall(b"POST /v1/leases HTTP/1.0\r\nContent-Type: application/json\r\n"
-                     b"Content-Length: %d\r\n\r\n%s" % (len(data), data))
+        sock.sendall(
+            b"POST /v1/leases HTTP/1.0\r\nContent-Type: application/json\r\n"
+            b"Content-Length: %d\r\n\r\n%s" % (len(data), data)
+        )
         head, _, payload = sock.makefile("rb").read().partition(b"\r\n\r\n")
     lease = json.loads(payload)
     assert head.split()[1] == b"201", lease
@@ -241,8 +262,9 @@ def run_capability_scenario(caps: set[str]) -> dict[str, Any]:
     try:
         with capped_daemon(caps) as daemon:
             status = Path(f"/proc/{daemon.process.pid}/status").read_text()
-            outcome["cap_eff"] = next(int(line.split()[1], 16) for line in status.splitlines()
-                                      if line.startswith("CapEff:"))
+            outcome["cap_eff"] = next(
+                int(line.split()[1], 16) for line in status.splitlines() if line.startswith("CapEff:")
+            )
             # 1. a lease for another uid: created, chowned to it, filled by it ...
             lease = tenant_lease(daemon, ttl_seconds=600)
             st = os.stat(lease["path"])
@@ -258,20 +280,27 @@ def run_capability_scenario(caps: set[str]) -> dict[str, Any]:
             bound = tenant_lease(daemon, ttl_seconds=600, pid=sleeper.pid)
             # 3. a mount inside a lease, detached (or reported) when the lease ends.
             mounted = tenant_lease(daemon, ttl_seconds=600)
-            subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", f"{mounted['path']}/tree"],
-                           check=True)
+            subprocess.run(
+                ["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", f"{mounted['path']}/tree"], check=True
+            )
 
             for ending in (lease, mounted):
                 response = daemon.request("DELETE", f"/v1/leases/{ending['id']}")
                 assert response.status_code == 200, response.text
             sleeper.kill()
             sleeper.wait()
-            wait_for(lambda: daemon.request("GET", f"/v1/leases/{bound['id']}").json()["state"] == "ended",
-                     timeout=5, what="the pid-bound lease to end (it raises if not)")
+            wait_for(
+                lambda: daemon.request("GET", f"/v1/leases/{bound['id']}").json()["state"] == "ended",
+                timeout=5,
+                what="the pid-bound lease to end (it raises if not)",
+            )
 
             trash = Path(daemon.pool_path) / ".trash"
-            wait_for(lambda: len(os.listdir(trash)) == len(reclaim_failures(daemon)), timeout=10,
-                     what="the trash to be emptied or its failures reported")
+            wait_for(
+                lambda: len(os.listdir(trash)) == len(reclaim_failures(daemon)),
+                timeout=10,
+                what="the trash to be emptied or its failures reported",
+            )
             failures = reclaim_failures(daemon)
             outcome["tree_deleted"] = lease["id"] not in failures
             outcome["mount_detached"] = mounted["id"] not in failures
@@ -284,7 +313,9 @@ def run_capability_scenario(caps: set[str]) -> dict[str, Any]:
     return outcome
 
 
-needs_setpriv = pytest.mark.skipif(shutil.which("setpriv") is None, reason="setpriv (util-linux) is not installed")
+needs_setpriv = pytest.mark.skipif(
+    shutil.which("setpriv") is None, reason="setpriv (util-linux) is not installed"
+)
 
 
 @needs_root
@@ -371,7 +402,10 @@ def locked() -> dict[str, tuple[str, list[str]]]:
         if line:
             requirement = line.split()[0]
             name, _, version = requirement.partition("==")
-            found[re.sub(r"[-_.]+", "-", name).lower()] = (version, re.findall(r"--hash=sha256:([0-9a-f]{64})", line))
+            found[re.sub(r"[-_.]+", "-", name).lower()] = (
+                version,
+                re.findall(r"--hash=sha256:([0-9a-f]{64})", line),
+            )
     return found
 
 
@@ -432,8 +466,11 @@ def kubernetes_objects() -> Iterator[tuple[str, dict[str, Any]]]:
 
 
 def kubernetes_object(kind: str, name: str | None = None) -> dict[str, Any]:
-    (found,) = [obj for _, obj in kubernetes_objects()
-                if obj["kind"] == kind and (name is None or obj["metadata"]["name"] == name)]
+    (found,) = [
+        obj
+        for _, obj in kubernetes_objects()
+        if obj["kind"] == kind and (name is None or obj["metadata"]["name"] == name)
+    ]
     return found
 
 
@@ -450,7 +487,9 @@ def daemonset_capabilities() -> set[str]:
 
 def daemonset_probe_commands() -> list[list[str]]:
     container = daemonset_container()
-    return [container[probe]["exec"]["command"] for probe in ("startupProbe", "livenessProbe", "readinessProbe")]
+    return [
+        container[probe]["exec"]["command"] for probe in ("startupProbe", "livenessProbe", "readinessProbe")
+    ]
 
 
 def test_kubernetes_objects_validate() -> None:
@@ -467,7 +506,9 @@ def test_kubernetes_objects_validate() -> None:
             path = ".".join(str(part) for part in exc.path)
             pytest.fail(f"{filename}: {obj['kind']}/{obj['metadata']['name']}: {path}: {exc.message}")
         validated.append(obj["kind"])
-    assert {"DaemonSet", "ConfigMap", "Service", "Secret", "Pod", "Namespace", "ResourceQuota"} <= set(validated)
+    assert {"DaemonSet", "ConfigMap", "Service", "Secret", "Pod", "Namespace", "ResourceQuota"} <= set(
+        validated
+    )
     assert sorted(skipped) == ["PrometheusRule", "ServiceMonitor"]
 
 
@@ -532,11 +573,15 @@ def test_ci_pod_sees_pool_and_socket_at_the_daemons_paths() -> None:
     # The pool and the workspace sit below ONE mount in the CI pod, as in the daemon's.
     (pool_mount,) = [path for path in ci if config.pool[0].path.startswith(path + "/")]
     assert env["WORKSPACE"].startswith(pool_mount + "/") and daemon[pool_mount] == ci[pool_mount]
-    assert "scratchd run --near \"$WORKSPACE\" --tool uv -- uv pip install" in pod["spec"]["containers"][0]["args"][0]
+    assert (
+        'scratchd run --near "$WORKSPACE" --tool uv -- uv pip install'
+        in pod["spec"]["containers"][0]["args"][0]
+    )
 
 
-def test_daemon_speaks_the_notify_protocol_the_unit_expects(make_daemon: Any, tmp_path: Path,
-                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+def test_daemon_speaks_the_notify_protocol_the_unit_expects(
+    make_daemon: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Type=notify + ExecReload=kill -HUP + WatchdogSec=, against the real daemon process."""
     notify_path = tmp_path / "notify.sock"
     with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as notify:

@@ -9,7 +9,9 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[2]
 README = REPO / "README.md"
-PAGES = sorted([README, REPO / "ARCHITECTURE.md", *(REPO / "docs").glob("*.md"), *(REPO / "deploy").glob("**/README.md")])
+PAGES = sorted(
+    [README, REPO / "ARCHITECTURE.md", *(REPO / "docs").glob("*.md"), *(REPO / "deploy").glob("**/README.md")]
+)
 
 _FENCE = re.compile(r"^(```|~~~).*?^\1", re.M | re.S)
 _CODE = re.compile(r"`[^`\n]*`")
@@ -70,16 +72,22 @@ def test_the_anchor_rule_matches_githubs() -> None:
 
 def test_comments_cite_this_repository() -> None:
     """Code and tests cite docs a reader of this repository can open, not the product contract."""
-    cited = re.compile(r"\b" + "SP" + r"EC\b(?!\s*=|\))|" + "PRE" + r"SETS\.md")  # not bench's SPEC = LeaseSpec(...)
+    cited = re.compile(
+        r"\b" + "SP" + r"EC\b(?!\s*=|\))|" + "PRE" + r"SETS\.md"
+    )  # not bench's SPEC = LeaseSpec(...)
     found = [
         f"{path.relative_to(REPO)}:{number}"
         for folder in ("src", "tests", "bench", "deploy")
         for path in sorted((REPO / folder).rglob("*"))
-        if path.is_file() and path.suffix in {".py", ".md", ".toml", ".yaml", ".yml", ".service", ".json", ""}
+        if path.is_file()
+        and path.suffix in {".py", ".md", ".toml", ".yaml", ".yml", ".service", ".json", ""}
         and not any(part.endswith((".egg-info", "__pycache__")) for part in path.parts)
         for number, line in enumerate(path.read_text(errors="replace").splitlines(), 1)
         if cited.search(line)
     ]
-    found += [f"config.example.toml:{n}" for n, line in
-              enumerate((REPO / "config.example.toml").read_text().splitlines(), 1) if cited.search(line)]
+    found += [
+        f"config.example.toml:{n}"
+        for n, line in enumerate((REPO / "config.example.toml").read_text().splitlines(), 1)
+        if cited.search(line)
+    ]
     assert not found, found

@@ -57,7 +57,9 @@ def queries(node: Any) -> Iterator[str]:
 
 def labels_used(query: str) -> set[str]:
     used = {name for _, matchers in SELECTOR.findall(query) for name in MATCHER.findall(matchers)}
-    used |= {label.strip() for group in GROUPING.findall(query) for label in group.split(",") if label.strip()}
+    used |= {
+        label.strip() for group in GROUPING.findall(query) for label in group.split(",") if label.strip()
+    }
     return used | set(LABEL_VALUES.findall(query))
 
 
@@ -67,7 +69,10 @@ def test_dashboard_is_importable(dashboard):
     assert len(ids) == len(set(ids))
     variables = {v["name"] for v in dashboard["templating"]["list"]}
     for panel in dashboard["panels"]:
-        assert set(panel["gridPos"]) == {"x", "y", "w", "h"} and panel["gridPos"]["x"] + panel["gridPos"]["w"] <= 24
+        assert (
+            set(panel["gridPos"]) == {"x", "y", "w", "h"}
+            and panel["gridPos"]["x"] + panel["gridPos"]["w"] <= 24
+        )
         assert panel["targets"], panel["title"]
         for target in panel["targets"]:
             # A datasource variable, not a UID from one Grafana: the file imports anywhere.
@@ -88,6 +93,12 @@ def test_every_query_uses_exported_metrics_and_labels(dashboard, exported):
 
 def test_dashboard_covers_the_spec_metrics(dashboard):
     used = {name for query in queries(dashboard) for name in METRIC.findall(query)}
-    for metric in ("scratchd_pool_free_bytes", "scratchd_pool_capacity_bytes", "scratchd_leases_active",
-                   "scratchd_leases_ended_total", "scratchd_reclaim_pending", "scratchd_request_duration_seconds_bucket"):
+    for metric in (
+        "scratchd_pool_free_bytes",
+        "scratchd_pool_capacity_bytes",
+        "scratchd_leases_active",
+        "scratchd_leases_ended_total",
+        "scratchd_reclaim_pending",
+        "scratchd_request_duration_seconds_bucket",
+    ):
         assert metric in used, metric

@@ -28,14 +28,16 @@ def sha(token: str) -> str:
 
 
 def config(**server: Any) -> Config:
-    return parse_config({
-        "server": server,
-        "token": [
-            {"name": "ci", "sha256": sha(TENANT_TOKEN).upper(), "role": "tenant", "tenant": "ci"},
-            {"name": "grafana", "sha256": sha(VIEWER_TOKEN), "role": "viewer"},
-            {"name": "ops", "sha256": sha(ADMIN_TOKEN), "role": "admin"},
-        ],
-    })
+    return parse_config(
+        {
+            "server": server,
+            "token": [
+                {"name": "ci", "sha256": sha(TENANT_TOKEN).upper(), "role": "tenant", "tenant": "ci"},
+                {"name": "grafana", "sha256": sha(VIEWER_TOKEN), "role": "viewer"},
+                {"name": "ops", "sha256": sha(ADMIN_TOKEN), "role": "admin"},
+            ],
+        }
+    )
 
 
 def nobody() -> pwd.struct_passwd:
@@ -58,8 +60,13 @@ class App:
 
 
 def request(app: App, authorization: str | None = None, peer: tuple[int, int, int] | None = None) -> Request:
-    scope: dict[str, Any] = {"type": "http", "method": "GET", "path": "/", "app": app,
-                             "headers": [(b"authorization", authorization.encode("latin-1"))] if authorization else []}
+    scope: dict[str, Any] = {
+        "type": "http",
+        "method": "GET",
+        "path": "/",
+        "app": app,
+        "headers": [(b"authorization", authorization.encode("latin-1"))] if authorization else [],
+    }
     if peer is not None:
         scope[PEER_KEY] = peer
     return Request(scope)
@@ -82,8 +89,9 @@ def test_each_token_names_its_role_and_tenant():
     assert admin is not None and admin.role is Role.ADMIN and admin.tenant is None
 
 
-@pytest.mark.parametrize("token", ["", "wrong", TENANT_TOKEN + "x", TENANT_TOKEN[:-1], sha(TENANT_TOKEN),
-                                   TENANT_TOKEN.upper()])
+@pytest.mark.parametrize(
+    "token", ["", "wrong", TENANT_TOKEN + "x", TENANT_TOKEN[:-1], sha(TENANT_TOKEN), TENANT_TOKEN.upper()]
+)
 def test_anything_but_the_token_itself_is_refused(token):
     assert Identities(config()).from_token(token) is None
 
@@ -103,7 +111,11 @@ def test_a_user_is_a_tenant_named_by_the_user_database():
     caller = Identities(config(admins=["root"])).from_peer(user.pw_uid, user.pw_gid)
     assert caller.role is Role.TENANT and not caller.sees_all()
     assert caller.tenant is not None
-    assert (caller.tenant.name, caller.tenant.uid, caller.tenant.gid) == (user.pw_name, user.pw_uid, user.pw_gid)
+    assert (caller.tenant.name, caller.tenant.uid, caller.tenant.gid) == (
+        user.pw_name,
+        user.pw_uid,
+        user.pw_gid,
+    )
     assert not caller.tenant.may_bind_any_pid
 
 
@@ -115,16 +127,25 @@ def test_admins_by_name_by_primary_group_and_by_the_peers_group():
     # The kernel says the peer runs with group 0 (its effective gid): that group counts too.
     root_group = grp.getgrgid(0).gr_name
     assert Identities(config(admins=["@" + root_group])).from_peer(user.pw_uid, 0).role is Role.ADMIN
-    assert Identities(config(admins=["@" + root_group])).from_peer(user.pw_uid, user.pw_gid).role is Role.TENANT
+    assert (
+        Identities(config(admins=["@" + root_group])).from_peer(user.pw_uid, user.pw_gid).role is Role.TENANT
+    )
     # A group with the user's name is not the user.
-    assert Identities(config(admins=["@" + user.pw_name])).from_peer(user.pw_uid, user.pw_gid).role is Role.TENANT
+    assert (
+        Identities(config(admins=["@" + user.pw_name])).from_peer(user.pw_uid, user.pw_gid).role
+        is Role.TENANT
+    )
 
 
 def test_a_uid_without_passwd_entry_is_named_by_its_number():
     caller = Identities(config()).from_peer(NO_SUCH_UID, 12345)
     assert caller.role is Role.TENANT
     assert caller.tenant is not None
-    assert (caller.tenant.name, caller.tenant.uid, caller.tenant.gid) == (str(NO_SUCH_UID), NO_SUCH_UID, 12345)
+    assert (caller.tenant.name, caller.tenant.uid, caller.tenant.gid) == (
+        str(NO_SUCH_UID),
+        NO_SUCH_UID,
+        12345,
+    )
 
 
 def test_users_are_looked_up_again_after_the_cache_time():
@@ -157,14 +178,18 @@ def test_a_unix_peer_is_its_user_whatever_it_sends():
         assert caller.role is Role.TENANT and caller.tenant is not None and caller.tenant.uid == user.pw_uid
 
 
-@pytest.mark.parametrize("header", [f"Bearer {VIEWER_TOKEN}", f"bearer {VIEWER_TOKEN}", f"BEARER   {VIEWER_TOKEN}  "])
+@pytest.mark.parametrize(
+    "header", [f"Bearer {VIEWER_TOKEN}", f"bearer {VIEWER_TOKEN}", f"BEARER   {VIEWER_TOKEN}  "]
+)
 def test_bearer_scheme_is_case_insensitive(header):
     app = App(Identities(config()))
     assert authenticate(request(app, header), anonymous_ok=False).role is Role.VIEWER
 
 
-@pytest.mark.parametrize("header", ["Bearer", "Bearer ", "Bearer wrong", f"Basic {VIEWER_TOKEN}", VIEWER_TOKEN,
-                                    f"Token {VIEWER_TOKEN}"])
+@pytest.mark.parametrize(
+    "header",
+    ["Bearer", "Bearer ", "Bearer wrong", f"Basic {VIEWER_TOKEN}", VIEWER_TOKEN, f"Token {VIEWER_TOKEN}"],
+)
 @pytest.mark.parametrize("anonymous", ["none", "viewer"])
 def test_a_bad_authorization_is_401_even_where_anonymous_reads_are_allowed(header, anonymous):
     app = App(Identities(config(anonymous=anonymous)))
@@ -191,10 +216,14 @@ def test_the_apps_current_identities_decide():
     app = App(Identities(config(anonymous="none")))
     assert authenticate(request(app, f"Bearer {TENANT_TOKEN}"), anonymous_ok=False).role is Role.TENANT
     new_token = "n-" + "d" * 40
-    app.state.identities = Identities(parse_config({
-        "server": {"anonymous": "viewer"},
-        "token": [{"name": "new", "sha256": sha(new_token), "role": "admin"}],
-    }))
+    app.state.identities = Identities(
+        parse_config(
+            {
+                "server": {"anonymous": "viewer"},
+                "token": [{"name": "new", "sha256": sha(new_token), "role": "admin"}],
+            }
+        )
+    )
     with pytest.raises(Refused):  # revoked by the reload
         authenticate(request(app, f"Bearer {TENANT_TOKEN}"), anonymous_ok=False)
     assert authenticate(request(app, f"Bearer {new_token}"), anonymous_ok=False).role is Role.ADMIN

@@ -9,16 +9,21 @@ import struct
 from pathlib import Path
 
 import pytest
-
 from conftest import QUEUED_EVENTS, needs_queue_sysctl, sysctl
+
 from scratchd.reclaim import inotify
 from scratchd.reclaim.inotify import IN_CREATE, IN_DELETE, IN_IGNORED, IN_ISDIR, IN_Q_OVERFLOW, Event, Inotify
 
 
 def test_parse_reads_names_without_their_padding_and_events_without_names() -> None:
-    buffer = (struct.pack("iIII", 1, IN_CREATE | IN_ISDIR, 0, 16) + b"sub\0" + b"\0" * 12
-              + struct.pack("iIII", -1, IN_Q_OVERFLOW, 0, 0)
-              + struct.pack("iIII", 2, IN_DELETE, 7, 8) + b"file.txt")
+    buffer = (
+        struct.pack("iIII", 1, IN_CREATE | IN_ISDIR, 0, 16)
+        + b"sub\0"
+        + b"\0" * 12
+        + struct.pack("iIII", -1, IN_Q_OVERFLOW, 0, 0)
+        + struct.pack("iIII", 2, IN_DELETE, 7, 8)
+        + b"file.txt"
+    )
     assert inotify.parse(buffer) == [
         Event(1, IN_CREATE | IN_ISDIR, 0, b"sub"),
         Event(-1, IN_Q_OVERFLOW, 0, b""),
@@ -39,7 +44,10 @@ def test_an_instance_is_nonblocking_and_close_on_exec_and_reads_real_events(tmp_
         (tmp_path / "f").write_text("x")
         (tmp_path / "f").unlink()
         assert [(e.wd, e.mask, e.name) for e in watch.read()] == [
-            (wd, IN_CREATE | IN_ISDIR, b"d"), (wd, IN_CREATE, b"f"), (wd, IN_DELETE, b"f")]
+            (wd, IN_CREATE | IN_ISDIR, b"d"),
+            (wd, IN_CREATE, b"f"),
+            (wd, IN_DELETE, b"f"),
+        ]
         watch.rm_watch(wd)
         assert [e.mask for e in watch.read()] == [IN_IGNORED]
     finally:
@@ -87,4 +95,6 @@ def test_overflows_are_logged_once_a_burst(caplog: pytest.LogCaptureFixture, mon
             clock[0] += 1.0
         clock[0] += inotify.OverflowLog.BURST_GAP_SECONDS
         overflows.note("rescanning")
-    assert [r.getMessage() for r in caplog.records] == ["inotify queue overflowed, events lost: rescanning"] * 2
+    assert [r.getMessage() for r in caplog.records] == [
+        "inotify queue overflowed, events lost: rescanning"
+    ] * 2

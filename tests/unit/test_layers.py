@@ -16,15 +16,58 @@ PACKAGE = Path(scratchd.__file__).parent
 
 # Lowest first. A module may import from its own layer and the layers below it.
 LAYERS: list[tuple[str, set[str]]] = [
-    ("core", {"reclaim", "units", "errors", "leases", "pools", "placement", "reclaim.policy", "ratelimit", "presets",
-              "tenant"}),
-    ("edges", {"paths", "config", "mounts", "pool_dirs", "store", "offload", "walk", "scan", "reclaim.deleter",
-               "reclaim.trash", "reclaim.procs", "reclaim.inotify", "reclaim.watcher", "sdnotify", "logs",
-               "client"}),
+    (
+        "core",
+        {
+            "reclaim",
+            "units",
+            "errors",
+            "leases",
+            "pools",
+            "placement",
+            "reclaim.policy",
+            "ratelimit",
+            "presets",
+            "tenant",
+        },
+    ),
+    (
+        "edges",
+        {
+            "paths",
+            "config",
+            "mounts",
+            "pool_dirs",
+            "store",
+            "offload",
+            "walk",
+            "scan",
+            "reclaim.deleter",
+            "reclaim.trash",
+            "reclaim.procs",
+            "reclaim.inotify",
+            "reclaim.watcher",
+            "sdnotify",
+            "logs",
+            "client",
+        },
+    ),
     ("manager", {"manager"}),
     ("daemon", {"usage", "reclaim.gc", "daemon"}),
     ("observability", {"metrics"}),
-    ("api", {"api", "api.models", "api.identity", "api.errors", "api.routes", "api.hotpath", "api.pages", "api.app"}),
+    (
+        "api",
+        {
+            "api",
+            "api.models",
+            "api.identity",
+            "api.errors",
+            "api.routes",
+            "api.hotpath",
+            "api.pages",
+            "api.app",
+        },
+    ),
     ("entry points", {"server", "cli", "completion", "__main__", ""}),
 ]
 CORE = LAYERS[0][1]
@@ -33,8 +76,21 @@ CORE = LAYERS[0][1]
 # time gives default clocks (each one injectable) and lease ids; posixpath joins strings, like os.path;
 # stat names mode bits.
 CORE_STDLIB = {
-    "__future__", "collections", "collections.abc", "dataclasses", "enum", "functools", "heapq", "itertools",
-    "math", "posixpath", "re", "secrets", "stat", "time", "typing",
+    "__future__",
+    "collections",
+    "collections.abc",
+    "dataclasses",
+    "enum",
+    "functools",
+    "heapq",
+    "itertools",
+    "math",
+    "posixpath",
+    "re",
+    "secrets",
+    "stat",
+    "time",
+    "typing",
 }
 
 
@@ -96,7 +152,7 @@ def test_no_import_cycles():
         state[name] = "open"
         for other in sorted(OWN[name]):
             if state.get(other) == "open":
-                cycles.append(path[path.index(other):] + [other])
+                cycles.append(path[path.index(other) :] + [other])
             elif other not in state:
                 visit(other, [*path, other])
         state[name] = "done"

@@ -7,8 +7,17 @@ from scratchd.leases import EndReason, Lease, LeaseEnded, LeaseState, Usage, end
 
 
 def make(**kw) -> Lease:
-    defaults = dict(id="x", path="/p/x", pool="p", tenant="t", uid=1, gid=1, created_at=100.0,
-                    expires_at=160.0, ttl_seconds=60)
+    defaults = dict(
+        id="x",
+        path="/p/x",
+        pool="p",
+        tenant="t",
+        uid=1,
+        gid=1,
+        created_at=100.0,
+        expires_at=160.0,
+        ttl_seconds=60,
+    )
     return Lease(**{**defaults, **kw})
 
 

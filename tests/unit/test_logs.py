@@ -17,17 +17,26 @@ import subprocess
 import sys
 
 import pytest
-
 from conftest import wait_for
+
 from scratchd import logs
 
 PREFIX = re.compile(r"^<([0-7])>(.*)$")
 
 
-@pytest.mark.parametrize("level, expected", [
-    (logging.DEBUG, 7), (logging.INFO, 6), (logging.WARNING, 4), (logging.ERROR, 3), (logging.CRITICAL, 2),
-    (25, 6), (5, 7), (60, 2),
-])
+@pytest.mark.parametrize(
+    "level, expected",
+    [
+        (logging.DEBUG, 7),
+        (logging.INFO, 6),
+        (logging.WARNING, 4),
+        (logging.ERROR, 3),
+        (logging.CRITICAL, 2),
+        (25, 6),
+        (5, 7),
+        (60, 2),
+    ],
+)
 def test_priority_of_each_level(level: int, expected: int) -> None:
     assert logs.priority(level) == expected
 
@@ -36,7 +45,9 @@ def test_a_prefixed_record_is_one_line_even_with_a_traceback() -> None:
     try:
         raise ValueError("two\nlines")
     except ValueError:
-        record = logging.LogRecord("scratchd", logging.ERROR, __file__, 1, "gc cycle failed", None, sys.exc_info())
+        record = logging.LogRecord(
+            "scratchd", logging.ERROR, __file__, 1, "gc cycle failed", None, sys.exc_info()
+        )
     line = logs.SyslogPrefix(logs.JsonFormatter()).format(record)
     assert "\n" not in line
     match = PREFIX.match(line)
@@ -50,8 +61,10 @@ def run_setup(stderr_path: str, journal_stream: str | None) -> list[str]:
     env = {k: v for k, v in os.environ.items() if k != "JOURNAL_STREAM"}
     if journal_stream is not None:
         env["JOURNAL_STREAM"] = journal_stream
-    code = ("import logging; from scratchd import logs; logs.setup(logging.DEBUG); log = logging.getLogger('t');"
-            "log.debug('d'); log.info('i'); log.warning('w'); log.error('e'); log.critical('c')")
+    code = (
+        "import logging; from scratchd import logs; logs.setup(logging.DEBUG); log = logging.getLogger('t');"
+        "log.debug('d'); log.info('i'); log.warning('w'); log.error('e'); log.critical('c')"
+    )
     with open(stderr_path, "wb") as stderr:
         subprocess.run([sys.executable, "-c", code], stderr=stderr, env=env, check=True, timeout=30)
     with open(stderr_path) as file:
@@ -85,6 +98,8 @@ def test_the_daemon_writes_priorities_to_the_journal_stream(make_daemon, monkeyp
     daemon.stop()
     lines = daemon.log().splitlines()
     assert lines and all(PREFIX.match(line) for line in lines), lines
-    by_msg = {json.loads(PREFIX.match(line).group(2))["msg"]: int(PREFIX.match(line).group(1)) for line in lines}
+    by_msg = {
+        json.loads(PREFIX.match(line).group(2))["msg"]: int(PREFIX.match(line).group(1)) for line in lines
+    }
     assert by_msg["reload refused: bad config; keeping the running one"] == 3
     assert 6 in by_msg.values()

@@ -6,10 +6,17 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-
-from scratchd.mounts import Mount, MountTable, mount_of, mounts_under, parse_mountinfo, read_mounts, resolve_near
-
 from conftest import mounted
+
+from scratchd.mounts import (
+    Mount,
+    MountTable,
+    mount_of,
+    mounts_under,
+    parse_mountinfo,
+    read_mounts,
+    resolve_near,
+)
 
 needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="mounting tmpfs and bind mounts needs root")
 
@@ -45,8 +52,16 @@ def sample() -> list[Mount]:
 
 def test_parse_reads_every_field(sample: list[Mount]) -> None:
     assert len(sample) == 12
-    assert sample[1] == Mount(mount_id=28, parent_id=1, device="259:2", root="/", mount_point="/", fstype="ext4",
-                              source="/dev/nvme0n1p2", read_only=False)
+    assert sample[1] == Mount(
+        mount_id=28,
+        parent_id=1,
+        device="259:2",
+        root="/",
+        mount_point="/",
+        fstype="ext4",
+        source="/dev/nvme0n1p2",
+        read_only=False,
+    )
 
 
 def test_parse_keeps_kernel_order(sample: list[Mount]) -> None:
@@ -93,11 +108,14 @@ def test_parse_ignores_blank_lines() -> None:
     assert parse_mountinfo("\n\n") == []
 
 
-@pytest.mark.parametrize("line", [
-    "28 1 259:2 / / rw,relatime shared:1 ext4 /dev/root rw",  # no separator
-    "x 1 259:2 / / rw - ext4 /dev/root rw",  # id not a number
-    "28 1 259:2 / / rw - ext4",  # fields missing after the separator
-])
+@pytest.mark.parametrize(
+    "line",
+    [
+        "28 1 259:2 / / rw,relatime shared:1 ext4 /dev/root rw",  # no separator
+        "x 1 259:2 / / rw - ext4 /dev/root rw",  # id not a number
+        "28 1 259:2 / / rw - ext4",  # fields missing after the separator
+    ],
+)
 def test_parse_rejects_malformed_lines(line: str) -> None:
     with pytest.raises(ValueError, match="line 2"):
         parse_mountinfo("28 1 259:2 / / rw - ext4 /dev/root rw\n" + line + "\n")
@@ -116,25 +134,28 @@ def test_read_mounts_of_this_process_has_a_root() -> None:
 # -- mount_of -------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(("path", "mount_id"), [
-    ("/", 28),
-    ("/etc/passwd", 28),
-    ("/boot", 29),
-    ("/boot/efi/x", 29),
-    ("/home/user/project", 30),
-    ("/home/a b/my\tdir/cache", 36),
-    ("/home/a b/my", 30),
-    ("/srv/data/x", 31),
-    ("/mnt/bind/x", 32),
-    ("/mnt", 28),
-    ("/mnt/a", 37),
-    ("/mnt/a/deep/er", 37),
-    ("/mnt/ab", 38),
-    ("/mnt/ab/c", 38),
-    ("/mnt/abc", 28),
-    ("/var/lib/docker/overlay2/abc/merged/usr", 35),
-    ("/var/lib/docker/overlay2/abc", 28),
-])
+@pytest.mark.parametrize(
+    ("path", "mount_id"),
+    [
+        ("/", 28),
+        ("/etc/passwd", 28),
+        ("/boot", 29),
+        ("/boot/efi/x", 29),
+        ("/home/user/project", 30),
+        ("/home/a b/my\tdir/cache", 36),
+        ("/home/a b/my", 30),
+        ("/srv/data/x", 31),
+        ("/mnt/bind/x", 32),
+        ("/mnt", 28),
+        ("/mnt/a", 37),
+        ("/mnt/a/deep/er", 37),
+        ("/mnt/ab", 38),
+        ("/mnt/ab/c", 38),
+        ("/mnt/abc", 28),
+        ("/var/lib/docker/overlay2/abc/merged/usr", 35),
+        ("/var/lib/docker/overlay2/abc", 28),
+    ],
+)
 def test_mount_of(sample: list[Mount], path: str, mount_id: int) -> None:
     assert mount_of(path, sample).mount_id == mount_id
 
@@ -196,10 +217,7 @@ def test_mount_of_root_whose_parent_is_outside_the_namespace(sample: list[Mount]
 
 
 def test_mount_of_root_stacked_on_root() -> None:
-    mounts = parse_mountinfo(
-        "1 1 0:2 / / rw - rootfs rootfs rw\n"
-        "2 1 8:1 / / rw - ext4 /dev/sda1 rw\n"
-    )
+    mounts = parse_mountinfo("1 1 0:2 / / rw - rootfs rootfs rw\n2 1 8:1 / / rw - ext4 /dev/sda1 rw\n")
     assert mount_of("/etc", mounts).mount_id == 2
 
 
@@ -346,7 +364,9 @@ def tmpfs_and_bind(tmp_path: Path) -> Iterator[tuple[Path, Path]]:
 
 
 @needs_root
-def test_premise_hard_links_fail_across_a_bind_mount_of_the_same_filesystem(tmpfs_and_bind: tuple[Path, Path]) -> None:
+def test_premise_hard_links_fail_across_a_bind_mount_of_the_same_filesystem(
+    tmpfs_and_bind: tuple[Path, Path],
+) -> None:
     fs, bind = tmpfs_and_bind
     (fs / "sub" / "file").write_text("x")
     assert os.stat(fs / "sub").st_dev == os.stat(bind).st_dev
@@ -390,7 +410,8 @@ def test_mount_table_notices_mounts_and_unmounts(tmp_path: Path) -> None:
             assert during.mount_point == point
             assert during.mount_id != before.mount_id
             assert [m for m in table.current() if m.mount_point == point] == [
-                m for m in read_mounts() if m.mount_point == point]
+                m for m in read_mounts() if m.mount_point == point
+            ]
         assert mount_of(point, table.current()) == before
 
 

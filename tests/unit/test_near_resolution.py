@@ -2,8 +2,9 @@
 
 import os
 
-from scratchd.tenant import Tenant
 from scratchd.mounts import resolve_near
+from scratchd.tenant import Tenant
+
 
 def test_agrees_with_realpath_where_everything_is_open(tmp_path):
     (tmp_path / "a" / "b").mkdir(parents=True)

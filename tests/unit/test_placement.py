@@ -15,21 +15,51 @@ NEAR_DEVICE = "0:99"  # the filesystem instance behind it
 HARDLINK, CLONE, COPY = LinkMode.HARDLINK, LinkMode.CLONE, LinkMode.COPY
 
 
-def pool(name: str, *, mount_id: int = 1, free: int = 100 * GiB, reserve: int = 0,
-         state: PoolState = PoolState.OK, device: str = "8:1", reflink: bool = False) -> PoolStatus:
+def pool(
+    name: str,
+    *,
+    mount_id: int = 1,
+    free: int = 100 * GiB,
+    reserve: int = 0,
+    state: PoolState = PoolState.OK,
+    device: str = "8:1",
+    reflink: bool = False,
+) -> PoolStatus:
     return PoolStatus(
-        name=name, path=f"/pools/{name}", mount_point=f"/mnt/{mount_id}", fstype="ext4", device=device,
-        mount_id=mount_id, state=state, capacity_bytes=1000 * GiB, free_bytes=free, reserve_bytes=reserve,
-        labels=(), reason=None if state is PoolState.OK else f"{name} is {state}", reflink=reflink,
+        name=name,
+        path=f"/pools/{name}",
+        mount_point=f"/mnt/{mount_id}",
+        fstype="ext4",
+        device=device,
+        mount_id=mount_id,
+        state=state,
+        capacity_bytes=1000 * GiB,
+        free_bytes=free,
+        reserve_bytes=reserve,
+        labels=(),
+        reason=None if state is PoolState.OK else f"{name} is {state}",
+        reflink=reflink,
     )
 
 
-def choose(pools: Sequence[PoolStatus], *, reserved: Mapping[str, int] | None = None, pool_name: str | None = None,
-           near: int | None = None, near_device: str = NEAR_DEVICE,
-           placement: Placement = Placement.PREFER_SAME_FILESYSTEM, expected: int = 0) -> Placed:
-    return place(pools, reserved=reserved or {}, pool_name=pool_name,
-                 near=None if near is None else Near(near, near_device), placement=placement,
-                 expected_bytes=expected)
+def choose(
+    pools: Sequence[PoolStatus],
+    *,
+    reserved: Mapping[str, int] | None = None,
+    pool_name: str | None = None,
+    near: int | None = None,
+    near_device: str = NEAR_DEVICE,
+    placement: Placement = Placement.PREFER_SAME_FILESYSTEM,
+    expected: int = 0,
+) -> Placed:
+    return place(
+        pools,
+        reserved=reserved or {},
+        pool_name=pool_name,
+        near=None if near is None else Near(near, near_device),
+        placement=placement,
+        expected_bytes=expected,
+    )
 
 
 def refused(pools: Sequence[PoolStatus], **kwargs: object) -> PlacementError:
@@ -49,7 +79,11 @@ def test_placement_values_are_the_api_spelling() -> None:
 def test_placement_error_carries_the_api_error() -> None:
     error = PlacementError(404, "pool_not_found", "No pool named 'x' is configured.", {"pool": "x"})
     assert (error.status, error.code, error.message, error.details) == (
-        404, "pool_not_found", "No pool named 'x' is configured.", {"pool": "x"})
+        404,
+        "pool_not_found",
+        "No pool named 'x' is configured.",
+        {"pool": "x"},
+    )
     assert str(error) == error.message
     assert PlacementError(503, "pool_unavailable", "m").details is None
 
@@ -60,7 +94,10 @@ def test_single_pool() -> None:
 
 
 def test_most_free_space_wins() -> None:
-    assert choose([pool("a", free=10 * GiB), pool("b", free=30 * GiB), pool("c", free=20 * GiB)]).pool.name == "b"
+    assert (
+        choose([pool("a", free=10 * GiB), pool("b", free=30 * GiB), pool("c", free=20 * GiB)]).pool.name
+        == "b"
+    )
 
 
 def test_free_space_is_counted_after_the_reserve() -> None:
@@ -91,10 +128,12 @@ def test_ties_are_on_room_not_on_free_bytes() -> None:
 
 
 def test_pools_that_are_not_ok_are_never_chosen() -> None:
-    pools = [pool("big-full", free=500 * GiB, state=PoolState.FULL),
-             pool("big-ro", free=500 * GiB, state=PoolState.READ_ONLY),
-             pool("big-gone", free=500 * GiB, state=PoolState.UNAVAILABLE),
-             pool("small", free=GiB)]
+    pools = [
+        pool("big-full", free=500 * GiB, state=PoolState.FULL),
+        pool("big-ro", free=500 * GiB, state=PoolState.READ_ONLY),
+        pool("big-gone", free=500 * GiB, state=PoolState.UNAVAILABLE),
+        pool("small", free=GiB),
+    ]
     assert choose(pools).pool.name == "small"
 
 
@@ -107,7 +146,9 @@ def test_expected_bytes_exactly_fitting_is_enough() -> None:
 
 
 def test_expected_bytes_one_too_many() -> None:
-    error = refused([pool("a", free=10 * GiB, reserve=2 * GiB)], reserved={"a": 3 * GiB}, expected=5 * GiB + 1)
+    error = refused(
+        [pool("a", free=10 * GiB, reserve=2 * GiB)], reserved={"a": 3 * GiB}, expected=5 * GiB + 1
+    )
     assert (error.status, error.code) == (507, "insufficient_storage")
     assert error.details == {"expected_bytes": 5 * GiB + 1, "available_bytes": {"a": 5 * GiB}}
 
@@ -188,8 +229,11 @@ def test_every_pool_unavailable_or_read_only() -> None:
 
 
 def test_every_pool_down_and_one_full_is_a_storage_problem() -> None:
-    error = refused([pool("a", state=PoolState.UNAVAILABLE), pool("b", state=PoolState.FULL)], near=NEAR,
-                    placement=Placement.SAME_FILESYSTEM)
+    error = refused(
+        [pool("a", state=PoolState.UNAVAILABLE), pool("b", state=PoolState.FULL)],
+        near=NEAR,
+        placement=Placement.SAME_FILESYSTEM,
+    )
     assert (error.status, error.code) == (507, "insufficient_storage")
     assert error.details == {"pools": {"a": "unavailable", "b": "full"}}
 
@@ -203,12 +247,18 @@ def test_same_filesystem_keeps_only_pools_on_near() -> None:
 
 
 def test_same_filesystem_best_of_several_on_near() -> None:
-    pools = [pool("n1", mount_id=NEAR, free=GiB), pool("n2", mount_id=NEAR, free=2 * GiB), pool("x", free=9 * GiB)]
+    pools = [
+        pool("n1", mount_id=NEAR, free=GiB),
+        pool("n2", mount_id=NEAR, free=2 * GiB),
+        pool("x", free=9 * GiB),
+    ]
     assert choose(pools, near=NEAR, placement=Placement.SAME_FILESYSTEM).pool.name == "n2"
 
 
 def test_same_filesystem_without_a_pool_there() -> None:
-    error = refused([pool("a", mount_id=1), pool("b", mount_id=2)], near=NEAR, placement=Placement.SAME_FILESYSTEM)
+    error = refused(
+        [pool("a", mount_id=1), pool("b", mount_id=2)], near=NEAR, placement=Placement.SAME_FILESYSTEM
+    )
     assert (error.status, error.code) == (409, "no_pool_on_filesystem")
     assert error.details == {"near_mount_id": NEAR, "pools": ["a", "b"]}
 
@@ -249,14 +299,19 @@ def test_prefer_same_filesystem_falls_back_when_nothing_is_there() -> None:
 
 
 def test_prefer_same_filesystem_falls_back_when_it_does_not_fit_there() -> None:
-    pools = [pool("near", mount_id=NEAR, free=GiB), pool("a", mount_id=1, free=5 * GiB),
-             pool("b", mount_id=2, free=3 * GiB)]
+    pools = [
+        pool("near", mount_id=NEAR, free=GiB),
+        pool("a", mount_id=1, free=5 * GiB),
+        pool("b", mount_id=2, free=3 * GiB),
+    ]
     assert choose(pools, near=NEAR, expected=2 * GiB) == Placed(pools[1], False, COPY)
 
 
 def test_prefer_same_filesystem_falls_back_when_reservations_fill_it() -> None:
     pools = [pool("near", mount_id=NEAR, free=10 * GiB), pool("a", mount_id=1, free=2 * GiB)]
-    assert choose(pools, near=NEAR, reserved={"near": 10 * GiB}) == Placed(pools[0], True, HARDLINK)  # room 0 fits 0
+    assert choose(pools, near=NEAR, reserved={"near": 10 * GiB}) == Placed(
+        pools[0], True, HARDLINK
+    )  # room 0 fits 0
     assert choose(pools, near=NEAR, reserved={"near": 10 * GiB + 1}) == Placed(pools[1], False, COPY)
 
 
@@ -266,8 +321,11 @@ def test_prefer_same_filesystem_falls_back_when_the_pool_there_is_full() -> None
 
 
 def test_prefer_same_filesystem_picks_among_fitting_pools_there() -> None:
-    pools = [pool("n1", mount_id=NEAR, free=3 * GiB), pool("n2", mount_id=NEAR, free=GiB),
-             pool("far", mount_id=1, free=900 * GiB)]
+    pools = [
+        pool("n1", mount_id=NEAR, free=3 * GiB),
+        pool("n2", mount_id=NEAR, free=GiB),
+        pool("far", mount_id=1, free=900 * GiB),
+    ]
     assert choose(pools, near=NEAR, expected=2 * GiB) == Placed(pools[0], True, HARDLINK)
 
 
@@ -307,39 +365,50 @@ def test_without_near_same_filesystem_is_unknown(placement: Placement) -> None:
 # -- link modes -----------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(("mount_id", "device", "reflink", "mode"), [
-    (NEAR, NEAR_DEVICE, False, HARDLINK),  # same mount: links, whatever else is true
-    (NEAR, NEAR_DEVICE, True, HARDLINK),
-    (7, NEAR_DEVICE, True, CLONE),  # another mount (a bind mount) of a filesystem that clones
-    (7, NEAR_DEVICE, False, COPY),  # ... of one that does not (tmpfs, ext4)
-    (7, "8:1", True, COPY),  # another filesystem that clones: clones never cross filesystems
-    (7, "8:1", False, COPY),
-])
+@pytest.mark.parametrize(
+    ("mount_id", "device", "reflink", "mode"),
+    [
+        (NEAR, NEAR_DEVICE, False, HARDLINK),  # same mount: links, whatever else is true
+        (NEAR, NEAR_DEVICE, True, HARDLINK),
+        (7, NEAR_DEVICE, True, CLONE),  # another mount (a bind mount) of a filesystem that clones
+        (7, NEAR_DEVICE, False, COPY),  # ... of one that does not (tmpfs, ext4)
+        (7, "8:1", True, COPY),  # another filesystem that clones: clones never cross filesystems
+        (7, "8:1", False, COPY),
+    ],
+)
 def test_link_mode(mount_id: int, device: str, reflink: bool, mode: LinkMode) -> None:
-    assert link_mode(pool("p", mount_id=mount_id, device=device, reflink=reflink), Near(NEAR, NEAR_DEVICE)) is mode
+    assert (
+        link_mode(pool("p", mount_id=mount_id, device=device, reflink=reflink), Near(NEAR, NEAR_DEVICE))
+        is mode
+    )
 
 
 def test_prefer_same_filesystem_ranks_clone_before_copy() -> None:
-    pools = [pool("far", mount_id=1, free=900 * GiB, reflink=True),
-             pool("bound", mount_id=7, device=NEAR_DEVICE, free=GiB, reflink=True)]
+    pools = [
+        pool("far", mount_id=1, free=900 * GiB, reflink=True),
+        pool("bound", mount_id=7, device=NEAR_DEVICE, free=GiB, reflink=True),
+    ]
     assert choose(pools, near=NEAR) == Placed(pools[1], False, CLONE)
 
 
 def test_prefer_same_filesystem_ranks_hardlink_before_clone() -> None:
-    pools = [pool("bound", mount_id=7, device=NEAR_DEVICE, free=900 * GiB, reflink=True),
-             pool("near", mount_id=NEAR, device=NEAR_DEVICE, free=GiB)]
+    pools = [
+        pool("bound", mount_id=7, device=NEAR_DEVICE, free=900 * GiB, reflink=True),
+        pool("near", mount_id=NEAR, device=NEAR_DEVICE, free=GiB),
+    ]
     assert choose(pools, near=NEAR) == Placed(pools[1], True, HARDLINK)
 
 
 def test_a_bind_mount_that_cannot_clone_ranks_with_the_rest() -> None:
-    pools = [pool("bound", mount_id=7, device=NEAR_DEVICE, free=GiB),
-             pool("far", mount_id=1, free=900 * GiB)]
+    pools = [pool("bound", mount_id=7, device=NEAR_DEVICE, free=GiB), pool("far", mount_id=1, free=900 * GiB)]
     assert choose(pools, near=NEAR) == Placed(pools[1], False, COPY)
 
 
 def test_the_clone_tier_is_skipped_when_the_lease_does_not_fit_there() -> None:
-    pools = [pool("bound", mount_id=7, device=NEAR_DEVICE, free=GiB, reflink=True),
-             pool("far", mount_id=1, free=900 * GiB)]
+    pools = [
+        pool("bound", mount_id=7, device=NEAR_DEVICE, free=GiB, reflink=True),
+        pool("far", mount_id=1, free=900 * GiB),
+    ]
     assert choose(pools, near=NEAR, expected=2 * GiB) == Placed(pools[1], False, COPY)
 
 
@@ -349,6 +418,8 @@ def test_same_filesystem_does_not_take_a_clone_capable_bind_mount() -> None:
 
 
 def test_any_reports_the_link_mode_it_landed_on() -> None:
-    pools = [pool("bound", mount_id=7, device=NEAR_DEVICE, free=900 * GiB, reflink=True),
-             pool("near", mount_id=NEAR, free=GiB)]
+    pools = [
+        pool("bound", mount_id=7, device=NEAR_DEVICE, free=900 * GiB, reflink=True),
+        pool("near", mount_id=NEAR, free=GiB),
+    ]
     assert choose(pools, near=NEAR, placement=Placement.ANY) == Placed(pools[0], False, CLONE)

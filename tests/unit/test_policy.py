@@ -1,21 +1,43 @@
 """Reclaim decisions: signals -> thresholds -> ranking, all pure."""
 
-from scratchd.leases import EndReason, Lease, Usage
 import pytest
 
+from scratchd.leases import EndReason, Lease, Usage
 from scratchd.pools import REASON_STATES, PoolReason, PoolState, PoolStatus
 from scratchd.reclaim.policy import decide, evictions, lease_ending
 
 
 def lease(id="l", pool="p", created=0.0, expires=1000.0, **kw) -> Lease:
-    return Lease(id=id, path=f"/{pool}/{id}", pool=pool, tenant="t", uid=1, gid=1, created_at=created,
-                 expires_at=expires, ttl_seconds=1000, **kw)
+    return Lease(
+        id=id,
+        path=f"/{pool}/{id}",
+        pool=pool,
+        tenant="t",
+        uid=1,
+        gid=1,
+        created_at=created,
+        expires_at=expires,
+        ttl_seconds=1000,
+        **kw,
+    )
 
 
 def pool(name="p", state=PoolState.OK, free=100, reserve=0, reason=None) -> PoolStatus:
-    return PoolStatus(name=name, path=f"/{name}", mount_point="/", fstype="tmpfs", device="0:1", mount_id=1,
-                      state=state, capacity_bytes=1000, free_bytes=free, reserve_bytes=reserve, labels=(),
-                      reason=reason, message=None if reason is None else f"{name} is {reason}")
+    return PoolStatus(
+        name=name,
+        path=f"/{name}",
+        mount_point="/",
+        fstype="tmpfs",
+        device="0:1",
+        mount_id=1,
+        state=state,
+        capacity_bytes=1000,
+        free_bytes=free,
+        reserve_bytes=reserve,
+        labels=(),
+        reason=reason,
+        message=None if reason is None else f"{name} is {reason}",
+    )
 
 
 def test_nothing_due():
@@ -30,7 +52,10 @@ def test_expired_at_exactly_expiry():
 def test_idle_counts_from_last_activity_or_creation():
     assert lease_ending(lease(idle_timeout_seconds=5), pool(), now=5).reason is EndReason.IDLE
     assert lease_ending(lease(idle_timeout_seconds=5, last_activity_at=3), pool(), now=7) is None
-    assert lease_ending(lease(idle_timeout_seconds=5, last_activity_at=3), pool(), now=8).reason is EndReason.IDLE
+    assert (
+        lease_ending(lease(idle_timeout_seconds=5, last_activity_at=3), pool(), now=8).reason
+        is EndReason.IDLE
+    )
 
 
 def test_over_quota_only_above_the_limit():
@@ -41,8 +66,14 @@ def test_over_quota_only_above_the_limit():
     assert ending.reason is EndReason.OVER_QUOTA and ending.details == {"bytes": 101, "max_bytes": 100}
 
 
-@pytest.mark.parametrize("reason", [r for r, state in REASON_STATES.items()
-                                    if state is PoolState.UNAVAILABLE and r is not PoolReason.LOCKED])
+@pytest.mark.parametrize(
+    "reason",
+    [
+        r
+        for r, state in REASON_STATES.items()
+        if state is PoolState.UNAVAILABLE and r is not PoolReason.LOCKED
+    ],
+)
 def test_pool_lost_wins(reason):
     ending = lease_ending(lease(expires=0), pool(state=PoolState.UNAVAILABLE, reason=reason), now=10)
     assert ending.reason is EndReason.POOL_LOST
@@ -102,7 +133,10 @@ def test_decide_gives_one_reason_per_lease_and_counts_freed_bytes():
         lease("b", evictable=True, last_activity_at=2, usage=Usage(60, 1, 1)),
     ]
     endings = decide(leases, {"p": pool(free=0, reserve=100)}, now=10)
-    assert [(e.lease_id, e.reason) for e in endings] == [("expired", EndReason.EXPIRED), ("a", EndReason.EVICTED)]
+    assert [(e.lease_id, e.reason) for e in endings] == [
+        ("expired", EndReason.EXPIRED),
+        ("a", EndReason.EVICTED),
+    ]
 
 
 def test_orphans_are_due_only_after_grace_from_first_sighting():

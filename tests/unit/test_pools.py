@@ -12,10 +12,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
+from conftest import mounted
 
 from scratchd import pool_dirs
-from scratchd.mounts import Mount, MountTable, mount_of, read_mounts
 from scratchd.api.models import PoolOut
+from scratchd.mounts import Mount, MountTable, mount_of, read_mounts
 from scratchd.pool_dirs import (
     LOCK_FILE,
     TRASH_DIR,
@@ -30,8 +31,6 @@ from scratchd.pool_dirs import (
     remove_if_empty,
 )
 from scratchd.pools import REASON_STATES, PoolReason, PoolState, pool_state, space_reason
-
-from conftest import mounted
 
 IS_ROOT = os.geteuid() == 0
 needs_root = pytest.mark.skipif(not IS_ROOT, reason="mounting tmpfs and chown to other users need root")
@@ -71,23 +70,28 @@ def with_fake_mounts(mounts: list[Mount], points: dict[Path, int]) -> list[Mount
     fakes = []
     for point, mount_id in points.items():
         real = os.path.realpath(point)
-        fakes.append(Mount(mount_id, mount_of(real, mounts).mount_id, "0:999", "/", real, "fakefs", "fake", False))
+        fakes.append(
+            Mount(mount_id, mount_of(real, mounts).mount_id, "0:999", "/", real, "fakefs", "fake", False)
+        )
     return [*mounts, *fakes]
 
 
 # -- state and reason -----------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(("reason", "state"), [
-    (None, PoolState.OK),
-    (PoolReason.MISSING, PoolState.UNAVAILABLE),
-    (PoolReason.NOT_ON_MOUNT_POINT, PoolState.UNAVAILABLE),
-    (PoolReason.UNMOUNTED, PoolState.UNAVAILABLE),
-    (PoolReason.LOCKED, PoolState.UNAVAILABLE),
-    (PoolReason.INACCESSIBLE, PoolState.UNAVAILABLE),
-    (PoolReason.READ_ONLY, PoolState.READ_ONLY),
-    (PoolReason.FULL, PoolState.FULL),
-])
+@pytest.mark.parametrize(
+    ("reason", "state"),
+    [
+        (None, PoolState.OK),
+        (PoolReason.MISSING, PoolState.UNAVAILABLE),
+        (PoolReason.NOT_ON_MOUNT_POINT, PoolState.UNAVAILABLE),
+        (PoolReason.UNMOUNTED, PoolState.UNAVAILABLE),
+        (PoolReason.LOCKED, PoolState.UNAVAILABLE),
+        (PoolReason.INACCESSIBLE, PoolState.UNAVAILABLE),
+        (PoolReason.READ_ONLY, PoolState.READ_ONLY),
+        (PoolReason.FULL, PoolState.FULL),
+    ],
+)
 def test_pool_state_of_each_reason(reason: PoolReason | None, state: PoolState) -> None:
     assert pool_state(reason) is state
 
@@ -97,17 +101,20 @@ def test_every_reason_has_a_state_and_only_ok_has_none() -> None:
     assert PoolState.OK not in REASON_STATES.values()
 
 
-@pytest.mark.parametrize(("facts", "reason"), [
-    ({}, None),
-    ({"read_only": True}, PoolReason.READ_ONLY),
-    ({"read_only": True, "free_bytes": 0}, PoolReason.READ_ONLY),  # read-only trumps full
-    ({"free_bytes": 0}, PoolReason.FULL),
-    ({"free_bytes": 0, "reserve_bytes": 0}, PoolReason.FULL),
-    ({"free_bytes": 100, "reserve_bytes": 100}, PoolReason.FULL),
-    ({"free_bytes": 99, "reserve_bytes": 100}, PoolReason.FULL),
-    ({"free_bytes": 101, "reserve_bytes": 100}, None),
-    ({"free_bytes": 1, "reserve_bytes": 0}, None),
-])
+@pytest.mark.parametrize(
+    ("facts", "reason"),
+    [
+        ({}, None),
+        ({"read_only": True}, PoolReason.READ_ONLY),
+        ({"read_only": True, "free_bytes": 0}, PoolReason.READ_ONLY),  # read-only trumps full
+        ({"free_bytes": 0}, PoolReason.FULL),
+        ({"free_bytes": 0, "reserve_bytes": 0}, PoolReason.FULL),
+        ({"free_bytes": 100, "reserve_bytes": 100}, PoolReason.FULL),
+        ({"free_bytes": 99, "reserve_bytes": 100}, PoolReason.FULL),
+        ({"free_bytes": 101, "reserve_bytes": 100}, None),
+        ({"free_bytes": 1, "reserve_bytes": 0}, None),
+    ],
+)
 def test_space_reason(facts: dict[str, object], reason: PoolReason | None) -> None:
     given: dict[str, object] = {"read_only": False, "free_bytes": 10 * MiB, "reserve_bytes": MiB, **facts}
     assert space_reason(**given) is reason  # type: ignore[arg-type]
@@ -116,7 +123,14 @@ def test_space_reason(facts: dict[str, object], reason: PoolReason | None) -> No
 def test_pool_state_and_reason_values_are_the_api_spelling() -> None:
     assert [state.value for state in PoolState] == ["ok", "full", "read_only", "unavailable"]
     assert {reason.value for reason in PoolReason} == {
-        "missing", "not_on_mount_point", "unmounted", "locked", "inaccessible", "read_only", "full"}
+        "missing",
+        "not_on_mount_point",
+        "unmounted",
+        "locked",
+        "inaccessible",
+        "read_only",
+        "full",
+    }
     literal, none = typing.get_args(PoolOut.model_fields["reason"].annotation)
     assert set(typing.get_args(literal)) == set(PoolReason) and none is type(None)
 
@@ -126,20 +140,28 @@ def test_pool_state_and_reason_values_are_the_api_spelling() -> None:
 
 def test_probe_ok_pool_reports_its_mount_and_space(tmp_path: Path) -> None:
     mounts = read_mounts()
-    status = probe_pool(PoolCfg("main", str(tmp_path), labels=["fast", "local"]), mounts, expected_mount_id=None)
+    status = probe_pool(
+        PoolCfg("main", str(tmp_path), labels=["fast", "local"]), mounts, expected_mount_id=None
+    )
     mount = mount_of(os.path.realpath(tmp_path), mounts)
     fs = os.statvfs(tmp_path)
     assert status.state is PoolState.OK and (status.reason, status.message) == (None, None)
     assert (status.name, status.path, status.labels) == ("main", str(tmp_path), ("fast", "local"))
     assert (status.mount_point, status.fstype, status.device, status.mount_id) == (
-        mount.mount_point, mount.fstype, mount.device, mount.mount_id)
+        mount.mount_point,
+        mount.fstype,
+        mount.device,
+        mount.mount_id,
+    )
     assert status.capacity_bytes == fs.f_blocks * fs.f_frsize
     assert abs(status.free_bytes - fs.f_bavail * fs.f_frsize) < 64 * MiB
     assert status.reserve_bytes == 0
 
 
 def test_probe_computes_reserve_from_capacity(tmp_path: Path) -> None:
-    status = probe_pool(PoolCfg("p", str(tmp_path), reserve_fraction=0.01), read_mounts(), expected_mount_id=None)
+    status = probe_pool(
+        PoolCfg("p", str(tmp_path), reserve_fraction=0.01), read_mounts(), expected_mount_id=None
+    )
     assert status.reserve_bytes == int(status.capacity_bytes * 0.01)
 
 
@@ -148,7 +170,12 @@ def test_probe_missing_path_is_unavailable_and_not_created(tmp_path: Path) -> No
     status = probe_pool(PoolCfg("p", str(path), reserve_fixed=5), read_mounts(), expected_mount_id=None)
     assert (status.state, status.reason) == (PoolState.UNAVAILABLE, PoolReason.MISSING)
     assert status.message == f"Pool path {path} does not exist."
-    assert (status.mount_id, status.mount_point, status.capacity_bytes, status.free_bytes) == (None, None, 0, 0)
+    assert (status.mount_id, status.mount_point, status.capacity_bytes, status.free_bytes) == (
+        None,
+        None,
+        0,
+        0,
+    )
     assert not path.exists()
 
 
@@ -168,7 +195,9 @@ def test_probe_follows_a_configured_symlink(tmp_path: Path) -> None:
 
 
 def test_probe_full_when_free_space_is_within_the_reserve(tmp_path: Path) -> None:
-    status = probe_pool(PoolCfg("p", str(tmp_path), reserve_fraction=1.0), read_mounts(), expected_mount_id=None)
+    status = probe_pool(
+        PoolCfg("p", str(tmp_path), reserve_fraction=1.0), read_mounts(), expected_mount_id=None
+    )
     assert (status.state, status.reason) == (PoolState.FULL, PoolReason.FULL)
     assert status.message is not None and "reserve" in status.message
     assert status.free_bytes > 0  # full, but the numbers are still true
@@ -186,8 +215,9 @@ def test_probe_read_only_from_the_mount_table(tmp_path: Path) -> None:
 def test_probe_on_its_mount_point(tmp_path: Path) -> None:
     (tmp_path / "pool").mkdir()
     mounts = with_fake_mounts(read_mounts(), {tmp_path: 4242})
-    status = probe_pool(PoolCfg("p", str(tmp_path / "pool"), mount_point=str(tmp_path)), mounts,
-                        expected_mount_id=None)
+    status = probe_pool(
+        PoolCfg("p", str(tmp_path / "pool"), mount_point=str(tmp_path)), mounts, expected_mount_id=None
+    )
     assert status.state is PoolState.OK
     assert (status.mount_id, status.fstype) == (4242, "fakefs")
 
@@ -196,15 +226,20 @@ def test_probe_mount_point_compared_after_resolving_symlinks(tmp_path: Path) -> 
     (tmp_path / "disk").mkdir()
     (tmp_path / "alias").symlink_to(tmp_path / "disk")
     mounts = with_fake_mounts(read_mounts(), {tmp_path / "disk": 4242})
-    status = probe_pool(PoolCfg("p", str(tmp_path / "disk"), mount_point=str(tmp_path / "alias")), mounts,
-                        expected_mount_id=None)
+    status = probe_pool(
+        PoolCfg("p", str(tmp_path / "disk"), mount_point=str(tmp_path / "alias")),
+        mounts,
+        expected_mount_id=None,
+    )
     assert status.state is PoolState.OK
 
 
 def test_probe_off_its_mount_point_is_unavailable(tmp_path: Path) -> None:
     # The disk failed to mount: the pool path falls through to the parent filesystem.
     mounts = read_mounts()
-    status = probe_pool(PoolCfg("p", str(tmp_path), mount_point=str(tmp_path)), mounts, expected_mount_id=None)
+    status = probe_pool(
+        PoolCfg("p", str(tmp_path), mount_point=str(tmp_path)), mounts, expected_mount_id=None
+    )
     below = mount_of(os.path.realpath(tmp_path), mounts)
     assert (status.state, status.reason) == (PoolState.UNAVAILABLE, PoolReason.NOT_ON_MOUNT_POINT)
     assert status.message == f"Pool path {tmp_path} is on {below.mount_point}, not on {tmp_path}."
@@ -215,7 +250,9 @@ def test_probe_off_its_mount_point_is_unavailable(tmp_path: Path) -> None:
 def test_probe_on_another_mount_than_expected_is_unavailable(tmp_path: Path) -> None:
     mounts = read_mounts()
     own = mount_of(os.path.realpath(tmp_path), mounts)
-    assert probe_pool(PoolCfg("p", str(tmp_path)), mounts, expected_mount_id=own.mount_id).state is PoolState.OK
+    assert (
+        probe_pool(PoolCfg("p", str(tmp_path)), mounts, expected_mount_id=own.mount_id).state is PoolState.OK
+    )
     status = probe_pool(PoolCfg("p", str(tmp_path)), mounts, expected_mount_id=own.mount_id + 100000)
     assert (status.state, status.reason) == (PoolState.UNAVAILABLE, PoolReason.UNMOUNTED)
     assert "unmounted or replaced" in (status.message or "")
@@ -231,7 +268,9 @@ def test_pool_set_first_refresh_reports_every_pool(tmp_path: Path) -> None:
     assert pool_set.statuses() == [] and pool_set.get("a") is None
     changes = pool_set.refresh(read_mounts())
     assert [(old, new.name, new.state) for old, new in changes] == [
-        (None, "b", PoolState.UNAVAILABLE), (None, "a", PoolState.OK)]
+        (None, "b", PoolState.UNAVAILABLE),
+        (None, "a", PoolState.OK),
+    ]
     assert [status.name for status in pool_set.statuses()] == ["b", "a"]  # config order
     assert pool_set.get("a") == changes[1][1]
 
@@ -280,12 +319,22 @@ def test_pool_set_replace_configs(tmp_path: Path) -> None:
         (tmp_path / name).mkdir()
     real = read_mounts()
     first = with_fake_mounts(real, {tmp_path / "kept": 1001, tmp_path / "moved": 1002})
-    pool_set = PoolSet([PoolCfg("kept", str(tmp_path / "kept")), PoolCfg("moved", str(tmp_path / "moved")),
-                        PoolCfg("dropped", str(tmp_path / "dropped"))])
+    pool_set = PoolSet(
+        [
+            PoolCfg("kept", str(tmp_path / "kept")),
+            PoolCfg("moved", str(tmp_path / "moved")),
+            PoolCfg("dropped", str(tmp_path / "dropped")),
+        ]
+    )
     pool_set.refresh(first)
 
-    pool_set.replace_configs([PoolCfg("new", str(tmp_path / "new")), PoolCfg("kept", str(tmp_path / "kept")),
-                              PoolCfg("moved", str(tmp_path / "elsewhere"))])
+    pool_set.replace_configs(
+        [
+            PoolCfg("new", str(tmp_path / "new")),
+            PoolCfg("kept", str(tmp_path / "kept")),
+            PoolCfg("moved", str(tmp_path / "elsewhere")),
+        ]
+    )
     assert pool_set.get("dropped") is None
     assert [status.name for status in pool_set.statuses()] == ["kept"]  # the rest not probed yet
 
@@ -311,9 +360,20 @@ def test_lock_pool_writes_the_holders_pid_into_a_private_file(tmp_path: Path) ->
 
 
 def test_lock_pool_refuses_a_held_lock_naming_the_holder(tmp_path: Path) -> None:
-    holder = subprocess.Popen([sys.executable, "-c", (
-        "import os, sys; from scratchd.pool_dirs import lock_pool; lock_pool(sys.argv[1]); print(os.getpid(), flush=True);"
-        " sys.stdin.read()"), str(tmp_path)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            (
+                "import os, sys; from scratchd.pool_dirs import lock_pool; lock_pool(sys.argv[1]); print(os.getpid(), flush=True);"
+                " sys.stdin.read()"
+            ),
+            str(tmp_path),
+        ],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     try:
         assert holder.stdout is not None
         pid = int(holder.stdout.readline())
@@ -390,8 +450,9 @@ def test_pool_set_dropped_pool_keeps_its_lock_while_it_has_leases(tmp_path: Path
         (tmp_path / name).mkdir()
     pool_set = PoolSet([PoolCfg(name, str(tmp_path / name)) for name in ("kept", "dropped", "moved")])
     pool_set.refresh(read_mounts())
-    pool_set.replace_configs([PoolCfg("kept", str(tmp_path / "kept")),
-                              PoolCfg("moved", str(tmp_path / "elsewhere"))])
+    pool_set.replace_configs(
+        [PoolCfg("kept", str(tmp_path / "kept")), PoolCfg("moved", str(tmp_path / "elsewhere"))]
+    )
     os.close(lock_pool(str(tmp_path / "moved")))  # a new path is a new pool: the old one is free at once
     pool_set.unlock_dropped(keep={"dropped"})
     assert pool_set.holds("dropped")
@@ -485,14 +546,18 @@ def test_make_lease_dir_never_reuses_an_existing_entry(tmp_path: Path) -> None:
     assert mode(tmp_path / "abc") == 0o755
 
 
-@pytest.mark.parametrize("lease_id", ["", "ABC", "a_b", "a.b", "..", ".trash", "a/b", "../x", "a\n", "a b", "é"])
+@pytest.mark.parametrize(
+    "lease_id", ["", "ABC", "a_b", "a.b", "..", ".trash", "a/b", "../x", "a\n", "a b", "é"]
+)
 def test_make_lease_dir_rejects_bad_ids_before_touching_disk(tmp_path: Path, lease_id: str) -> None:
     with pytest.raises(ValueError, match="not a lease id"):
         make_lease_dir(str(tmp_path), lease_id, uid=None, gid=None)
     assert os.listdir(tmp_path) == []
 
 
-def test_make_lease_dir_leaves_nothing_behind_when_it_fails(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_make_lease_dir_leaves_nothing_behind_when_it_fails(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     def refuse(*_: object) -> None:
         raise PermissionError(1, "Operation not permitted")
 
@@ -667,7 +732,10 @@ def test_real_tmpfs_pool_is_lost_when_unmounted(tmp_path: Path) -> None:
         assert point.is_dir()
         changes = {new.name: (old, new) for old, new in pool_set.refresh(table.current())}
     assert (changes["p"][1].state, changes["p"][1].reason) == (PoolState.UNAVAILABLE, PoolReason.UNMOUNTED)
-    assert (changes["inner"][1].state, changes["inner"][1].reason) == (PoolState.UNAVAILABLE, PoolReason.MISSING)
+    assert (changes["inner"][1].state, changes["inner"][1].reason) == (
+        PoolState.UNAVAILABLE,
+        PoolReason.MISSING,
+    )
 
 
 @needs_root

@@ -17,7 +17,12 @@ TABLE = {
     "poetry": {"POETRY_CACHE_DIR"},
     "pdm": {"PDM_CACHE_DIR"},
     "npm": {"npm_config_cache"},
-    "pnpm": {"npm_config_store_dir", "npm_config_cache_dir", "pnpm_config_store_dir", "pnpm_config_cache_dir"},
+    "pnpm": {
+        "npm_config_store_dir",
+        "npm_config_cache_dir",
+        "pnpm_config_store_dir",
+        "pnpm_config_cache_dir",
+    },
     "yarn": {"YARN_GLOBAL_FOLDER", "YARN_CACHE_FOLDER"},
     "bun": {"BUN_INSTALL_CACHE_DIR"},
     "cargo": {"CARGO_TARGET_DIR"},
@@ -54,8 +59,13 @@ MODES = {
 MODE_VARIABLES = {name for by_tool in MODES.values() for values in by_tool.values() for name in values}
 
 # The cache each mode is about: set by the user, it is not the lease's, and no mode is set.
-CACHES = {"uv": ["UV_CACHE_DIR"], "pdm": ["PDM_CACHE_DIR"], "pnpm": ["npm_config_store_dir", "pnpm_config_store_dir"],
-          "yarn": ["YARN_GLOBAL_FOLDER"], "conda": ["CONDA_PKGS_DIRS"]}
+CACHES = {
+    "uv": ["UV_CACHE_DIR"],
+    "pdm": ["PDM_CACHE_DIR"],
+    "pnpm": ["npm_config_store_dir", "pnpm_config_store_dir"],
+    "yarn": ["YARN_GLOBAL_FOLDER"],
+    "conda": ["CONDA_PKGS_DIRS"],
+}
 
 
 def inside(path: str, directory: str) -> bool:
@@ -117,7 +127,11 @@ def test_maven_args_keeps_the_users_flags() -> None:
 
 
 def test_variables_the_user_set_are_left_alone() -> None:
-    environ = {"UV_CACHE_DIR": "/home/me/.cache/uv", "POETRY_VIRTUALENVS_IN_PROJECT": "false", "GOCACHE": "/c"}
+    environ = {
+        "UV_CACHE_DIR": "/home/me/.cache/uv",
+        "POETRY_VIRTUALENVS_IN_PROJECT": "false",
+        "GOCACHE": "/c",
+    }
     plan = preset_env(["uv", "poetry", "go"], LEASE, "copy", environ)
     for name in environ:
         assert name not in plan.env
@@ -164,7 +178,9 @@ def test_no_mode_for_a_cache_the_user_pointed_elsewhere(tool: str, mode: str) ->
 def test_ccache_never_gets_a_hardlink_setting() -> None:
     """ccache 4.x refuses CCACHE_HARDLINK=false; it copies by default anyway."""
     for mode in ("hardlink", "clone", "copy", None):
-        assert not any(name.startswith("CCACHE_HARDLINK") for name in preset_env(["ccache"], LEASE, mode, {}).env)
+        assert not any(
+            name.startswith("CCACHE_HARDLINK") for name in preset_env(["ccache"], LEASE, mode, {}).env
+        )
 
 
 def test_uv_points_tmpdir_into_the_lease_unless_set() -> None:
@@ -174,15 +190,18 @@ def test_uv_points_tmpdir_into_the_lease_unless_set() -> None:
     assert plan.env["UV_CACHE_DIR"] == f"{LEASE}/uv"
 
 
-@pytest.mark.parametrize("lease, mode", [
-    ({"link_mode": "clone", "same_filesystem": False}, "clone"),
-    ({"link_mode": None, "same_filesystem": None}, None),
-    ({"link_mode": "hardlink"}, "hardlink"),
-    ({"same_filesystem": True}, "hardlink"),  # a daemon older than link_mode
-    ({"same_filesystem": False}, "copy"),
-    ({"same_filesystem": None}, None),
-    ({}, None),
-])
+@pytest.mark.parametrize(
+    "lease, mode",
+    [
+        ({"link_mode": "clone", "same_filesystem": False}, "clone"),
+        ({"link_mode": None, "same_filesystem": None}, None),
+        ({"link_mode": "hardlink"}, "hardlink"),
+        ({"same_filesystem": True}, "hardlink"),  # a daemon older than link_mode
+        ({"same_filesystem": False}, "copy"),
+        ({"same_filesystem": None}, None),
+        ({}, None),
+    ],
+)
 def test_lease_link_mode(lease: dict, mode: str | None) -> None:
     assert lease_link_mode(lease) == mode
 

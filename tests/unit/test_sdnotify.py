@@ -78,15 +78,20 @@ def test_reloading_carries_the_monotonic_clock(path_socket: socket.socket) -> No
     assert before <= int(fields["MONOTONIC_USEC"]) <= after
 
 
-@pytest.mark.parametrize("env, expected", [
-    ({}, None),
-    ({"WATCHDOG_USEC": "0"}, None),
-    ({"WATCHDOG_USEC": "soon"}, None),
-    ({"WATCHDOG_USEC": "30000000"}, 30.0),
-    ({"WATCHDOG_USEC": "500000", "WATCHDOG_PID": "{pid}"}, 0.5),
-    ({"WATCHDOG_USEC": "500000", "WATCHDOG_PID": "1"}, None),  # meant for another process
-])
-def test_watchdog_interval(monkeypatch: pytest.MonkeyPatch, env: dict[str, str], expected: float | None) -> None:
+@pytest.mark.parametrize(
+    "env, expected",
+    [
+        ({}, None),
+        ({"WATCHDOG_USEC": "0"}, None),
+        ({"WATCHDOG_USEC": "soon"}, None),
+        ({"WATCHDOG_USEC": "30000000"}, 30.0),
+        ({"WATCHDOG_USEC": "500000", "WATCHDOG_PID": "{pid}"}, 0.5),
+        ({"WATCHDOG_USEC": "500000", "WATCHDOG_PID": "1"}, None),  # meant for another process
+    ],
+)
+def test_watchdog_interval(
+    monkeypatch: pytest.MonkeyPatch, env: dict[str, str], expected: float | None
+) -> None:
     monkeypatch.delenv("WATCHDOG_USEC", raising=False)
     monkeypatch.delenv("WATCHDOG_PID", raising=False)
     for key, value in env.items():
@@ -94,8 +99,9 @@ def test_watchdog_interval(monkeypatch: pytest.MonkeyPatch, env: dict[str, str],
     assert sdnotify.watchdog_interval() == expected
 
 
-def test_watchdog_loop_pings_at_half_the_interval(path_socket: socket.socket,
-                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+def test_watchdog_loop_pings_at_half_the_interval(
+    path_socket: socket.socket, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setenv("WATCHDOG_USEC", "100000")
     monkeypatch.setenv("WATCHDOG_PID", str(os.getpid()))
 

@@ -7,16 +7,26 @@ import sqlite3
 import sys
 
 import pytest
-
 from conftest import wait_for
+
 from scratchd import store as store_module
 from scratchd.leases import EndReason, Lease, LinkMode, end
 from scratchd.store import NewEvent, Store, StoreError, lease_inserted, lease_updated
 
 
 def lease(i: int) -> Lease:
-    return Lease(id=f"l{i}", path=f"/p/l{i}", pool="p", tenant="t", uid=1, gid=1, created_at=1.0,
-                 expires_at=2.0, ttl_seconds=1, labels={"n": str(i)})
+    return Lease(
+        id=f"l{i}",
+        path=f"/p/l{i}",
+        pool="p",
+        tenant="t",
+        uid=1,
+        gid=1,
+        created_at=1.0,
+        expires_at=2.0,
+        ttl_seconds=1,
+        labels={"n": str(i)},
+    )
 
 
 def test_a_record_and_its_event_survive_a_reopen(tmp_path):
@@ -27,8 +37,10 @@ def test_a_record_and_its_event_survive_a_reopen(tmp_path):
     store.close()
     reopened = Store(str(tmp_path))
     assert reopened.get_lease("l1") == ended
-    assert [(e.kind, e.reason) for e in reopened.events(0, 10)] == [("lease_created", None),
-                                                                     ("lease_ended", "expired")]
+    assert [(e.kind, e.reason) for e in reopened.events(0, 10)] == [
+        ("lease_created", None),
+        ("lease_ended", "expired"),
+    ]
 
 
 def test_writes_in_one_loop_turn_share_one_transaction(tmp_path):
@@ -37,9 +49,14 @@ def test_writes_in_one_loop_turn_share_one_transaction(tmp_path):
     store._db.set_trace_callback(lambda sql: transactions.append(sql) if sql.startswith("BEGIN") else None)
 
     async def many() -> None:
-        await asyncio.gather(*(store.write_grouped([lease_inserted(lease(i))],
-                                                   [NewEvent.for_lease("lease_created", lease(i))], 1.0)
-                               for i in range(20)))
+        await asyncio.gather(
+            *(
+                store.write_grouped(
+                    [lease_inserted(lease(i))], [NewEvent.for_lease("lease_created", lease(i))], 1.0
+                )
+                for i in range(20)
+            )
+        )
 
     asyncio.run(many())
     assert len(transactions) == 1
@@ -54,7 +71,8 @@ def test_a_failed_group_fails_every_waiter_and_commits_nothing(tmp_path):
         return await asyncio.gather(
             store.write_grouped([lease_inserted(lease(2))], [], 1.0),
             store.write_grouped([lease_inserted(lease(1))], [], 1.0),  # the same id again
-            return_exceptions=True)
+            return_exceptions=True,
+        )
 
     results = asyncio.run(clash())
     assert all(isinstance(r, StoreError) for r in results)
@@ -129,8 +147,9 @@ def test_checkpoint_passes_follow_commits_and_an_idle_store_makes_none(tmp_path)
         frame = sys._current_frames().get(checkpointer._thread.ident)
         while frame is not None and frame.f_code.co_name != "_run":
             frame = frame.f_back
-        return frame is not None and "_committed.wait()" in linecache.getline(frame.f_code.co_filename,
-                                                                               frame.f_lineno)
+        return frame is not None and "_committed.wait()" in linecache.getline(
+            frame.f_code.co_filename, frame.f_lineno
+        )
 
     wait_for(parked, what="the thread waiting for a first commit")
     assert passes == []
@@ -212,7 +231,10 @@ def test_an_earlier_releases_state_upgrades_in_place_and_keeps_every_lease(tmp_p
     store = Store(str(tmp_path))
     active = {lease.labels["job"]: lease for lease in store.active_leases()}
     assert {job: lease.link_mode for job, lease in active.items()} == {
-        "1": LinkMode.HARDLINK, "2": LinkMode.COPY, "3": None}  # what same_filesystem said
+        "1": LinkMode.HARDLINK,
+        "2": LinkMode.COPY,
+        "3": None,
+    }  # what same_filesystem said
     assert [lease.same_filesystem for _, lease in sorted(active.items())] == [True, False, None]
     assert [lease.id for lease in store.ended_leases()] == ["00000000000004aaaaaaaaaaaaaaaaaaa"]
     assert [event.kind for event in store.events(0, 10)] == ["lease_created"] * 3

@@ -3,8 +3,20 @@ import pytest
 from scratchd.units import UnitError, format_duration, format_size, parse_duration, parse_reserve, parse_size
 
 
-@pytest.mark.parametrize("text, seconds", [("90s", 90), ("15m", 900), ("2h", 7200), ("7d", 604800),
-                                           ("1w", 604800), ("30", 30), (45, 45), ("1.5h", 5400), ("0.2s", 0.2)])
+@pytest.mark.parametrize(
+    "text, seconds",
+    [
+        ("90s", 90),
+        ("15m", 900),
+        ("2h", 7200),
+        ("7d", 604800),
+        ("1w", 604800),
+        ("30", 30),
+        (45, 45),
+        ("1.5h", 5400),
+        ("0.2s", 0.2),
+    ],
+)
 def test_durations(text, seconds):
     assert parse_duration(text) == pytest.approx(seconds)
 
@@ -15,8 +27,19 @@ def test_bad_durations(text):
         parse_duration(text)
 
 
-@pytest.mark.parametrize("text, size", [("512M", 512 << 20), ("10G", 10 << 30), ("1.5TiB", int(1.5 * (1 << 40))),
-                                        ("4096", 4096), (7, 7), ("2k", 2048), ("1GB", 1 << 30), ("3MiB", 3 << 20)])
+@pytest.mark.parametrize(
+    "text, size",
+    [
+        ("512M", 512 << 20),
+        ("10G", 10 << 30),
+        ("1.5TiB", int(1.5 * (1 << 40))),
+        ("4096", 4096),
+        (7, 7),
+        ("2k", 2048),
+        ("1GB", 1 << 30),
+        ("3MiB", 3 << 20),
+    ],
+)
 def test_sizes(text, size):
     assert parse_size(text) == size
 

@@ -20,8 +20,8 @@ from scratchd import scan
 from scratchd.offload import disk_worker
 from scratchd.reclaim.deleter import delete_tree
 from scratchd.scan import Tally, scan_parts
-from scratchd.walk import ForeignMount
 from scratchd.usage import UsageSample, scan_tree
+from scratchd.walk import ForeignMount
 
 MiB = 1 << 20
 
@@ -81,7 +81,11 @@ def test_agrees_with_du(tmp_path: Path) -> None:
 
     sample = scan_tree(str(tmp_path))
 
-    du_bytes = int(subprocess.run([du, "-s", "-B1", str(tmp_path)], capture_output=True, text=True, check=True).stdout.split()[0])
+    du_bytes = int(
+        subprocess.run(
+            [du, "-s", "-B1", str(tmp_path)], capture_output=True, text=True, check=True
+        ).stdout.split()[0]
+    )
     assert sample.bytes == du_bytes
     assert sample.files == 3 * 20 + 1
 
@@ -149,7 +153,9 @@ def test_mounts_inside_are_not_counted(tmp_path: Path) -> None:
 @needs_root
 def test_unreadable_directory_is_skipped() -> None:
     """As an unprivileged scanner: a mode-000 directory counts itself, not its content."""
-    with tempfile.TemporaryDirectory(prefix="scratchd-test-", dir="/tmp") as reachable:  # pytest's tmp is 0700
+    with tempfile.TemporaryDirectory(
+        prefix="scratchd-test-", dir="/tmp"
+    ) as reachable:  # pytest's tmp is 0700
         tree = Path(reachable)
         tree.chmod(0o755)
         (tree / "locked").mkdir()
@@ -210,7 +216,9 @@ def identity(path: Path) -> tuple[int, int]:
     return found.st_dev, found.st_ino
 
 
-def test_shared_scan_counts_each_hard_link_once_whichever_process_met_it(tmp_path: Path, shared: None) -> None:
+def test_shared_scan_counts_each_hard_link_once_whichever_process_met_it(
+    tmp_path: Path, shared: None
+) -> None:
     directories = grid(tmp_path)
     (tmp_path / "shared").write_bytes(os.urandom(256 * 1024))
     for directory in directories[1:]:  # a link in every directory: the helper meets some, this process others
@@ -322,14 +330,18 @@ def test_helper_does_not_enter_a_mount(tmp_path: Path) -> None:
 
 @needs_root
 def test_helper_counts_an_unreadable_directory_without_entering_it() -> None:
-    with tempfile.TemporaryDirectory(prefix="scratchd-test-", dir="/tmp") as reachable:  # pytest's tmp is 0700
+    with tempfile.TemporaryDirectory(
+        prefix="scratchd-test-", dir="/tmp"
+    ) as reachable:  # pytest's tmp is 0700
         tree = Path(reachable)
         tree.chmod(0o755)
         (tree / "open" / "locked").mkdir(parents=True)
         (tree / "open" / "locked" / "big").write_bytes(b"x" * MiB)
         (tree / "open" / "locked").chmod(0o000)
 
-        tally, left = run_as(NOBODY, lambda: scan_parts(str(tree), identity(tree), [("open", "locked")], budget=1000))
+        tally, left = run_as(
+            NOBODY, lambda: scan_parts(str(tree), identity(tree), [("open", "locked")], budget=1000)
+        )
 
         assert left == []
         assert (tally.files, tally.blocks * 512) == (0, own_bytes(tree / "open" / "locked"))
@@ -344,8 +356,11 @@ def test_a_scanner_worker_that_started_a_helper_still_exits(tmp_path: Path) -> N
     executor = disk_worker(0, scan_tree)
     worker = executor.submit(os.getpid).result()
     try:
-        wait_for(lambda: executor.submit(scan_tree, str(tmp_path)).result().helper_entries, timeout=60,
-                 what="a scan in the worker shared with its helper")
+        wait_for(
+            lambda: executor.submit(scan_tree, str(tmp_path)).result().helper_entries,
+            timeout=60,
+            what="a scan in the worker shared with its helper",
+        )
         assert Path(f"/proc/{worker}/task/{worker}/children").read_text().split()
 
         stopping = threading.Thread(target=executor.shutdown)

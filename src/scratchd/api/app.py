@@ -52,9 +52,12 @@ class BodyLimit:
         await self.app(scope, limited, send)
 
     async def _refuse(self, scope: Scope, receive: Receive, send: Send) -> None:
-        response = errors.error_response(413, "request_too_large",
-                                          f"The request body is larger than {self.limit} bytes.",
-                                          {"limit_bytes": self.limit})
+        response = errors.error_response(
+            413,
+            "request_too_large",
+            f"The request body is larger than {self.limit} bytes.",
+            {"limit_bytes": self.limit},
+        )
         await response(scope, receive, send)
 
 
@@ -74,13 +77,15 @@ def _create_rate(app: FastAPI, config: Config) -> None:
 
 
 def _route(method: str, path: str) -> APIRoute:
-    return next(r for r in routes.router.routes
-                if isinstance(r, APIRoute) and r.path == path and method in r.methods)
+    return next(
+        r for r in routes.router.routes if isinstance(r, APIRoute) and r.path == path and method in r.methods
+    )
 
 
 def create_app(daemon: Daemon) -> ASGIApp:
     """The FastAPI app behind timing and the body cap, and in front of all the hot path,
     which answers the lease cycle's two requests itself (timed the same way)."""
+
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         await daemon.start()
@@ -109,5 +114,11 @@ def create_app(daemon: Daemon) -> ASGIApp:
     app.include_router(pages.router)
     errors.install(app)
     timer = metrics.RequestTimer(BodyLimit(app), metrics=metrics.attach(app))
-    return hotpath.HotPath(timer, fastapi=app, timer=timer, create=_route("POST", hotpath.LEASES),
-                           release=_route("DELETE", hotpath.LEASES + "/{lease_id}"), body_limit=MAX_BODY_BYTES)
+    return hotpath.HotPath(
+        timer,
+        fastapi=app,
+        timer=timer,
+        create=_route("POST", hotpath.LEASES),
+        release=_route("DELETE", hotpath.LEASES + "/{lease_id}"),
+        body_limit=MAX_BODY_BYTES,
+    )

@@ -29,8 +29,9 @@ _HTTP_CODES = {
 }
 
 
-def error_response(status: int, code: str, message: str, details: Any = None,
-                   headers: dict[str, str] | None = None) -> Response:
+def error_response(
+    status: int, code: str, message: str, details: Any = None, headers: dict[str, str] | None = None
+) -> Response:
     body = json.dumps({"error": {"code": code, "message": message, "details": details}})
     if status == 401:  # RFC 9110: a 401 names the scheme that would do; the dashboard asks for a token on it
         headers = {"WWW-Authenticate": 'Bearer realm="scratchd"', **(headers or {})}
@@ -59,7 +60,12 @@ async def _refused(_: Request, exc: Refused) -> Response:
 async def _invalid(_: Request, exc: RequestValidationError) -> Response:
     errors = exc.errors()
     if any(e.get("type") == "json_invalid" for e in errors):
-        return error_response(422, "invalid_request", "The request body is not valid JSON.", {"fields": {"body": "invalid JSON"}})
+        return error_response(
+            422,
+            "invalid_request",
+            "The request body is not valid JSON.",
+            {"fields": {"body": "invalid JSON"}},
+        )
     fields: dict[str, str] = {}
     for error in errors:
         fields.setdefault(_field_name(tuple(error.get("loc", ()))), _reason(error))
@@ -113,8 +119,11 @@ def _allowed_methods(request: Request) -> list[str]:
     ``/v1/leases``. Each method is tried against the routes as the router would.
     """
     routes = request.app.router.routes
-    return [method for method in _METHODS
-            if any(route.matches({**request.scope, "method": method})[0] is Match.FULL for route in routes)]
+    return [
+        method
+        for method in _METHODS
+        if any(route.matches({**request.scope, "method": method})[0] is Match.FULL for route in routes)
+    ]
 
 
 _METHODS = ("DELETE", "GET", "HEAD", "OPTIONS", "PATCH", "POST", "PUT")

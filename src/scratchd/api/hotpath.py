@@ -46,8 +46,16 @@ Handler = Callable[[Request, Caller], Awaitable[Lease]]
 
 
 class HotPath:
-    def __init__(self, app: ASGIApp, *, fastapi: FastAPI, timer: RequestTimer, create: BaseRoute,
-                 release: BaseRoute, body_limit: int) -> None:
+    def __init__(
+        self,
+        app: ASGIApp,
+        *,
+        fastapi: FastAPI,
+        timer: RequestTimer,
+        create: BaseRoute,
+        release: BaseRoute,
+        body_limit: int,
+    ) -> None:
         self.app = app  # the whole stack, for everything this layer does not answer
         self._fastapi = fastapi  # what routes and identity read the daemon's state from
         self._timer = timer
@@ -61,10 +69,20 @@ class HotPath:
             if method == "POST" and path == LEASES and self._plain_json(scope):
                 await self._create(scope, receive, send)
                 return
-            if (method == "DELETE" and path.startswith(_LEASE_PREFIX) and _no_body(scope)
-                    and (lease_id := path[len(_LEASE_PREFIX):]) and "/" not in lease_id):
-                await self._answer(scope, send, self._release_route, 200,
-                                   lambda request, caller: routes.end_lease(request, caller, lease_id))
+            if (
+                method == "DELETE"
+                and path.startswith(_LEASE_PREFIX)
+                and _no_body(scope)
+                and (lease_id := path[len(_LEASE_PREFIX) :])
+                and "/" not in lease_id
+            ):
+                await self._answer(
+                    scope,
+                    send,
+                    self._release_route,
+                    200,
+                    lambda request, caller: routes.end_lease(request, caller, lease_id),
+                )
                 return
         await self.app(scope, receive, send)
 
@@ -76,8 +94,13 @@ class HotPath:
         if parsed is None:
             await self.app(scope, _replay(body, receive), send)
             return
-        await self._answer(scope, send, self._create_route, 201,
-                           lambda request, caller: routes.start_lease(request, caller, parsed))
+        await self._answer(
+            scope,
+            send,
+            self._create_route,
+            201,
+            lambda request, caller: routes.start_lease(request, caller, parsed),
+        )
 
     async def _answer(self, scope: Scope, send: Send, route: BaseRoute, status: int, handle: Handler) -> None:
         """Authorise as the routes' ``Writer`` dependency does, handle, answer, and time it."""

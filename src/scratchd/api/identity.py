@@ -94,7 +94,9 @@ class Identities:
         groups = {_group_name(g) for g in gids}
         # root is always an admin: it owns the daemon's files and could do anything anyway.
         admin = uid == 0 or name in self._admin_users or not groups.isdisjoint(self._admin_groups)
-        tenant = Tenant(name=name, uid=uid, gid=primary_gid, may_bind_any_pid=uid == 0, groups=frozenset(gids))
+        tenant = Tenant(
+            name=name, uid=uid, gid=primary_gid, may_bind_any_pid=uid == 0, groups=frozenset(gids)
+        )
         return Caller(Role.ADMIN if admin else Role.TENANT, tenant)
 
     def from_token(self, token: str) -> Caller | None:

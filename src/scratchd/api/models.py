@@ -75,8 +75,14 @@ class _Request(BaseModel):
 
 
 class LeaseRequest(_Request):
-    near: Annotated[str, Field(min_length=1, max_length=MAX_PATH, json_schema_extra=_ABSOLUTE_PATH),
-                    AfterValidator(_absolute_path)] | None = None
+    near: (
+        Annotated[
+            str,
+            Field(min_length=1, max_length=MAX_PATH, json_schema_extra=_ABSOLUTE_PATH),
+            AfterValidator(_absolute_path),
+        ]
+        | None
+    ) = None
     pool: Annotated[str, Field(min_length=1, max_length=64)] | None = None
     placement: Literal["prefer-same-filesystem", "same-filesystem", "any"] = "prefer-same-filesystem"
     ttl_seconds: Annotated[int, Field(ge=1), INTEGRAL] | None = None
@@ -85,7 +91,9 @@ class LeaseRequest(_Request):
     max_bytes: Annotated[int, Field(ge=1, le=MAX_INTEGER), INTEGRAL] | None = None
     expected_bytes: Annotated[int, Field(ge=0, le=MAX_INTEGER), INTEGRAL] | None = None
     evictable: bool = False
-    labels: Annotated[dict[str, str], AfterValidator(_labels)] = Field(default_factory=dict, json_schema_extra=_LABELS)
+    labels: Annotated[dict[str, str], AfterValidator(_labels)] = Field(
+        default_factory=dict, json_schema_extra=_LABELS
+    )
 
 
 class RenewRequest(_Request):
@@ -137,8 +145,10 @@ class PoolOut(BaseModel):
     fstype: str | None
     device: str | None
     state: Literal["ok", "full", "read_only", "unavailable"]
-    reason: Literal["missing", "not_on_mount_point", "unmounted", "locked", "inaccessible", "read_only",
-                    "full"] | None = Field(description="Why the pool is not ok: a code; null when ok.")
+    reason: (
+        Literal["missing", "not_on_mount_point", "unmounted", "locked", "inaccessible", "read_only", "full"]
+        | None
+    ) = Field(description="Why the pool is not ok: a code; null when ok.")
     message: str | None = Field(description="The reason in one sentence for a person; null when ok.")
     capacity_bytes: int
     free_bytes: int
@@ -246,6 +256,9 @@ def lease_json(lease: Lease) -> dict[str, Any]:
         "link_mode": lease.link_mode.value if lease.link_mode else None,
         "mount_point": lease.mount_point,
         "last_activity_at": timestamp(lease.last_activity_at),
-        "usage": {"bytes": lease.usage.bytes, "files": lease.usage.files,
-                  "measured_at": timestamp(lease.usage.measured_at)},
+        "usage": {
+            "bytes": lease.usage.bytes,
+            "files": lease.usage.files,
+            "measured_at": timestamp(lease.usage.measured_at),
+        },
     }

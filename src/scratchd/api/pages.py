@@ -20,10 +20,15 @@ from scratchd.api.routes import Reader
 from scratchd.errors import Refused
 
 # The page loads nothing but its own files and the API: no CDN, no fonts (hosts may be offline).
-DASHBOARD_CSP = ("default-src 'none'; script-src 'self'; style-src 'self'; connect-src 'self'; img-src 'self' data:; "
-                 "base-uri 'none'; form-action 'none'; frame-ancestors 'none'")
-_MEDIA_TYPES = {".html": "text/html; charset=utf-8", ".js": "text/javascript; charset=utf-8",
-                ".css": "text/css; charset=utf-8"}
+DASHBOARD_CSP = (
+    "default-src 'none'; script-src 'self'; style-src 'self'; connect-src 'self'; img-src 'self' data:; "
+    "base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
+)
+_MEDIA_TYPES = {
+    ".html": "text/html; charset=utf-8",
+    ".js": "text/javascript; charset=utf-8",
+    ".css": "text/css; charset=utf-8",
+}
 _FILES = {
     entry.name: (entry.read_bytes(), _MEDIA_TYPES[PurePath(entry.name).suffix])
     for entry in (resources.files("scratchd") / "dashboard").iterdir()
@@ -38,9 +43,15 @@ def _file(name: str) -> Response:
     if found is None:
         raise Refused(404, "not_found", "No such dashboard file.")
     body, media_type = found
-    return Response(body, media_type=media_type,
-                    headers={"Cache-Control": "no-cache", "Content-Security-Policy": DASHBOARD_CSP,
-                             "X-Content-Type-Options": "nosniff"})
+    return Response(
+        body,
+        media_type=media_type,
+        headers={
+            "Cache-Control": "no-cache",
+            "Content-Security-Policy": DASHBOARD_CSP,
+            "X-Content-Type-Options": "nosniff",
+        },
+    )
 
 
 @router.get("/")
@@ -61,6 +72,8 @@ async def metrics(request: Request, caller: Reader) -> Response:
     (``/v1/usage`` shows it only its own), so tenants are refused.
     """
     if not caller.sees_all():
-        raise Refused(403, "forbidden", "Metrics cover every tenant: scrape as an admin or with a viewer token.")
+        raise Refused(
+            403, "forbidden", "Metrics cover every tenant: scrape as an admin or with a viewer token."
+        )
     encode, media_type = choose_encoder(request.headers.get("accept", ""))
     return Response(encode(request.app.state.metrics.registry), media_type=media_type)

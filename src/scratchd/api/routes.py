@@ -31,12 +31,19 @@ ERRORS: dict[int | str, dict[str, Any]] = {
     status: {"model": models.ErrorBody, "description": text}
     for status, text in {
         400: "invalid_request (a body that cannot be parsed at all)",
-        401: "unauthenticated", 403: "forbidden", 404: "lease_not_found / pool_not_found / not_found",
-        409: "lease_ended / no_pool_on_filesystem", 413: "request_too_large", 422: "invalid_request",
-        429: "quota_exceeded", 503: "pool_unavailable", 507: "insufficient_storage",
+        401: "unauthenticated",
+        403: "forbidden",
+        404: "lease_not_found / pool_not_found / not_found",
+        409: "lease_ended / no_pool_on_filesystem",
+        413: "request_too_large",
+        422: "invalid_request",
+        429: "quota_exceeded",
+        503: "pool_unavailable",
+        507: "insufficient_storage",
     }.items()
 }
 LEASE_ID = re.compile(r"^[a-z0-9-]{1,64}$")
+
 
 def unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     found = dict(pairs)
@@ -106,8 +113,9 @@ def _visible_lease(daemon: Daemon, caller: Caller, lease_id: str) -> Lease:
 
 
 @router.post("/v1/leases", status_code=201, response_model=models.LeaseOut, responses=ERRORS, tags=["leases"])
-async def create_lease(request: Request, caller: Writer,
-                       body: Annotated[models.LeaseRequest, Body()] = None) -> Response:  # type: ignore[assignment]
+async def create_lease(
+    request: Request, caller: Writer, body: Annotated[models.LeaseRequest, Body()] = None
+) -> Response:  # type: ignore[assignment]
     """Lease a new directory. Over the Unix socket it belongs to the caller's Unix user."""
     return _json(models.lease_json(await start_lease(request, caller, body or models.LeaseRequest())), 201)
 
@@ -119,13 +127,28 @@ async def start_lease(request: Request, caller: Caller, body: models.LeaseReques
     limiter: RateLimiter = request.app.state.create_rate  # replaced when a reload changes the rate
     if wait := limiter.take(caller.tenant.name):
         raise Refused(
-            429, "quota_exceeded", f"Tenant {caller.tenant.name} creates leases too fast; retry shortly.",
-            {"limit": "create_rate", "burst": limiter.burst, "per_second": limiter.rate, "retry_after_seconds": wait},
-            {"Retry-After": str(math.ceil(wait))})
+            429,
+            "quota_exceeded",
+            f"Tenant {caller.tenant.name} creates leases too fast; retry shortly.",
+            {
+                "limit": "create_rate",
+                "burst": limiter.burst,
+                "per_second": limiter.rate,
+                "retry_after_seconds": wait,
+            },
+            {"Retry-After": str(math.ceil(wait))},
+        )
     spec = LeaseSpec(
-        near=body.near, pool=body.pool, placement=Placement(body.placement), ttl_seconds=body.ttl_seconds,
-        idle_timeout_seconds=body.idle_timeout_seconds, pid=_bound_pid(request, body.pid), max_bytes=body.max_bytes,
-        expected_bytes=body.expected_bytes, evictable=body.evictable, labels=body.labels,
+        near=body.near,
+        pool=body.pool,
+        placement=Placement(body.placement),
+        ttl_seconds=body.ttl_seconds,
+        idle_timeout_seconds=body.idle_timeout_seconds,
+        pid=_bound_pid(request, body.pid),
+        max_bytes=body.max_bytes,
+        expected_bytes=body.expected_bytes,
+        evictable=body.evictable,
+        labels=body.labels,
     )
     return await _daemon(request).manager.create(caller.tenant, spec)
 
@@ -137,8 +160,12 @@ def _bound_pid(request: Request, pid: int | None) -> int | None:
         return pid
     translated = pid_in_daemon_namespace(pid, peer[0])
     if translated is None:
-        raise Refused(422, "invalid_request", f"pid {pid} is not a live process.",
-                      {"fields": {"pid": "not a live process"}})
+        raise Refused(
+            422,
+            "invalid_request",
+            f"pid {pid} is not a live process.",
+            {"fields": {"pid": "not a live process"}},
+        )
     return translated
 
 
@@ -167,8 +194,9 @@ async def get_lease(request: Request, lease_id: str, caller: Reader) -> Response
 
 
 @router.post("/v1/leases/{lease_id}/renew", response_model=models.LeaseOut, responses=ERRORS, tags=["leases"])
-async def renew_lease(request: Request, lease_id: str, caller: Writer,
-                      body: Annotated[models.RenewRequest, Body()] = None) -> Response:  # type: ignore[assignment]
+async def renew_lease(
+    request: Request, lease_id: str, caller: Writer, body: Annotated[models.RenewRequest, Body()] = None
+) -> Response:  # type: ignore[assignment]
     """Push the expiry to now + ttl_seconds (default: the lease's own TTL)."""
     daemon = _daemon(request)
     lease = _visible_lease(daemon, caller, lease_id)
@@ -212,19 +240,37 @@ async def usage(request: Request, caller: Reader) -> Response:
     daemon = _daemon(request)
     active = daemon.manager.active
     only = None if caller.sees_all() else caller.name
-    tenants = sorted(active.tenant_totals.items() if only is None else
-                     [(only, active.tenant_totals[only])] if only in active.tenant_totals else [])
+    tenants = sorted(
+        active.tenant_totals.items()
+        if only is None
+        else [(only, active.tenant_totals[only])]
+        if only in active.tenant_totals
+        else []
+    )
     trash = daemon.trash
-    return _json({
-        "generated_at": models.timestamp(time.time()),
-        "pools": daemon.manager.pool_rows(),
-        "tenants": [{"tenant": name, "active_leases": t.active_leases, "bytes": t.bytes,
-                     "reserved_bytes": t.reserved_bytes} for name, t in tenants],
-        "largest_leases": [models.lease_json(lease) for lease in active.largest(LARGEST_LEASES, only)],
-        "reclaim": {"pending": trash.pending, "pending_bytes": trash.pending_bytes,
-                    "reclaimed_total": trash.reclaimed_total, "reclaimed_bytes_total": trash.reclaimed_bytes_total,
-                    "by_reason": dict(trash.by_reason)},
-    })
+    return _json(
+        {
+            "generated_at": models.timestamp(time.time()),
+            "pools": daemon.manager.pool_rows(),
+            "tenants": [
+                {
+                    "tenant": name,
+                    "active_leases": t.active_leases,
+                    "bytes": t.bytes,
+                    "reserved_bytes": t.reserved_bytes,
+                }
+                for name, t in tenants
+            ],
+            "largest_leases": [models.lease_json(lease) for lease in active.largest(LARGEST_LEASES, only)],
+            "reclaim": {
+                "pending": trash.pending,
+                "pending_bytes": trash.pending_bytes,
+                "reclaimed_total": trash.reclaimed_total,
+                "reclaimed_bytes_total": trash.reclaimed_bytes_total,
+                "by_reason": dict(trash.by_reason),
+            },
+        }
+    )
 
 
 @router.get("/v1/events", response_model=models.EventList, responses=ERRORS, tags=["events"])
@@ -233,21 +279,42 @@ async def events(
     caller: Reader,
     since: Annotated[int, Query(ge=0, le=models.MAX_INTEGER, description="exclusive: the last seq seen")] = 0,
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
-    order: Annotated[Literal["asc", "desc"], Query(description="desc: newest first, so with limit the last N")] = "asc",
-    before: Annotated[int | None, Query(ge=1, le=models.MAX_INTEGER,
-                                        description="exclusive: with order=desc, the oldest seq seen")] = None,
+    order: Annotated[
+        Literal["asc", "desc"], Query(description="desc: newest first, so with limit the last N")
+    ] = "asc",
+    before: Annotated[
+        int | None,
+        Query(ge=1, le=models.MAX_INTEGER, description="exclusive: with order=desc, the oldest seq seen"),
+    ] = None,
 ) -> Response:
     """The event log after ``since``: a follower polls with the last seq it saw.
 
     A tenant's page holds ``limit`` of its own events, however many others' came between.
     """
-    found = _daemon(request).store.events(since, limit, before=before, newest_first=order == "desc",
-                                          tenant=None if caller.sees_all() else caller.name)
-    return _json({"events": [
-        {"seq": e.seq, "at": models.timestamp(e.at), "kind": e.kind, "lease_id": e.lease_id, "pool": e.pool,
-         "tenant": e.tenant, "reason": e.reason, "details": e.details}
-        for e in found
-    ]})
+    found = _daemon(request).store.events(
+        since,
+        limit,
+        before=before,
+        newest_first=order == "desc",
+        tenant=None if caller.sees_all() else caller.name,
+    )
+    return _json(
+        {
+            "events": [
+                {
+                    "seq": e.seq,
+                    "at": models.timestamp(e.at),
+                    "kind": e.kind,
+                    "lease_id": e.lease_id,
+                    "pool": e.pool,
+                    "tenant": e.tenant,
+                    "reason": e.reason,
+                    "details": e.details,
+                }
+                for e in found
+            ]
+        }
+    )
 
 
 # -- health ---------------------------------------------------------------------------------------
@@ -264,10 +331,11 @@ async def healthz() -> Response:
     return _json({"status": "ok"})
 
 
-@router.get("/readyz", response_model=models.Status, responses={503: {"model": models.Status}}, tags=["health"])
+@router.get(
+    "/readyz", response_model=models.Status, responses={503: {"model": models.Status}}, tags=["health"]
+)
 async def readyz(request: Request) -> Response:
     """Ready = state store open and at least one pool ``ok``."""
     daemon = _daemon(request)
     ok = daemon.ready and any(p.state.value == "ok" for p in daemon.pools.statuses())
     return _json({"status": "ready" if ok else "not_ready"}, 200 if ok else 503)
-

@@ -47,7 +47,16 @@ from dataclasses import dataclass, field
 
 from scratchd.mounts import Mount, mounts_under, read_mounts
 from scratchd.scan import scan_tree
-from scratchd.walk import HANDLE_FLAGS, PACE_EVERY, DirStack, DirStat, ForeignMount, Frame, TreeChanged, mount_id
+from scratchd.walk import (
+    HANDLE_FLAGS,
+    PACE_EVERY,
+    DirStack,
+    DirStat,
+    ForeignMount,
+    Frame,
+    TreeChanged,
+    mount_id,
+)
 
 # Error lines kept in a result; a tree of a million immutable files says so in one more line.
 MAX_ERRORS = 100
@@ -75,7 +84,10 @@ class DeleteResult:
 
 
 def delete_tree(
-    path: str, pace: Callable[[int], None] | None = None, *, count_bytes: bool = True,
+    path: str,
+    pace: Callable[[int], None] | None = None,
+    *,
+    count_bytes: bool = True,
     mounts: list[Mount] | None = None,
 ) -> DeleteResult:
     """Delete ``path`` and everything below it on its mount; call again to resume after any interruption.
@@ -120,8 +132,9 @@ class _HandOff(Exception):
 
 
 class _Deleter:
-    def __init__(self, path: str, pace: Callable[[int], None] | None, count_bytes: bool,
-                 mounts: list[Mount] | None) -> None:
+    def __init__(
+        self, path: str, pace: Callable[[int], None] | None, count_bytes: bool, mounts: list[Mount] | None
+    ) -> None:
         self.path = path
         # Without a caller's pace, the walk's own pace hands big trees to rm.
         self.pace = pace or self.hand_off
@@ -196,9 +209,15 @@ class _Deleter:
         try:
             if self.count_bytes:
                 self.result.bytes += _allocated_below(self.path, tree.current.stat)
-            subprocess.run([RM, "-rf", "--one-file-system", "--", f"/proc/self/fd/{top}/"], pass_fds=(top,),
-                           stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                           preexec_fn=functools.partial(_die_with, os.getpid()), check=False)
+            subprocess.run(
+                [RM, "-rf", "--one-file-system", "--", f"/proc/self/fd/{top}/"],
+                pass_fds=(top,),
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+                preexec_fn=functools.partial(_die_with, os.getpid()),
+                check=False,
+            )
         except (OSError, subprocess.SubprocessError):
             pass  # the walk does it all
         finally:
@@ -362,7 +381,9 @@ class _Deleter:
 
     def error(self, where: str, what: str, exc: OSError | None = None) -> None:
         if len(self.result.errors) < MAX_ERRORS:
-            self.result.errors.append(f"{where}: {what}: {exc.strerror or exc}" if exc else f"{where}: {what}")
+            self.result.errors.append(
+                f"{where}: {what}: {exc.strerror or exc}" if exc else f"{where}: {what}"
+            )
         else:
             self.dropped_errors += 1
 
@@ -371,7 +392,9 @@ class _Deleter:
 def _is_gnu_rm(path: str) -> bool:
     """Whether ``path`` is GNU coreutils' rm, the one whose traversal the module docstring describes."""
     try:
-        version = subprocess.run([path, "--version"], stdin=subprocess.DEVNULL, capture_output=True, check=False)
+        version = subprocess.run(
+            [path, "--version"], stdin=subprocess.DEVNULL, capture_output=True, check=False
+        )
     except OSError:
         return False
     return b"(GNU coreutils)" in version.stdout.partition(b"\n")[0]

@@ -37,9 +37,18 @@ class Collector:
     the cycle only checks the disk for the pools it does not.
     """
 
-    def __init__(self, manager: LeaseManager, pools: PoolSet, trash: Trash, store: Store, *,
-                 gc: Callable[[], GcConfig], refresh_pools: Callable[[], None], watching: Callable[[str], bool],
-                 clock: Callable[[], float]) -> None:
+    def __init__(
+        self,
+        manager: LeaseManager,
+        pools: PoolSet,
+        trash: Trash,
+        store: Store,
+        *,
+        gc: Callable[[], GcConfig],
+        refresh_pools: Callable[[], None],
+        watching: Callable[[str], bool],
+        clock: Callable[[], float],
+    ) -> None:
         self._manager = manager
         self._pools = pools
         self._trash = trash
@@ -56,7 +65,7 @@ class Collector:
             await asyncio.sleep(self._gc().interval)
             try:
                 self.collect()
-            except Exception:  # noqa: BLE001 - one bad cycle must not stop collection
+            except Exception:
                 log.exception("gc cycle failed")
 
     def collect(self) -> None:
@@ -64,8 +73,9 @@ class Collector:
         now = self._clock()
         self._refresh_pools()
         pools = {status.name: status for status in self._pools.statuses()}
-        for ending in policy.decide(list(self._manager.active.values()), pools, now,
-                                    self._trash.pending_bytes_by_pool):
+        for ending in policy.decide(
+            list(self._manager.active.values()), pools, now, self._trash.pending_bytes_by_pool
+        ):
             lease = self._manager.active.get(ending.lease_id)
             if lease is not None:
                 self._try_end(lease, ending.reason, **ending.details)
@@ -88,8 +98,10 @@ class Collector:
         try:
             self._manager.end(lease, reason, **details)
         except Refused as exc:
-            log.warning("cannot end lease yet", extra={"lease": lease.id, "reason": reason.value,
-                                                        "error": exc.message})
+            log.warning(
+                "cannot end lease yet",
+                extra={"lease": lease.id, "reason": reason.value, "error": exc.message},
+            )
 
     def _review_orphans(self, now: float) -> None:
         """Reclaim pool entries without an active lease once ``gc.orphan_grace`` has passed.
@@ -117,16 +129,21 @@ class Collector:
                 try:
                     trashed = move_to_trash(pool.path, name)
                 except OSError as exc:
-                    log.warning("cannot reclaim orphan", extra={"pool": pool.name, "entry": name,
-                                                                "error": exc.strerror})
+                    log.warning(
+                        "cannot reclaim orphan",
+                        extra={"pool": pool.name, "entry": name, "error": exc.strerror},
+                    )
                     continue
                 cleared.append((pool.name, name))
                 if trashed is None:
                     continue
                 self._trash.add(TrashItem(trashed, pool.name, None, None, 0))
                 log.info("orphan reclaimed", extra={"pool": pool.name, "entry": name})
-                events.append(NewEvent("orphan_reclaimed", pool=pool.name,
-                                       details={"entry": name, "first_seen": mine[name]}))
+                events.append(
+                    NewEvent(
+                        "orphan_reclaimed", pool=pool.name, details={"entry": name, "first_seen": mine[name]}
+                    )
+                )
         if seen or cleared or events:
             try:
                 self._store.record_orphans(seen, cleared)

@@ -57,7 +57,7 @@ def parse(buffer: bytes) -> list[Event]:
     while offset + size <= end:
         wd, mask, cookie, length = _HEADER.unpack_from(buffer, offset)
         offset += size
-        name = buffer[offset:offset + length].split(b"\0", 1)[0]  # NUL-padded to alignment
+        name = buffer[offset : offset + length].split(b"\0", 1)[0]  # NUL-padded to alignment
         offset += length
         events.append(Event(wd, mask, cookie, name))
     return events

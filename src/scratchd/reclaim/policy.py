@@ -33,11 +33,15 @@ def lease_ending(lease: Lease, pool: PoolStatus | None, now: float) -> Ending | 
     if pool is not None and pool.reason is PoolReason.LOCKED:
         return None
     if pool is not None and pool.state is PoolState.UNAVAILABLE:
-        return Ending(lease.id, EndReason.POOL_LOST, {"pool_reason": pool.reason, "pool_message": pool.message})
+        return Ending(
+            lease.id, EndReason.POOL_LOST, {"pool_reason": pool.reason, "pool_message": pool.message}
+        )
     if now >= lease.expires_at:
         return Ending(lease.id, EndReason.EXPIRED)
     if lease.max_bytes is not None and lease.usage.bytes > lease.max_bytes:
-        return Ending(lease.id, EndReason.OVER_QUOTA, {"bytes": lease.usage.bytes, "max_bytes": lease.max_bytes})
+        return Ending(
+            lease.id, EndReason.OVER_QUOTA, {"bytes": lease.usage.bytes, "max_bytes": lease.max_bytes}
+        )
     if lease.idle_timeout_seconds is not None:
         last = lease.last_activity_at if lease.last_activity_at is not None else lease.created_at
         if now - last >= lease.idle_timeout_seconds:
@@ -63,14 +67,23 @@ def evictions(pool: PoolStatus, leases: Iterable[Lease], freed: int = 0) -> list
     for lease in candidates:
         if shortfall <= 0:
             break
-        chosen.append(Ending(lease.id, EndReason.EVICTED, {"pool_free_bytes": pool.free_bytes,
-                                                            "pool_reserve_bytes": pool.reserve_bytes}))
+        chosen.append(
+            Ending(
+                lease.id,
+                EndReason.EVICTED,
+                {"pool_free_bytes": pool.free_bytes, "pool_reserve_bytes": pool.reserve_bytes},
+            )
+        )
         shortfall -= lease.usage.bytes
     return chosen
 
 
-def decide(leases: Iterable[Lease], pools: Mapping[str, PoolStatus], now: float,
-           reclaiming: Mapping[str, int] | None = None) -> list[Ending]:
+def decide(
+    leases: Iterable[Lease],
+    pools: Mapping[str, PoolStatus],
+    now: float,
+    reclaiming: Mapping[str, int] | None = None,
+) -> list[Ending]:
     """Every ending due now: each lease's own signals first, then evictions per pool.
 
     ``reclaiming``: bytes per pool still in its trash. They are free in a moment, so an
@@ -84,7 +97,8 @@ def decide(leases: Iterable[Lease], pools: Mapping[str, PoolStatus], now: float,
     remaining = [lease for lease in leases if lease.id not in ending_ids]
     for pool in pools.values():
         freed = reclaiming.get(pool.name, 0) + sum(
-            l.usage.bytes for l in leases if l.id in ending_ids and l.pool == pool.name)
+            l.usage.bytes for l in leases if l.id in ending_ids and l.pool == pool.name
+        )
         endings.extend(evictions(pool, remaining, freed))
     return endings
 
@@ -96,8 +110,9 @@ class OrphanReview:
     cleared: list[str]  # sightings no longer orphans (a lease took the name, or it vanished)
 
 
-def review_orphans(entries: Iterable[str], leased: set[str], sightings: Mapping[str, float], now: float,
-                   grace: float) -> OrphanReview:
+def review_orphans(
+    entries: Iterable[str], leased: set[str], sightings: Mapping[str, float], now: float, grace: float
+) -> OrphanReview:
     """Entries of one pool without an active lease, judged against when each was first seen.
 
     Grace counts from the first sighting (kept across restarts), not from start-up, so

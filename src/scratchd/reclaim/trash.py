@@ -114,7 +114,8 @@ class Trash:
             batch = self._busy = [self._queue.popleft() for _ in range(min(len(self._queue), BATCH))]
             try:
                 results: list[DeleteResult | BaseException] = await loop.run_in_executor(
-                    self._executor, _delete_all, [item.path for item in batch])
+                    self._executor, _delete_all, [item.path for item in batch]
+                )
             except asyncio.CancelledError:
                 self._queue.extendleft(reversed(batch))
                 self._busy = []
@@ -142,8 +143,10 @@ class Trash:
             return  # a mount we may not detach stays where it is; retrying cannot change that
         item.attempts += 1
         delay = min(RETRY_MAX_SECONDS, RETRY_BASE_SECONDS * 2 ** (item.attempts - 1))
-        log.warning("reclaim failed, retrying", extra={"path": item.path, "attempts": item.attempts,
-                                                       "retry_in": delay})
+        log.warning(
+            "reclaim failed, retrying",
+            extra={"path": item.path, "attempts": item.attempts, "retry_in": delay},
+        )
         asyncio.get_running_loop().call_later(delay, self.add, item)
 
 
@@ -157,6 +160,6 @@ def _delete_all(paths: list[str]) -> list[DeleteResult | BaseException]:
     for path in paths:
         try:
             results.append(delete_tree(path, mounts=mounts))
-        except Exception as exc:  # noqa: BLE001 - reported as reclaim_failed, retried
+        except Exception as exc:
             results.append(exc)
     return results

@@ -105,8 +105,10 @@ class PoolWatcher:
         try:
             wd = self._events.instance().add_watch(os.path.realpath(path), _POOL_MASK)
         except OSError as exc:
-            log.warning("cannot watch pool; falling back to periodic checks",
-                        extra={"pool": pool, "error": exc.strerror})
+            log.warning(
+                "cannot watch pool; falling back to periodic checks",
+                extra={"pool": pool, "error": exc.strerror},
+            )
             return False
         self._wd_of[pool] = wd
         self._pools_of.setdefault(wd, set()).add(pool)
@@ -143,13 +145,22 @@ WATCHES_PER_LEASE = 64
 WATCHES_TOTAL = 4096
 # One report per lease per this many seconds, however busy the lease.
 ACTIVITY_DEBOUNCE_SECONDS = 0.5
-_ACTIVITY_MASK = (IN_MODIFY | IN_CLOSE_WRITE | IN_CREATE | IN_DELETE | IN_MOVED_FROM | IN_MOVED_TO | IN_ATTRIB
-                  | IN_DONT_FOLLOW | IN_ONLYDIR)
+_ACTIVITY_MASK = (
+    IN_MODIFY
+    | IN_CLOSE_WRITE
+    | IN_CREATE
+    | IN_DELETE
+    | IN_MOVED_FROM
+    | IN_MOVED_TO
+    | IN_ATTRIB
+    | IN_DONT_FOLLOW
+    | IN_ONLYDIR
+)
 _NEW_DIRECTORY = IN_CREATE | IN_MOVED_TO
 
 
 class _Lease:
-    __slots__ = ("id", "wds", "last_report")
+    __slots__ = ("id", "last_report", "wds")
 
     def __init__(self, lease_id: str) -> None:
         self.id = lease_id
@@ -203,8 +214,10 @@ class ActivityWatch:
         if self.watches >= WATCHES_TOTAL:
             if not self._spent:
                 self._spent = True
-                log.warning("activity watch budget spent: more leases are measured by the periodic scan alone",
-                            extra={"watches": self.watches})
+                log.warning(
+                    "activity watch budget spent: more leases are measured by the periodic scan alone",
+                    extra={"watches": self.watches},
+                )
             return
         try:
             wd = self._events.instance().add_watch(path, _ACTIVITY_MASK)
