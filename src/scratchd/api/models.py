@@ -20,6 +20,7 @@ MAX_LABELS = 32
 LABEL_KEY = re.compile(r"[a-z0-9][a-z0-9_./-]{0,62}")
 _UNPRINTABLE = re.compile("[\x00-\x1f\x7f-\x9f\ud800-\udfff]")
 MAX_PATH = 4096
+TENANT_NAME = r"^[A-Za-z0-9][A-Za-z0-9._:@-]{0,63}$"
 # The largest integer a request carries (8 PiB as bytes): the largest a double holds exactly.
 # JSON's numbers are doubles to many parsers and to JSON Schema tools: above this, values past
 # the maximum compare equal to it, and a client could not tell its limit from the schema.
@@ -93,6 +94,10 @@ class LeaseRequest(_Request):
     evictable: bool = False
     labels: Annotated[dict[str, str], AfterValidator(_labels)] = Field(
         default_factory=dict, json_schema_extra=_LABELS
+    )
+    tenant: Annotated[str, Field(pattern=TENANT_NAME)] | None = Field(
+        default=None,
+        description="Lease on behalf of this tenant (admins only: a broker such as the CSI plugin).",
     )
 
 

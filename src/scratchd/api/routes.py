@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
+import os
 import re
 import time
 from collections.abc import Callable, Coroutine
@@ -122,14 +124,13 @@ async def create_lease(
 
 async def start_lease(request: Request, caller: Caller, body: models.LeaseRequest) -> Lease:
     """``POST /v1/leases`` once the caller and the body are known (shared with ``api.hotpath``)."""
-    if caller.tenant is None:
-        raise Refused(403, "forbidden", "Only a tenant can hold leases; use a tenant's socket or token.")
+    tenant = _lease_holder(caller, body.tenant)
     limiter: RateLimiter = request.app.state.create_rate  # replaced when a reload changes the rate
-    if wait := limiter.take(caller.tenant.name):
+    if wait := limiter.take(tenant.name):
         raise Refused(
             429,
             "quota_exceeded",
-            f"Tenant {caller.tenant.name} creates leases too fast; retry shortly.",
+            f"Tenant {tenant.name} creates leases too fast; retry shortly.",
             {
                 "limit": "create_rate",
                 "burst": limiter.burst,
@@ -150,7 +151,26 @@ async def start_lease(request: Request, caller: Caller, body: models.LeaseReques
         evictable=body.evictable,
         labels=body.labels,
     )
-    return await _daemon(request).manager.create(caller.tenant, spec)
+    return await _daemon(request).manager.create(tenant, spec)
+
+
+def _lease_holder(caller: Caller, named: str | None) -> Tenant:
+    """Whom the lease is for: the caller, or the tenant an admin names (a broker such as the CSI plugin).
+
+    A named tenant may have no Unix user: its directory is owned by the admin's Unix ids
+    (the daemon's, for a token), and the broker hands it on (docs/api.md, "On behalf of a tenant").
+    """
+    if named is not None:
+        if caller.role is not Role.ADMIN:
+            raise Refused(
+                403, "forbidden", "Only an admin may lease on behalf of a tenant.", {"tenant": named}
+            )
+        if caller.tenant is None:
+            return Tenant(name=named, uid=os.geteuid(), gid=os.getegid())
+        return dataclasses.replace(caller.tenant, name=named)
+    if caller.tenant is None:
+        raise Refused(403, "forbidden", "Only a tenant can hold leases; use a tenant's socket or token.")
+    return caller.tenant
 
 
 def _bound_pid(request: Request, pid: int | None) -> int | None:
