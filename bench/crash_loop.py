@@ -59,14 +59,17 @@ def check_after_restart(client: Client, books: soak.Books, everything: soak.Book
     """Guarantees 1-3 as the restarted daemon sees them, before any GC cycle could hide a loss."""
     problems = []
     for lease in client.list_leases()["leases"]:
-        if not os.path.isdir(lease["path"]):
-            # A short lease may expire between the listing and the look: then it has ended.
-            if client.get_lease(lease["id"])["state"] != "ended":
-                problems.append(f"active lease {lease['id']} has no directory after restart (guarantee 2)")
+        # A short lease may expire between the listing and the look: then it has ended.
+        if not os.path.isdir(lease["path"]) and client.get_lease(lease["id"])["state"] != "ended":
+            problems.append(f"active lease {lease['id']} has no directory after restart (guarantee 2)")
         facts = everything.leases.get(lease["id"])
-        if facts and facts.marked and not soak._marker_ok(lease["path"], lease["id"]):
-            if client.get_lease(lease["id"])["state"] == "active":
-                problems.append(f"active lease {lease['id']} lost its marker after restart (guarantee 2)")
+        if (
+            facts
+            and facts.marked
+            and not soak._marker_ok(lease["path"], lease["id"])
+            and client.get_lease(lease["id"])["state"] == "active"
+        ):
+            problems.append(f"active lease {lease['id']} lost its marker after restart (guarantee 2)")
     for lease_id, facts in books.leases.items():
         try:
             record = client.get_lease(lease_id)
@@ -103,12 +106,15 @@ def check_settled(
         problems += soak.leak_report(client, pool_path)
     for lease in client.list_leases()["leases"]:
         facts = everything.leases.get(lease["id"])
-        if facts and facts.marked and not soak._marker_ok(lease["path"], lease["id"]):
-            if client.get_lease(lease["id"])["state"] == "active":
-                problems.append(
-                    f"active lease {lease['id']} lost its directory or marker after orphan "
-                    f"review (guarantee 2)"
-                )
+        if (
+            facts
+            and facts.marked
+            and not soak._marker_ok(lease["path"], lease["id"])
+            and client.get_lease(lease["id"])["state"] == "active"
+        ):
+            problems.append(
+                f"active lease {lease['id']} lost its directory or marker after orphan review (guarantee 2)"
+            )
     if not wait_until(lambda: not soak.trash_report(client, pool_path), 30, interval=0.05):
         problems += soak.trash_report(client, pool_path)
     return problems
@@ -174,7 +180,9 @@ def main() -> None:
                 )
                 all_journals += journals
                 problems: list[str] = []
-                if not wait_until(lambda: len(soak.pool_entries(daemon.pool_path)) > before + 3, 15):
+                if not wait_until(
+                    lambda before=before: len(soak.pool_entries(daemon.pool_path)) > before + 3, 15
+                ):
                     problems.append("no churn within 15 s")
                 delay = rng.uniform(0, MAX_DELAY)
                 time.sleep(delay)  # the random moment, on purpose

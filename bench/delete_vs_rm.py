@@ -12,6 +12,7 @@ on a busy machine the best rounds are the ones least disturbed.
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import shutil
 import statistics
@@ -88,7 +89,7 @@ def main() -> None:
                 dirs = build_tree(tree, args.files, args.per_dir)
             os.sync()
             for name in names:
-                times[name].append(timed(lambda: contenders[name](trees[name])))
+                times[name].append(timed(functools.partial(contenders[name], trees[name])))
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
@@ -98,7 +99,7 @@ def main() -> None:
     baseline = times["rm -rf"]
     for name, runs in times.items():
         best = min(runs)
-        median_ratio = statistics.median(b / t for b, t in zip(baseline, runs))
+        median_ratio = statistics.median(b / t for b, t in zip(baseline, runs, strict=True))
         print(
             f"  {name:32} {best:7.3f} s {args.files / best:11,.0f} files/s"
             f"  {min(baseline) / best:5.2f}x rm (median of the rounds' ratios {median_ratio:.2f}x)"

@@ -151,11 +151,11 @@ def wait_healthy(socket: str, daemon: subprocess.Popen[bytes], log: Path, timeou
             with Client(socket=socket, timeout=2) as client:
                 client.health()
             return
-        except DaemonUnreachable:
+        except DaemonUnreachable as exc:
             if time.monotonic() > deadline:
                 raise SystemExit(
                     f"the daemon did not answer within {timeout}s:\n{log.read_text(errors='replace')}"
-                )
+                ) from exc
             time.sleep(0.05)
 
 

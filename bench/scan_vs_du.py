@@ -105,8 +105,8 @@ def main() -> None:
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
-    median_ratio = statistics.median(scan / du for scan, du in zip(scan_times, du_times))
-    cpu_ratio = statistics.median(scan / du for scan, du in zip(scan_cpus, du_cpus))
+    median_ratio = statistics.median(scan / du for scan, du in zip(scan_times, du_times, strict=True))
+    cpu_ratio = statistics.median(scan / du for scan, du in zip(scan_cpus, du_cpus, strict=True))
     caches = "cold" if args.cold else "warm"
     print(
         f"{args.files} files in {dirs} directories under {args.dir} ({fstype}), {caches} caches, best of {args.rounds} rounds"

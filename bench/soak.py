@@ -31,6 +31,8 @@ reuses the churn and the checks under kill -9.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import itertools
 import json
 import multiprocessing as mp
 import multiprocessing.connection
@@ -325,10 +327,8 @@ class Churner:
     def short_ttl(self) -> None:
         lease = self.client.create_lease(ttl_seconds=self.rng.choice(SHORT_TTLS), labels={"soak": "short"})
         self.created(lease, "short")
-        try:
+        with contextlib.suppress(FileNotFoundError, NotADirectoryError):  # it may have expired already
             self.files(lease["path"])
-        except (FileNotFoundError, NotADirectoryError):
-            pass  # it may have expired already
 
     def pid_bound(self) -> None:
         child = subprocess.Popen(["sleep", "600"], stdin=subprocess.DEVNULL)
@@ -540,10 +540,8 @@ def sample(client: Client, pid: int, t: float) -> Sample:
     usage = client.usage()
     workers = 0.0
     for child in children_of(pid):
-        try:
+        with contextlib.suppress(OSError):
             workers += rss_mb(child)
-        except OSError:
-            pass
     return Sample(
         t=t,
         rss_mb=rss_mb(pid),
@@ -709,7 +707,7 @@ def check_events(
     events = all_events(client)
     active_after = active_ids(client)
     seqs = [e["seq"] for e in events]
-    for before, after in zip(seqs, seqs[1:]):
+    for before, after in itertools.pairwise(seqs):
         if after != before + 1:
             problems.append(
                 f"event seq {'not increasing' if after <= before else 'gap'}: {before} -> {after}"
@@ -756,9 +754,13 @@ def check_events(
         reason = ends[0]["reason"] if ends else None
         if reason is not None and os.path.lexists(facts.path):
             fail("ended lease's path exists (guarantee 3)", f"{lease_id} ({reason})")
-        if reason is None and facts.marked and not _marker_ok(facts.path, lease_id):
-            if client.get_lease(lease_id)["state"] == "active":  # not just expired meanwhile
-                fail("active lease lost its directory or marker (guarantee 2)", lease_id)
+        if (
+            reason is None
+            and facts.marked
+            and not _marker_ok(facts.path, lease_id)
+            and client.get_lease(lease_id)["state"] == "active"  # not just expired meanwhile
+        ):
+            fail("active lease lost its directory or marker (guarantee 2)", lease_id)
         allowed = _allowed_ends(facts, exact)
         if reason not in allowed:
             fail(

@@ -94,11 +94,10 @@ class Daemon:
         return [sys.executable, "-m", "scratchd", "serve", "--config", str(self.config_path), *level]
 
     def start(self, wait_ready: bool = True) -> Daemon:
-        log = open(self.log_path, "ab")
-        self.process = subprocess.Popen(
-            self.command(), stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL
-        )
-        log.close()
+        with open(self.log_path, "ab") as log:
+            self.process = subprocess.Popen(
+                self.command(), stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL
+            )
         if wait_ready:
             wait_for(self._ready_or_dead, timeout=20, what=f"daemon ready (log: {self.log_path})")
             if self.process.poll() is not None:

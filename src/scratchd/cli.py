@@ -12,7 +12,7 @@ import os
 import sys
 from types import SimpleNamespace  # loaded already: enum, which re imports, uses it
 
-from scratchd.client import Client, DaemonUnreachable, Renewer, ScratchdError
+from scratchd.client import KEEPS, Client, DaemonUnreachable, Renewer, ScratchdError, keeps
 from scratchd.units import UnitError, format_duration, format_size, parse_duration, parse_size
 
 TYPE_CHECKING = False  # `import typing` costs 4 ms, `collections.abc` 0.2 ms
@@ -378,6 +378,19 @@ def _env(text: str) -> tuple[str, str]:
     return var, subdir.strip("/")
 
 
+_KEY_CHARACTERS = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789._:@+=/-")
+MAX_CACHE_KEY = 128
+
+
+def _cache_key(text: str) -> str:
+    """A cache key or fallback prefix, checked here so that a typo is exit 2, not the daemon's 422."""
+    if not 0 < len(text) <= MAX_CACHE_KEY or not text[0].isascii() or not text[0].isalnum():
+        raise _invalid(f"expected 1-{MAX_CACHE_KEY} characters starting with a letter or digit, got {text!r}")
+    if not set(text) <= _KEY_CHARACTERS:
+        raise _invalid(f"only letters, digits and . _ : @ + = / - may be in a cache key, got {text!r}")
+    return text
+
+
 def _option(*flags: str, **spec: object) -> Option:
     """An ``add_argument`` call as data, for argparse and ``_quick_parse`` alike."""
     return flags, spec
@@ -400,6 +413,19 @@ PLACEMENT_OPTIONS = (
     _option("--evictable", action="store_true", help="may be reclaimed under disk pressure"),
     _option("--label", metavar="K=V", type=_label, action="append", help="repeatable"),
     _option("--tool", metavar="T", type=_tool, action="append", help="tool preset, repeatable"),
+    _option(
+        "--cache-key",
+        metavar="K",
+        type=_cache_key,
+        help="start from your kept cache of key K if there is one; kept under K when released",
+    ),
+    _option(
+        "--cache-fallback",
+        metavar="PREFIX",
+        type=_cache_key,
+        action="append",
+        help="on a miss of --cache-key, the newest kept cache whose key starts with PREFIX; repeatable",
+    ),
 )
 
 RUN_OPTIONS = (
@@ -417,6 +443,12 @@ RUN_OPTIONS = (
         choices=FALLBACKS,
         help="when the daemon is unreachable: fail (exit 3, the default) or local: run the command in a private"
         " directory on --near's mount (else in $TMPDIR), deleted after ($SCRATCHD_FALLBACK)",
+    ),
+    _option(
+        "--keep",
+        metavar="WHEN",
+        choices=KEEPS,
+        help="keep the --cache-key cache: success (the default: when CMD exits 0), always or never",
     ),
     _option("--list-tools", action="store_true", help="print the tool presets and exit"),
     _option("-v", "--verbose", action="store_true", help="say what is set and what is left alone"),
@@ -525,6 +557,8 @@ def _completion_options(parser: argparse.ArgumentParser) -> None:
 
 def _lease_request(args: SimpleNamespace) -> dict[str, object]:
     """LeaseRequest fields from the options given; the daemon's defaults for the rest."""
+    if args.cache_fallback and not args.cache_key:
+        raise UsageError("--cache-fallback is where to start on a miss of --cache-key: give --cache-key too")
     fields = {
         "near": os.path.abspath(args.near) if args.near else _cwd(),
         "pool": args.pool,
@@ -535,6 +569,8 @@ def _lease_request(args: SimpleNamespace) -> dict[str, object]:
         "expected_bytes": args.expect,
         "evictable": args.evictable or None,
         "labels": dict(args.label) if args.label else None,
+        "cache_key": args.cache_key,
+        "cache_fallback": args.cache_fallback,
     }
     return {name: value for name, value in fields.items() if value is not None}
 
@@ -558,7 +594,7 @@ def cmd_lease(args: SimpleNamespace, client: Client) -> int:
     try:
         env = _lease_env(lease, args.tool or (), (), verbose=False)
     except OSError:
-        client.release(lease["id"])
+        _release(client, lease, succeeded=False)
         raise
     if args.json:
         _print_json(lease)
@@ -582,6 +618,8 @@ def cmd_run(args: SimpleNamespace, client: Client) -> int:
     fallback = args.fallback or os.environ.get("SCRATCHD_FALLBACK") or "fail"
     if fallback not in FALLBACKS:
         raise UsageError(f"SCRATCHD_FALLBACK must be one of {', '.join(FALLBACKS)}, not {fallback!r}")
+    if args.keep and not args.cache_key:
+        raise UsageError(f"--keep {args.keep} is about the lease's cache: give --cache-key too")
     request = _lease_request(args)
     try:
         lease = client.create_lease(**request, pid=os.getpid())
@@ -589,22 +627,45 @@ def cmd_run(args: SimpleNamespace, client: Client) -> int:
         if fallback == "fail":
             raise
         return _run_local(command, args, request.get("near"), error)
+    if args.verbose and lease.get("cache"):
+        _say(_warmth(lease["cache"]))
     try:
         env = _lease_env(lease, args.tool or (), args.env or (), verbose=args.verbose)
         renewer = Renewer(client, lease["id"], lease["ttl_seconds"], on_error=_renew_failed)
         status, ended = _run_child(command, {**os.environ, **env}, renewer)
     except BaseException:
-        client.release(lease["id"])
+        _release(client, lease, succeeded=False)
         raise
     if ended:
         return EXIT_LEASE_ENDED
     try:
-        client.release(lease["id"])
+        released = _release(client, lease, succeeded=status == 0, keep=args.keep or "success")
     except ScratchdError as error:
         # The command ran: its status is the answer. The daemon ends the lease
-        # anyway once this process exits (it is bound to our pid).
+        # anyway once this process exits (it is bound to our pid), and keeps nothing then.
         _say(f"could not release lease {lease['id']}: {error.message}")
+        return status
+    if args.verbose and lease.get("cache"):
+        kept = (released.get("cache") or {}).get("kept_id")
+        why = f"--keep {args.keep or 'success'}, exit status {status}"
+        _say(f"kept as cache {kept} of key {lease['cache']['key']}" if kept else f"cache not kept ({why})")
     return status
+
+
+def _release(client: Client, lease: Mapping[str, Any], *, succeeded: bool, keep: str = "success") -> dict:
+    """Release ``lease``; one with a cache key is kept as ``keep`` says for a job that ``succeeded`` or not."""
+    if not lease.get("cache"):
+        return client.release(lease["id"])
+    return client.release(lease["id"], keep=keeps(keep, succeeded))
+
+
+def _warmth(cache: Mapping[str, Any]) -> str:
+    """Whether a lease started warm: from which kept cache, of which key; or cold."""
+    if cache.get("hit") is None:
+        return f"cold start: no kept cache of key {cache['key']} or its fallbacks"
+    how = "exact" if cache["hit"] == "exact" else f"fallback for {cache['key']}"
+    matched = cache.get("matched_key") or cache["key"]
+    return f"warm start: cache {cache.get('cache_id')} of key {matched} ({how}), kept {_relative(cache.get('kept_at'))}"
 
 
 def _run_local(command: Sequence[str], args: SimpleNamespace, near: object, error: DaemonUnreachable) -> int:
@@ -1189,7 +1250,10 @@ def _table(header: Sequence[str], rows: Iterable[Sequence[str]]) -> None:
                 break  # as narrow as it goes: let the terminal wrap the rest
             widths[widest] -= 1
         folded = [
-            [textwrap.wrap(cell, width, break_on_hyphens=False) or [""] for cell, width in zip(row, widths)]
+            [
+                textwrap.wrap(cell, width, break_on_hyphens=False) or [""]
+                for cell, width in zip(row, widths, strict=True)
+            ]
             for row in table
         ]
     else:
@@ -1197,7 +1261,8 @@ def _table(header: Sequence[str], rows: Iterable[Sequence[str]]) -> None:
     for row in folded:
         for line in range(max(len(cell) for cell in row)):
             parts = [
-                (cell[line] if line < len(cell) else "").ljust(width) for cell, width in zip(row, widths)
+                (cell[line] if line < len(cell) else "").ljust(width)
+                for cell, width in zip(row, widths, strict=True)
             ]
             print("  ".join(parts).rstrip())
 
@@ -1218,7 +1283,10 @@ def _terminal_columns() -> int | None:
 def _columns(rows: Sequence[Sequence[str]]) -> str:
     """Plain aligned columns: for text people copy whole (paths), which a table would fold."""
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]) - 1)]
-    return "\n".join("  ".join([*(cell.ljust(w) for cell, w in zip(row, widths)), row[-1]]) for row in rows)
+    return "\n".join(
+        "  ".join([*(cell.ljust(w) for cell, w in zip(row[:-1], widths, strict=True)), row[-1]])
+        for row in rows
+    )
 
 
 def _labels(labels: object) -> str:

@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import argparse
 from collections.abc import Sequence
-from typing import NamedTuple, Union
+from typing import NamedTuple
 
 FILE, DIRECTORY, LEASE, COMMAND = "file", "directory", "lease", "command"
-Values = Union[str, tuple[str, ...], None]  # a kind above, the words to offer, or None: anything
+Values = str | tuple[str, ...] | None  # a kind above, the words to offer, or None: anything
 
 
 class Option(NamedTuple):

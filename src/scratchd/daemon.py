@@ -7,6 +7,7 @@ deletion, usage scans) goes to worker processes. The GC cycle is ``reclaim.gc``'
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import signal
@@ -225,10 +226,13 @@ class Daemon:
             return
         if lease.id not in self.activity:
             self.activity.bind(lease.id, lease.path)
-        if lease.pid is not None and lease.id not in self.pids:
-            if not self.pids.bind(lease.id, lease.pid, lease.pid_start_time):
-                # Exited between the request's check and now.
-                asyncio.get_running_loop().call_soon(self._process_exited, lease.id)
+        if (
+            lease.pid is not None
+            and lease.id not in self.pids
+            and not self.pids.bind(lease.id, lease.pid, lease.pid_start_time)
+        ):
+            # Exited between the request's check and now.
+            asyncio.get_running_loop().call_soon(self._process_exited, lease.id)
 
     def _activity(self, lease_id: str, at: float) -> None:
         lease = self.manager.active.get(lease_id)
@@ -262,10 +266,8 @@ class Daemon:
         else:
             details = {"path": item.path, "errors": [repr(result)]}
         log.warning("reclaim failed", extra=details)
-        try:
+        with contextlib.suppress(StoreError):
             self.store.append_events(
                 [NewEvent("reclaim_failed", item.lease_id, item.pool, item.tenant, None, details)],
                 self.clock(),
             )
-        except StoreError:
-            pass

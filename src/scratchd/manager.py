@@ -14,6 +14,7 @@ SQLite commit. Tree deletion and usage scans happen elsewhere, off the loop.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import heapq
 import logging
@@ -306,10 +307,8 @@ class LeaseManager:
             # Undo the mkdir so a refused request changes nothing; if even that fails
             # the directory is an orphan and is reclaimed after grace.
             self.active.remove(lease.id)
-            try:
+            with contextlib.suppress(OSError):
                 os.rmdir(path)
-            except OSError:
-                pass
             raise _unavailable(exc) from None
         log.debug(
             "lease started",

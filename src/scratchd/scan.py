@@ -166,7 +166,7 @@ class _Walk:
         *way, name = part
         tree = self.tree
         kept = 0
-        for frame, step in zip(tree.frames[1:], way):
+        for frame, step in zip(tree.frames[1:], way, strict=False):  # the common prefix of the two
             if frame.name != step:
                 break
             kept += 1

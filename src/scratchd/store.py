@@ -32,7 +32,7 @@ import logging
 import sqlite3
 import threading
 from collections.abc import Iterable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -345,10 +345,9 @@ class _Checkpointer:
         if not self._rewind_due:
             return
         self._rewind_due = False
-        try:
+        # On an error the commit stands; the thread asks again after its next pass.
+        with suppress(sqlite3.Error):
             db.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
-        except sqlite3.Error:
-            pass  # the commit stands; the thread asks again after its next pass
 
 
 def migrate(db: sqlite3.Connection) -> None:
@@ -479,7 +478,10 @@ class Store:
 
     def save_usage(self, leases: Iterable[Lease]) -> None:
         """Usage samples are soft state: batched, and losing the last batch costs one rescan."""
-        rows = [(l.usage.bytes, l.usage.files, l.usage.measured_at, l.last_activity_at, l.id) for l in leases]
+        rows = [
+            (lease.usage.bytes, lease.usage.files, lease.usage.measured_at, lease.last_activity_at, lease.id)
+            for lease in leases
+        ]
         sql = "UPDATE leases SET usage_bytes=?, usage_files=?, usage_measured_at=?, last_activity_at=? WHERE id=?"
         with self._transaction() as db:
             db.executemany(sql, rows)

@@ -41,7 +41,7 @@ def parse_duration(value: str | int | float) -> float:
 
 def parse_size(value: str | int) -> int:
     """Bytes in ``value``: ``512M``, ``10G``, ``1.5TiB``; a bare number is bytes."""
-    if isinstance(value, bool) or isinstance(value, float):
+    if isinstance(value, (bool, float)):
         raise UnitError(f"not a size: {value!r}")
     if isinstance(value, int):
         size = value

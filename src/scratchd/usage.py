@@ -6,6 +6,7 @@ The measuring itself is :func:`scratchd.scan.scan_tree`, run in a niced worker p
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import heapq
 import logging
 import math
@@ -140,10 +141,8 @@ class UsageMonitor:
             wait = when - self._clock()
             if wait > 0:
                 self._wakeup.clear()
-                try:
+                with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._wakeup.wait(), timeout=min(wait, FLUSH_SECONDS))
-                except TimeoutError:
-                    pass
                 continue
             heapq.heappop(self._due)
             self._forget(lease_id)

@@ -9,6 +9,7 @@ decides: a bind mount of the same filesystem shares ``st_dev``).
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import errno
 import os
@@ -206,10 +207,9 @@ class DirStack:
         try:
             found = self._on_our_mount(fd, name)
             if self._make_accessible and found.mode & 0o700 != 0o700:
-                try:
+                # Immutable, or not ours: removing its entries will say so.
+                with contextlib.suppress(OSError):
                     os.fchmod(fd, stat.S_IMODE(found.mode) | 0o700)
-                except OSError:
-                    pass  # immutable, or not ours: removing its entries will say so
         except BaseException:
             os.close(fd)
             raise

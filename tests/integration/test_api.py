@@ -46,7 +46,7 @@ def test_create_get_list_renew_release(daemon, tmp_path):
     fetched = daemon.request("GET", f"/v1/leases/{lease['id']}").json()
     assert {**fetched, "usage": None} == {**lease, "usage": None}  # usage may be measured meanwhile
     listed = daemon.request("GET", "/v1/leases").json()["leases"]
-    assert [l["id"] for l in listed] == [lease["id"]]
+    assert [entry["id"] for entry in listed] == [lease["id"]]
     assert daemon.request("GET", "/v1/leases", params={"label": "job=build-1"}).json()["leases"]
     assert not daemon.request("GET", "/v1/leases", params={"label": "job=other"}).json()["leases"]
     assert not daemon.request("GET", "/v1/leases", params={"pool": "elsewhere"}).json()["leases"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import os
 import signal
 import socket
@@ -99,7 +100,7 @@ def test_event_paging_is_gap_free_across_restarts(daemon):
     after = page_all(before[-1]["seq"])
     everything = daemon.request("GET", "/v1/events", params={"limit": 1000}).json()["events"]
     assert [e["seq"] for e in before + after] == [e["seq"] for e in everything]
-    assert all(b["seq"] > a["seq"] for a, b in zip(everything, everything[1:]))
+    assert all(b["seq"] > a["seq"] for a, b in itertools.pairwise(everything))
     assert after and after[-1]["kind"] == "lease_created"
 
 

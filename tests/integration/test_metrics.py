@@ -218,7 +218,10 @@ def test_tenants_beyond_the_busiest_are_summed_as_other(make_daemon):
         daemon.config["metrics"] = {"tenants": tenants}
         daemon.write_config()
         daemon.process.send_signal(signal.SIGHUP)
-        wait_for(lambda: active() == expected, what=f"[metrics] tenants = {tenants} after the reload")
+        wait_for(
+            lambda expected=expected: active() == expected,
+            what=f"[metrics] tenants = {tenants} after the reload",
+        )
 
 
 @needs_root

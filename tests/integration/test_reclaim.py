@@ -24,7 +24,7 @@ def state_of(daemon, lease_id: str) -> dict:
 
 def wait_ended(daemon, lease_id: str, timeout: float) -> dict:
     return wait_for(
-        lambda: (l := state_of(daemon, lease_id))["state"] == "ended" and l,
+        lambda: (state := state_of(daemon, lease_id))["state"] == "ended" and state,
         timeout=timeout,
         what=f"lease {lease_id} to end",
     )
@@ -158,7 +158,7 @@ def test_over_quota_ends_lease(make_daemon):
         f.write(os.urandom(2 << 20))
     ended = wait_ended(daemon, lease["id"], timeout=10)
     assert ended["end_reason"] == "over_quota"
-    event = [e for e in events(daemon, "lease_ended") if e["lease_id"] == lease["id"]][0]
+    event = next(e for e in events(daemon, "lease_ended") if e["lease_id"] == lease["id"])
     assert event["reason"] == "over_quota" and event["details"]["bytes"] > 1 << 20
 
 
@@ -463,7 +463,7 @@ def test_kill_9_at_random_points_never_loses_an_active_directory(make_daemon):
     for _ in range(12):
         stop = threading.Event()
 
-        def churn() -> None:
+        def churn(stop: threading.Event) -> None:
             try:
                 with daemon.client(timeout=5) as client:
                     while not stop.is_set():
@@ -474,7 +474,7 @@ def test_kill_9_at_random_points_never_loses_an_active_directory(make_daemon):
             except (httpx.HTTPError, KeyError, OSError, ValueError):
                 pass  # the daemon died under us: expected
 
-        worker = threading.Thread(target=churn)
+        worker = threading.Thread(target=churn, args=(stop,))
         worker.start()
         wait_for(lambda: len(os.listdir(daemon.pool_path)) > 3, what="some churn")
         time.sleep(rng.uniform(0, 0.2))  # a random moment, on purpose
@@ -488,7 +488,7 @@ def test_kill_9_at_random_points_never_loses_an_active_directory(make_daemon):
             assert os.path.isdir(lease["path"]) or state_of(daemon, lease["id"])["state"] == "ended", lease
 
     def no_leaks() -> bool:
-        active = {l["id"] for l in daemon.request("GET", "/v1/leases").json()["leases"]}
+        active = {lease["id"] for lease in daemon.request("GET", "/v1/leases").json()["leases"]}
         entries = {n for n in os.listdir(daemon.pool_path) if not n.startswith(".")}
         return entries == active and trash_empty(daemon.pool_path)
 
@@ -499,18 +499,20 @@ def test_kill_9_at_random_points_never_loses_an_active_directory(make_daemon):
 def test_pid_binding_from_another_pid_namespace(make_daemon):
     """``scratchd run`` in a container sends its own pid, numbered in the container's namespace."""
     daemon = make_daemon(gc=SLOW_GC)
+    src = str(Path(__file__).resolve().parents[2] / "src")
     code = (
-        "import json, os, sys; sys.path.insert(0, %r);"
+        f"import json, os, sys; sys.path.insert(0, {src!r});"
         "from scratchd.client import Client;"
-        "lease = Client(socket=%r).create_lease(pid=os.getpid());"
+        f"lease = Client(socket={daemon.socket!r}).create_lease(pid=os.getpid());"
         "print(json.dumps({'lease': lease, 'ns_pid': os.getpid()}), flush=True); sys.stdin.read()"
-    ) % (str(Path(__file__).resolve().parents[2] / "src"), daemon.socket)
+    )
     inner = subprocess.Popen(
         ["unshare", "--pid", "--fork", sys.executable, "-c", code],
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         text=True,
     )
+    assert inner.stdin is not None and inner.stdout is not None
     try:
         import json
 

@@ -232,11 +232,13 @@ def test_every_route_with_every_role(start, alice):
         "anonymous_viewer": lambda: over_tcp(relaxed, None),
     }
     for caller in CALLERS:
-        for route, (status, body) in zip(routes, runs[caller]()):
+        for route, (status, body) in zip(routes, runs[caller](), strict=True):
             got[route].append(answer_class(status, body))
     mismatches = {
         f"{m} {p}": {
-            c: (want, have) for c, want, have in zip(CALLERS, MATRIX[m, p], got[m, p]) if want != have
+            c: (want, have)
+            for c, want, have in zip(CALLERS, MATRIX[m, p], got[m, p], strict=True)
+            if want != have
         }
         for m, p in routes
         if tuple(got[m, p]) != MATRIX[m, p]
@@ -269,13 +271,13 @@ def test_each_tenant_sees_only_its_own_leases(start, alice, bob):
         ],
     )
     (listed, filtered, everything, get, renew, release, usage, events) = answers
-    assert [l["id"] for l in listed[1]["leases"]] == [mine["id"]]
+    assert [lease["id"] for lease in listed[1]["leases"]] == [mine["id"]]
     assert filtered[1]["leases"] == []
-    assert [l["id"] for l in everything[1]["leases"]] == [mine["id"]]
+    assert [lease["id"] for lease in everything[1]["leases"]] == [mine["id"]]
     for status, body in (get, renew, release):
         assert status == 404 and code(body) == "lease_not_found"  # never 403: ids do not leak
     assert [t["tenant"] for t in usage[1]["tenants"]] == [alice.name]
-    assert [l["id"] for l in usage[1]["largest_leases"]] == [mine["id"]]
+    assert [lease["id"] for lease in usage[1]["largest_leases"]] == [mine["id"]]
     assert {e["tenant"] for e in events[1]["events"]} == {alice.name}
     # bob's lease is untouched
     assert daemon.request("GET", other).json()["state"] == "active"
@@ -324,7 +326,7 @@ def test_an_admin_group_member_sees_and_ends_every_lease(start, alice, bob, caro
     listed, released = calls_as(
         carol, daemon.socket, [("GET", "/v1/leases", None), ("DELETE", f"/v1/leases/{leases[0]['id']}", None)]
     )
-    assert {l["id"] for l in listed[1]["leases"]} == {l["id"] for l in [*leases, own]}
+    assert {lease["id"] for lease in listed[1]["leases"]} == {lease["id"] for lease in [*leases, own]}
     assert released[0] == 200 and released[1]["end_reason"] == "released"
     assert not os.path.lexists(leases[0]["path"])
     # and without the group, bob is no admin
@@ -480,7 +482,9 @@ def test_create_rate_limit_holds_back_one_tenant_only(start):
     assert limits.count("max_leases") <= allowed + 1
     if allowed * 1.1 > FLOOD:
         pytest.skip(f"this host sent only {FLOOD / elapsed:.0f} creates/s: too slow to outrun the limit")
-    status, headers, body = next(a for a, limit in zip(answers, limits) if limit == "create_rate")
+    status, headers, body = next(
+        a for a, limit in zip(answers, limits, strict=True) if limit == "create_rate"
+    )
     assert status == 429 and code(json.loads(body)) == "quota_exceeded"
     details = json.loads(body)["error"]["details"]
     assert (details["burst"], details["per_second"]) == (CREATE_BURST, LOW_CREATE_RATE)  # the configured rate
@@ -511,7 +515,7 @@ def test_a_reload_takes_the_new_create_rate(start):
     assert limits.count("max_leases") <= CREATE_BURST + LOW_CREATE_RATE * elapsed + 1
     refused = [
         json.loads(body)["error"]["details"]
-        for (_, _, body), limit in zip(answers, limits)
+        for (_, _, body), limit in zip(answers, limits, strict=True)
         if limit == "create_rate"
     ]
     assert refused and {d["per_second"] for d in refused} == {LOW_CREATE_RATE}

@@ -152,7 +152,7 @@ def test_no_import_cycles():
         state[name] = "open"
         for other in sorted(OWN[name]):
             if state.get(other) == "open":
-                cycles.append(path[path.index(other) :] + [other])
+                cycles.append([*path[path.index(other) :], other])
             elif other not in state:
                 visit(other, [*path, other])
         state[name] = "done"

@@ -1,6 +1,7 @@
 """The SQLite store on a real database file: records with their events, and group commit."""
 
 import asyncio
+import itertools
 import linecache
 import os
 import sqlite3
@@ -76,7 +77,7 @@ def test_a_failed_group_fails_every_waiter_and_commits_nothing(tmp_path):
 
     results = asyncio.run(clash())
     assert all(isinstance(r, StoreError) for r in results)
-    assert [l.id for l in store.active_leases()] == ["l1"]
+    assert [lease.id for lease in store.active_leases()] == ["l1"]
 
 
 def test_a_direct_write_commits_what_was_staged_first(tmp_path):
@@ -189,7 +190,7 @@ def test_the_wal_starts_over_though_a_commit_lands_in_every_checkpoint(tmp_path,
     store.close()
     # Past the limit the thread's next pass (within 20 commits) asks, and the writer's
     # next commits rewind: the WAL never holds much more than the limit.
-    one_commit = max(after - before for before, after in zip(wal_sizes, wal_sizes[1:]))
+    one_commit = max(after - before for before, after in itertools.pairwise(wal_sizes))
     assert max(wal_sizes) < 256 * 1024 + 22 * one_commit
     assert wal_sizes[-1] < max(wal_sizes)  # started over, more than once
     assert shm_bytes == 32 * 1024  # one region of the index: 4,000 frames, never more

@@ -12,6 +12,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from scratchd.caches import Cache, Drop, Rules, drops, pressure_drops
 from scratchd.leases import EndReason, Lease
 from scratchd.pools import PoolReason, PoolState, PoolStatus
 
@@ -78,29 +79,50 @@ def evictions(pool: PoolStatus, leases: Iterable[Lease], freed: int = 0) -> list
     return chosen
 
 
+@dataclass(frozen=True, slots=True)
+class Decision:
+    endings: list[Ending]
+    drops: list[Drop]
+
+
 def decide(
     leases: Iterable[Lease],
     pools: Mapping[str, PoolStatus],
     now: float,
     reclaiming: Mapping[str, int] | None = None,
-) -> list[Ending]:
-    """Every ending due now: each lease's own signals first, then evictions per pool.
+    caches: Iterable[Cache] = (),
+    rules: Rules | None = None,
+) -> Decision:
+    """Every ending and cache drop due now: each lease's own signals and the caches' limits
+    (``rules``) first, then, per pool below its reserve, free caches (``pressure``) before
+    any eviction: a kept cache is a convenience, an evictable lease a running job.
 
     ``reclaiming``: bytes per pool still in its trash. They are free in a moment, so an
     eviction that already made up a shortfall is not followed by another while its
     tree is being deleted.
     """
-    leases = list(leases)
+    leases, caches = list(leases), list(caches)
     reclaiming = reclaiming or {}
     endings = [e for lease in leases if (e := lease_ending(lease, pools.get(lease.pool), now))]
     ending_ids = {e.lease_id for e in endings}
     remaining = [lease for lease in leases if lease.id not in ending_ids]
+    dropped = drops(caches, rules, now) if rules is not None else []
     for pool in pools.values():
-        freed = reclaiming.get(pool.name, 0) + sum(
-            l.usage.bytes for l in leases if l.id in ending_ids and l.pool == pool.name
+        if pool.state is PoolState.UNAVAILABLE or pool.reason is PoolReason.LOCKED:
+            continue
+        gone = {d.cache_id for d in dropped}
+        freed = (
+            reclaiming.get(pool.name, 0)
+            + sum(l.usage.bytes for l in leases if l.id in ending_ids and l.pool == pool.name)
+            + sum(c.bytes for c in caches if c.id in gone and c.pool == pool.name)
         )
+        shortfall = pool.reserve_bytes - pool.free_bytes - freed
+        if shortfall > 0:
+            pressed = pressure_drops([c for c in caches if c.id not in gone], pool.name, shortfall)
+            dropped += pressed
+            freed += sum(c.bytes for c in caches if c.id in {d.cache_id for d in pressed})
         endings.extend(evictions(pool, remaining, freed))
-    return endings
+    return Decision(endings, dropped)
 
 
 @dataclass(frozen=True, slots=True)

@@ -125,7 +125,7 @@ class Trash:
                 results = [exc] * len(batch)
             self._busy = []
             last_trip = loop.time()
-            for item, result in zip(batch, results):
+            for item, result in zip(batch, results, strict=True):
                 self._settle(item, result)
 
     def _settle(self, item: TrashItem, result: DeleteResult | BaseException) -> None:
