@@ -11,6 +11,8 @@ import time
 from dataclasses import dataclass, field
 from enum import StrEnum
 
+from scratchd.caches import CacheUse
+
 
 class LeaseState(StrEnum):
     ACTIVE = "active"
@@ -84,6 +86,7 @@ class Lease:
     ended_at: float | None = None
     last_activity_at: float | None = None
     usage: Usage = field(default_factory=Usage)
+    cache: CacheUse | None = None  # None without a cache_key
 
     @property
     def active(self) -> bool:

@@ -23,6 +23,7 @@ LAYERS: list[tuple[str, set[str]]] = [
             "units",
             "errors",
             "leases",
+            "caches",
             "pools",
             "placement",
             "reclaim.policy",

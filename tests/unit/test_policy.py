@@ -84,7 +84,7 @@ def test_leases_of_a_pool_another_daemon_holds_wait_as_they_are():
     locked = pool(state=PoolState.UNAVAILABLE, reason=PoolReason.LOCKED)
     assert lease_ending(lease(expires=0), locked, now=10) is None  # not lost, and not ours to expire now
     assert lease_ending(lease(idle_timeout_seconds=1), locked, now=10) is None
-    assert decide([lease(expires=0, evictable=True)], {"p": locked}, now=10) == []
+    assert decide([lease(expires=0, evictable=True)], {"p": locked}, now=10).endings == []
 
 
 def test_dropped_pool_lives_on():
@@ -120,10 +120,10 @@ def test_eviction_takes_all_evictable_if_still_short():
 def test_bytes_still_in_the_trash_count_as_freed():
     leases = [lease(f"l{i}", evictable=True, last_activity_at=i, usage=Usage(60, 1, 1)) for i in range(3)]
     pools = {"p": pool(free=0, reserve=100)}
-    assert [e.lease_id for e in decide(leases, pools, now=10)] == ["l0", "l1"]
-    assert [e.lease_id for e in decide(leases, pools, now=10, reclaiming={"p": 60})] == ["l0"]
-    assert decide(leases, pools, now=10, reclaiming={"p": 100}) == []
-    assert len(decide(leases, pools, now=10, reclaiming={"elsewhere": 100})) == 2
+    assert [e.lease_id for e in decide(leases, pools, now=10).endings] == ["l0", "l1"]
+    assert [e.lease_id for e in decide(leases, pools, now=10, reclaiming={"p": 60}).endings] == ["l0"]
+    assert decide(leases, pools, now=10, reclaiming={"p": 100}).endings == []
+    assert len(decide(leases, pools, now=10, reclaiming={"elsewhere": 100}).endings) == 2
 
 
 def test_decide_gives_one_reason_per_lease_and_counts_freed_bytes():
@@ -132,7 +132,7 @@ def test_decide_gives_one_reason_per_lease_and_counts_freed_bytes():
         lease("a", evictable=True, last_activity_at=1, usage=Usage(60, 1, 1)),
         lease("b", evictable=True, last_activity_at=2, usage=Usage(60, 1, 1)),
     ]
-    endings = decide(leases, {"p": pool(free=0, reserve=100)}, now=10)
+    endings = decide(leases, {"p": pool(free=0, reserve=100)}, now=10).endings
     assert [(e.lease_id, e.reason) for e in endings] == [
         ("expired", EndReason.EXPIRED),
         ("a", EndReason.EVICTED),

@@ -75,7 +75,7 @@ class Collector:
         pools = {status.name: status for status in self._pools.statuses()}
         for ending in policy.decide(
             list(self._manager.active.values()), pools, now, self._trash.pending_bytes_by_pool
-        ):
+        ).endings:
             lease = self._manager.active.get(ending.lease_id)
             if lease is not None:
                 self._try_end(lease, ending.reason, **ending.details)

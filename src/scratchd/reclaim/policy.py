@@ -106,14 +106,16 @@ def decide(
     endings = [e for lease in leases if (e := lease_ending(lease, pools.get(lease.pool), now))]
     ending_ids = {e.lease_id for e in endings}
     remaining = [lease for lease in leases if lease.id not in ending_ids]
+    served = {name for name, pool in pools.items() if pool.state is not PoolState.UNAVAILABLE}
+    caches = [c for c in caches if c.pool in served]  # nothing in a pool we do not serve is ours to drop
     dropped = drops(caches, rules, now) if rules is not None else []
     for pool in pools.values():
-        if pool.state is PoolState.UNAVAILABLE or pool.reason is PoolReason.LOCKED:
+        if pool.name not in served:
             continue
         gone = {d.cache_id for d in dropped}
         freed = (
             reclaiming.get(pool.name, 0)
-            + sum(l.usage.bytes for l in leases if l.id in ending_ids and l.pool == pool.name)
+            + sum(lease.usage.bytes for lease in leases if lease.id in ending_ids and lease.pool == pool.name)
             + sum(c.bytes for c in caches if c.id in gone and c.pool == pool.name)
         )
         shortfall = pool.reserve_bytes - pool.free_bytes - freed
