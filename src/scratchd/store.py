@@ -1,4 +1,4 @@
-"""Durable state in one SQLite database (WAL): lease records, the event log, orphan sightings.
+"""Durable state in one SQLite database (WAL): lease records, kept caches, the event log, orphan sightings.
 
 Every lease change is written together with its event in one transaction, so the
 event log and the records can never disagree after a crash. Either setting of
@@ -37,6 +37,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from scratchd.caches import Cache, CacheState, CacheUse, HitKind
 from scratchd.leases import EndReason, Lease, LeaseState, LinkMode, Usage
 
 log = logging.getLogger("scratchd.store")
@@ -99,12 +100,25 @@ MIGRATIONS: tuple[str, ...] = (
     # 1: a lease's link mode. Leases placed before it was known keep what same_filesystem said.
     "ALTER TABLE leases ADD COLUMN link_mode TEXT;"
     "UPDATE leases SET link_mode = CASE same_filesystem WHEN 1 THEN 'hardlink' WHEN 0 THEN 'copy' END;",
+    # 2: warm caches. Kept caches have records of their own; a lease says what it asked and got.
+    "CREATE TABLE caches ("
+    " id TEXT PRIMARY KEY, key TEXT NOT NULL, tenant TEXT NOT NULL, pool TEXT NOT NULL, state TEXT NOT NULL,"
+    " lease_id TEXT, bytes INTEGER NOT NULL DEFAULT 0, files INTEGER NOT NULL DEFAULT 0,"
+    " kept_at REAL NOT NULL, last_used_at REAL NOT NULL, hits INTEGER NOT NULL DEFAULT 0);"
+    "ALTER TABLE leases ADD COLUMN cache_key TEXT;"
+    "ALTER TABLE leases ADD COLUMN cache_fallback TEXT;"
+    "ALTER TABLE leases ADD COLUMN cache_hit TEXT;"
+    "ALTER TABLE leases ADD COLUMN cache_matched_key TEXT;"
+    "ALTER TABLE leases ADD COLUMN cache_id TEXT;"
+    "ALTER TABLE leases ADD COLUMN cache_kept_at REAL;"
+    "ALTER TABLE leases ADD COLUMN cache_kept_id TEXT;",
 )
 
 _COLUMNS = (
     "id, path, pool, tenant, uid, gid, state, end_reason, created_at, expires_at, ended_at, ttl_seconds, "
     "idle_timeout_seconds, pid, pid_start_time, max_bytes, expected_bytes, evictable, labels, same_filesystem, "
-    "mount_point, last_activity_at, usage_bytes, usage_files, usage_measured_at, link_mode"
+    "mount_point, last_activity_at, usage_bytes, usage_files, usage_measured_at, link_mode, "
+    "cache_key, cache_fallback, cache_hit, cache_matched_key, cache_id, cache_kept_at, cache_kept_id"
 )
 _PLACEHOLDERS = ", ".join("?" * len(_COLUMNS.split(",")))
 
@@ -149,7 +163,7 @@ def lease_updated(lease: Lease) -> Statement:
     """A renew or an end: only what those change (an UPDATE, not a row rewrite)."""
     return (
         "UPDATE leases SET state=?, end_reason=?, ended_at=?, expires_at=?, ttl_seconds=?, "
-        "usage_bytes=?, usage_files=?, usage_measured_at=?, last_activity_at=? WHERE id=?",
+        "usage_bytes=?, usage_files=?, usage_measured_at=?, last_activity_at=?, cache_kept_id=? WHERE id=?",
         (
             lease.state.value,
             lease.end_reason.value if lease.end_reason else None,
@@ -160,8 +174,53 @@ def lease_updated(lease: Lease) -> Statement:
             lease.usage.files,
             lease.usage.measured_at,
             lease.last_activity_at,
+            lease.cache.kept_id if lease.cache else None,
             lease.id,
         ),
+    )
+
+
+_CACHE_COLUMNS = "id, key, tenant, pool, state, lease_id, bytes, files, kept_at, last_used_at, hits"
+
+
+def cache_saved(cache: Cache) -> Statement:
+    """A cache kept, handed over, measured or freed: its whole record."""
+    return (
+        f"INSERT OR REPLACE INTO caches ({_CACHE_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        (
+            cache.id,
+            cache.key,
+            cache.tenant,
+            cache.pool,
+            cache.state.value,
+            cache.lease_id,
+            cache.bytes,
+            cache.files,
+            cache.kept_at,
+            cache.last_used_at,
+            cache.hits,
+        ),
+    )
+
+
+def cache_deleted(cache_id: str) -> Statement:
+    return "DELETE FROM caches WHERE id = ?", (cache_id,)
+
+
+def _cache(row: tuple[Any, ...]) -> Cache:
+    id_, key, tenant, pool, state, lease_id, size, files, kept_at, last_used_at, hits = row
+    return Cache(
+        id=id_,
+        key=key,
+        tenant=tenant,
+        pool=pool,
+        state=CacheState(state),
+        lease_id=lease_id,
+        bytes=size,
+        files=files,
+        kept_at=kept_at,
+        last_used_at=last_used_at,
+        hits=hits,
     )
 
 
@@ -197,6 +256,21 @@ def _row(lease: Lease) -> tuple[Any, ...]:
         lease.usage.files,
         lease.usage.measured_at,
         lease.link_mode.value if lease.link_mode else None,
+        *_cache_use_row(lease.cache),
+    )
+
+
+def _cache_use_row(use: CacheUse | None) -> tuple[Any, ...]:
+    if use is None:
+        return (None,) * 7
+    return (
+        use.key,
+        json.dumps(list(use.fallback)),
+        use.hit.value if use.hit else None,
+        use.matched_key,
+        use.cache_id,
+        use.kept_at,
+        use.kept_id,
     )
 
 
@@ -228,6 +302,13 @@ def _lease(row: tuple[Any, ...]) -> Lease:
         u_files,
         u_at,
         link_mode,
+        cache_key,
+        cache_fallback,
+        cache_hit,
+        cache_matched_key,
+        cache_id,
+        cache_kept_at,
+        cache_kept_id,
     ) = row
     return Lease(
         id=id_,
@@ -254,6 +335,17 @@ def _lease(row: tuple[Any, ...]) -> Lease:
         last_activity_at=last_activity,
         link_mode=LinkMode(link_mode) if link_mode else None,
         usage=Usage(bytes=u_bytes, files=u_files, measured_at=u_at),
+        cache=None
+        if cache_key is None
+        else CacheUse(
+            key=cache_key,
+            fallback=tuple(json.loads(cache_fallback or "[]")),
+            hit=HitKind(cache_hit) if cache_hit else None,
+            matched_key=cache_matched_key,
+            cache_id=cache_id,
+            kept_at=cache_kept_at,
+            kept_id=cache_kept_id,
+        ),
     )
 
 
@@ -473,8 +565,21 @@ class Store:
         )
         return int(cursor.lastrowid or 0)
 
-    def save_lease(self, lease: Lease, event: NewEvent, now: float) -> None:
-        self._write([lease_updated(lease)], [event], now)
+    def save_lease(
+        self,
+        lease: Lease,
+        event: NewEvent,
+        now: float,
+        *,
+        also: Iterable[Statement] = (),
+        events: Iterable[NewEvent] = (),
+    ) -> None:
+        """A lease's renew or end with its event, and what changed with it (``also``: its cache)."""
+        self._write([lease_updated(lease), *also], [event, *events], now)
+
+    def save_caches(self, statements: Iterable[Statement], events: Iterable[NewEvent], now: float) -> None:
+        """Caches dropped, measured or set right at start-up, with their events, in one transaction."""
+        self._write(statements, events, now)
 
     def save_usage(self, leases: Iterable[Lease]) -> None:
         """Usage samples are soft state: batched, and losing the last batch costs one rescan."""
@@ -504,6 +609,9 @@ class Store:
 
     def active_leases(self) -> list[Lease]:
         return [_lease(r) for r in self._db.execute(f"SELECT {_COLUMNS} FROM leases WHERE state = 'active'")]
+
+    def caches(self) -> list[Cache]:
+        return [_cache(r) for r in self._db.execute(f"SELECT {_CACHE_COLUMNS} FROM caches")]
 
     def get_lease(self, lease_id: str) -> Lease | None:
         row = self._db.execute(f"SELECT {_COLUMNS} FROM leases WHERE id = ?", (lease_id,)).fetchone()

@@ -280,3 +280,55 @@ def test_a_state_from_a_later_release_is_refused_untouched(tmp_path):
     with sqlite3.connect(path) as db:
         assert "link_mode" not in {row[1] for row in db.execute("PRAGMA table_info(leases)")}
     db.close()
+
+
+def state_of_the_link_mode_release(state_dir) -> str:
+    """Version 1 (link modes, before warm caches), as that release left it: migrated from the first."""
+    path = state_of_the_first_release(state_dir)
+    db = sqlite3.connect(path, isolation_level=None)
+    db.executescript(f"BEGIN; {store_module.MIGRATIONS[0]} PRAGMA user_version = 1; COMMIT;")
+    db.close()
+    return path
+
+
+@pytest.mark.parametrize("make_state", [state_of_the_first_release, state_of_the_link_mode_release])
+def test_earlier_states_upgrade_to_warm_caches_keeping_every_lease(tmp_path, make_state):
+    path = make_state(tmp_path)
+    with sqlite3.connect(path) as db:
+        before = db.execute("SELECT id, state FROM leases ORDER BY id").fetchall()
+    db.close()
+    store = Store(str(tmp_path))
+    assert sorted((r.id, r.state.value) for r in [*store.active_leases(), *store.ended_leases()]) == before
+    assert all(r.cache is None for r in store.active_leases())  # leased before caches: no cache_key
+    assert store.caches() == []
+    store.close()
+    with sqlite3.connect(path) as db:
+        assert db.execute("PRAGMA user_version").fetchone() == (len(store_module.MIGRATIONS),)
+    db.close()
+
+
+def test_a_lease_with_a_cache_and_its_kept_cache_survive_a_reopen(tmp_path):
+    from scratchd.caches import Cache, CacheState, CacheUse, HitKind
+
+    store = Store(str(tmp_path))
+    leased = lease(1)
+    leased.cache = CacheUse("main-a", ("main-",), HitKind.FALLBACK, "main-b", "c1", 3.0)
+    handed = Cache("c1", "main-b", "t", "p", 3.0, 4.0, CacheState.IN_USE, "l1", 10, 2, 1)
+    store._write([lease_inserted(leased), store_module.cache_saved(handed)], [], 4.0)
+    ended = end(leased, EndReason.RELEASED, 5.0)
+    ended.cache = CacheUse("main-a", ("main-",), HitKind.FALLBACK, "main-b", "c1", 3.0, kept_id="c1")
+    kept = Cache("c1", "main-a", "t", "p", 5.0, 5.0, CacheState.FREE, None, 10, 2, 1)
+    store.save_lease(
+        ended,
+        NewEvent.for_lease("lease_ended", ended),
+        5.0,
+        also=[store_module.cache_saved(kept)],
+        events=[NewEvent("cache_kept", details={"cache_id": "c1"})],
+    )
+    store.close()
+    reopened = Store(str(tmp_path))
+    assert reopened.get_lease("l1") == ended
+    assert reopened.caches() == [kept]
+    assert [e.kind for e in reopened.events(0, 10)] == ["lease_ended", "cache_kept"]
+    reopened.save_caches([store_module.cache_deleted("c1")], [], 6.0)
+    assert reopened.caches() == []
