@@ -19,11 +19,24 @@ TYPE_CHECKING = False  # `import typing` costs 4 ms, `collections.abc` 0.2 ms
 if TYPE_CHECKING:
     import argparse
     from collections.abc import Callable, Iterable, Mapping, Sequence
-    from typing import Any, NoReturn
+    from typing import Any, NoReturn, TypedDict, Unpack
+
+    from typing_extensions import TypeIs
 
     Handler = Callable[[SimpleNamespace, Client], int]
     LocalHandler = Callable[[SimpleNamespace], int]
-    Option = tuple[tuple[str, ...], dict[str, object]]  # add_argument's flags and keywords
+
+    class OptionSpec(TypedDict, total=False):
+        """The ``add_argument`` keywords the options here use."""
+
+        metavar: str
+        help: str
+        type: Callable[[str], Any]
+        choices: Sequence[str]
+        action: str
+        default: Any
+
+    Option = tuple[tuple[str, ...], OptionSpec]  # add_argument's flags and keywords
 
 # Exit codes; 2, a usage error, is argparse's own.
 EXIT_OK = 0
@@ -64,7 +77,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _main(argv: Sequence[str] | None) -> int:
     args = parse_args(argv)
     handler = COMMANDS[args.command][2]
-    if args.command in LOCAL_COMMANDS:
+    if _takes_no_client(handler, args.command):
         return handler(args)
     if args.socket is not None and args.url is not None:
         _usage_error(args, f"both --socket {args.socket} and --url {args.url} given: use one")
@@ -108,6 +121,18 @@ def _serve(args: SimpleNamespace) -> int:
         )
         return EXIT_REFUSED
     return serve(args.config, args.log_level)
+
+
+def _csi(args: SimpleNamespace) -> int:
+    """The Kubernetes CSI node plugin (docs/kubernetes.md), when gRPC is installed."""
+    try:
+        from scratchd.csi.plugin import connect_to, serve
+    except ModuleNotFoundError as error:
+        if (error.name or "scratchd").partition(".")[0] == "scratchd":
+            raise
+        _say(f"csi needs gRPC ({error.name} is missing): pip install 'scratchd[csi]'")
+        return EXIT_REFUSED
+    return serve(args.endpoint, args.node_id, connect_to(args.socket, args.url))
 
 
 def _refusal(error: ScratchdError, args: SimpleNamespace) -> str:
@@ -172,8 +197,8 @@ def _quick_parse(
     that does not convert, an option it does not know) returns None, and
     argparse parses it all, errors and help included.
     """
-    actions: dict[str, tuple[str, dict[str, object]]] = {}
-    values: dict[str, object] = {}
+    actions: dict[str, tuple[str, OptionSpec]] = {}
+    values: dict[str, Any] = {}
     for flags, spec in options:
         action = spec.get("action")
         if (
@@ -292,8 +317,9 @@ def _formatter(prog: str) -> argparse.HelpFormatter:
         columns = int(os.environ["COLUMNS"])
     except (KeyError, ValueError):
         try:
-            columns = os.get_terminal_size(sys.__stdout__.fileno()).columns
-        except (AttributeError, ValueError, OSError):
+            stdout = sys.__stdout__
+            columns = os.get_terminal_size(stdout.fileno()).columns if stdout else 80
+        except (ValueError, OSError):
             columns = 80
     return argparse.RawDescriptionHelpFormatter(prog, width=columns - 2)
 
@@ -391,7 +417,7 @@ def _cache_key(text: str) -> str:
     return text
 
 
-def _option(*flags: str, **spec: object) -> Option:
+def _option(*flags: str, **spec: Unpack[OptionSpec]) -> Option:
     """An ``add_argument`` call as data, for argparse and ``_quick_parse`` alike."""
     return flags, spec
 
@@ -451,13 +477,20 @@ RUN_OPTIONS = (
         help="keep the --cache-key cache: success (the default: when CMD exits 0), always or never",
     ),
     _option("--list-tools", action="store_true", help="print the tool presets and exit"),
-    _option("-v", "--verbose", action="store_true", help="say what is set and what is left alone"),
+    _option(
+        "-v",
+        "--verbose",
+        action="store_true",
+        help="say what is set and what is left alone, and whether a --cache-key lease started warm",
+    ),
 )
 
 
-def _add_options(parser: argparse.ArgumentParser, options: Iterable[Option], **common: object) -> None:
+def _add_options(
+    parser: argparse.ArgumentParser, options: Iterable[Option], **common: Unpack[OptionSpec]
+) -> None:
     for flags, spec in options:
-        parser.add_argument(*flags, **spec, **common)
+        parser.add_argument(*flags, **(spec | common))
 
 
 def _serve_options(parser: argparse.ArgumentParser) -> None:
@@ -467,6 +500,17 @@ def _serve_options(parser: argparse.ArgumentParser) -> None:
         choices=LOG_LEVELS,
         default="info",
         help="debug adds a line for every lease a client starts or releases (default: %(default)s)",
+    )
+
+
+def _csi_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--endpoint", required=True, metavar="URL", help="where the kubelet calls: unix:///csi/csi.sock"
+    )
+    parser.add_argument(
+        "--node-id",
+        metavar="ID",
+        help="this node's name to Kubernetes (default: $NODE_NAME, else the host name)",
     )
 
 
@@ -496,6 +540,29 @@ def _run_options(parser: argparse.ArgumentParser) -> None:
 
 def _id_option(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("id", help="the lease's id")
+
+
+def _release_options(parser: argparse.ArgumentParser) -> None:
+    _id_option(parser)
+    parser.add_argument(
+        "--discard", action="store_true", help="do not keep its directory as a cache (a --cache-key lease)"
+    )
+
+
+def _caches_options(parser: argparse.ArgumentParser) -> None:
+    import argparse
+
+    parser.add_argument("--key", metavar="K", type=_cache_key, help="only the caches of key K")
+    parser.add_argument("--all", action="store_true", help="caches in use by a lease too")
+    _json_option(parser)
+    actions = parser.add_subparsers(dest="action", metavar="rm", title="subcommands")
+    remove = actions.add_parser(
+        "rm", help="delete kept caches (one in use is refused)", formatter_class=_formatter
+    )
+    _add_options(remove, WHERE_OPTIONS, default=argparse.SUPPRESS)
+    remove.add_argument(
+        "cache_ids", nargs="+", metavar="ID", help="a cache's id, as scratchd caches shows it"
+    )
 
 
 def _renew_options(parser: argparse.ArgumentParser) -> None:
@@ -730,7 +797,11 @@ def _remove_tree(path: str) -> None:
 
     retried = set()
 
-    def unlock(function: Callable[..., object], failed: str, exc_info: tuple[type, OSError, object]) -> None:
+    def unlock(
+        function: Callable[..., object],
+        failed: str,
+        exc_info: tuple[type[BaseException], BaseException, object],
+    ) -> None:
         if not os.path.lexists(failed):  # gone with a directory tried again below
             return
         if failed in retried:
@@ -826,6 +897,7 @@ def _run_child(
     def watch(signum: int, frame: object) -> None:
         # A one-shot timer, re-armed after each look: two never overlap.
         nonlocal ended
+        assert renewer is not None  # the timer is armed only for a lease
         if ended:  # KILL_AFTER_SECONDS after the SIGTERM, and still there
             os.kill(child, signal.SIGKILL)
             return
@@ -885,7 +957,7 @@ def _spawn(
             os.kill(os.getpid(), signal.SIGKILL)
         signal.pthread_sigmask(signal.SIG_SETMASK, mask)
         try:
-            os.execvpe(command[0], command, env)
+            os.execvpe(command[0], list(command), env)
         except OSError as error:
             os.write(2, f"scratchd: {command[0]}: {error.strerror}\n".encode())
             os._exit(127 if isinstance(error, FileNotFoundError) else 126)
@@ -912,7 +984,8 @@ def _die_with_parent(signum: int) -> None:
         _flags_ = _ctypes.FUNCFLAG_CDECL
         _restype_ = Int
 
-    prctl = Function(_ctypes.dlsym(_ctypes.dlopen(None), "prctl"))
+    # dlopen(NULL) is the program itself (dlopen(3)); typeshed's dlopen wants a path.
+    prctl = Function(_ctypes.dlsym(_ctypes.dlopen(None), "prctl"))  # type: ignore[arg-type]
     prctl(PR_SET_PDEATHSIG, signum, 0, 0, 0)
 
 
@@ -945,7 +1018,9 @@ def _renew_failed(error: ScratchdError) -> None:
 def _tools_table() -> str:
     from scratchd.presets import PRESETS
 
-    rows = [("TOOL", "VARIABLES (under <lease>/<tool>)", "link_mode copy", "link_mode clone")]
+    rows: list[tuple[str, ...]] = [
+        ("TOOL", "VARIABLES (under <lease>/<tool>)", "link_mode copy", "link_mode clone")
+    ]
     for preset in PRESETS.values():
         variables = [*preset.paths, *(f"{k}=<lease>/{v}" for k, v in preset.scratch.items())]
         variables += [f"{k}={v}" for k, v in preset.fixed.items()]
@@ -975,8 +1050,51 @@ def cmd_renew(args: SimpleNamespace, client: Client) -> int:
 
 
 def cmd_release(args: SimpleNamespace, client: Client) -> int:
-    client.release(args.id)
+    client.release(args.id, keep=False if args.discard else None)
     return EXIT_OK
+
+
+def cmd_caches(args: SimpleNamespace, client: Client) -> int:
+    """The kept caches (with ``--all``, those in use too); ``caches rm ID…`` deletes kept ones."""
+    if args.action == "rm":
+        return _drop_caches(args.cache_ids, client)
+    data = client.caches(key=args.key)
+    if not args.all:
+        data["caches"] = [cache for cache in data["caches"] if cache["state"] == "free"]
+    if args.json:
+        _print_json(data)
+        return EXIT_OK
+    _table(
+        ["ID", "KEY", "POOL", "STATE", "SIZE", "KEPT", "LAST USED", "HITS"],
+        [
+            [
+                cache["id"],
+                cache["key"],
+                cache["pool"],
+                cache["state"],
+                format_size(cache.get("bytes")),
+                _relative(cache.get("kept_at")),
+                _relative(cache.get("last_used_at")),
+                str(cache.get("hits", "-")),
+            ]
+            for cache in data["caches"]
+        ],
+    )
+    return EXIT_OK
+
+
+def _drop_caches(cache_ids: Iterable[str], client: Client) -> int:
+    """Delete each cache; one refused (in use, unknown) is said, and the rest still go."""
+    status = EXIT_OK
+    for cache_id in cache_ids:
+        try:
+            client.drop_cache(cache_id)
+        except DaemonUnreachable:
+            raise
+        except ScratchdError as error:
+            _say(f"{cache_id}: {error.code}: {error.message}")
+            status = EXIT_REFUSED
+    return status
 
 
 def cmd_ls(args: SimpleNamespace, client: Client) -> int:
@@ -1055,7 +1173,7 @@ def cmd_pools(args: SimpleNamespace, client: Client) -> int:
     if args.json:
         _print_json(data)
         return EXIT_OK
-    _pool_table(data["pools"], ("POOL", "STATE", "FS", "SIZE", "FREE", "LEASED", "LEASES", "PATH"))
+    _pool_table(data["pools"], ("POOL", "STATE", "FS", "SIZE", "FREE", "LEASED", "LEASES", "CACHES", "PATH"))
     return EXIT_OK
 
 
@@ -1070,8 +1188,14 @@ _POOL_COLUMNS: dict[str, Callable[[Mapping[str, Any]], str]] = {
     "RESERVED": lambda pool: format_size(pool.get("reserved_bytes")),
     "LEASED": lambda pool: format_size(pool.get("leased_bytes")),
     "LEASES": lambda pool: str(pool.get("active_leases", "-")),
+    "CACHES": lambda pool: _cached(pool.get("cache_entries"), pool.get("cache_bytes")),
     "PATH": lambda pool: pool["path"],
 }
+
+
+def _cached(entries: object, size: object) -> str:
+    """``3 (1.2G)``: kept caches and their size; ``-`` from a daemon that keeps none."""
+    return "-" if entries is None else f"{entries} ({format_size(size)})"
 
 
 def _pool_table(pools: Iterable[Mapping[str, Any]], columns: Sequence[str]) -> None:
@@ -1084,17 +1208,19 @@ def cmd_usage(args: SimpleNamespace, client: Client) -> int:
         _print_json(data)
         return EXIT_OK
     _pool_table(
-        data.get("pools", []), ("POOL", "STATE", "SIZE", "FREE", "RESERVE", "RESERVED", "LEASED", "LEASES")
+        data.get("pools", []),
+        ("POOL", "STATE", "SIZE", "FREE", "RESERVE", "RESERVED", "LEASED", "LEASES", "CACHES"),
     )
     print()
     _table(
-        ["TENANT", "LEASES", "USED", "RESERVED"],
+        ["TENANT", "LEASES", "USED", "RESERVED", "CACHED"],
         [
             [
                 str(t["tenant"]),
                 str(t["active_leases"]),
                 format_size(t.get("bytes")),
                 format_size(t.get("reserved_bytes")),
+                format_size(t.get("cache_bytes")),
             ]
             for t in data.get("tenants", [])
         ],
@@ -1119,7 +1245,21 @@ def cmd_usage(args: SimpleNamespace, client: Client) -> int:
         f"{reclaim.get('reclaimed_total', 0)} done ({format_size(reclaim.get('reclaimed_bytes_total', 0))})"
         + (f": {reasons}" if reasons else "")
     )
+    if "caches" in data:
+        print(_caches_line(data["caches"]))
     return EXIT_OK
+
+
+def _caches_line(caches: Mapping[str, Any]) -> str:
+    """``caches: 3 kept (1.2G); 8 hits, 2 misses (80% hit); 1 dropped: max_age 1``."""
+    hits, misses = caches.get("hits_total", 0), caches.get("misses_total", 0)
+    rate = f" ({100 * hits / (hits + misses):.0f}% hit)" if hits + misses else ""
+    reasons = ", ".join(f"{reason} {count}" for reason, count in (caches.get("by_reason") or {}).items())
+    return (
+        f"caches: {caches.get('entries', 0)} kept ({format_size(caches.get('bytes', 0))}); "
+        f"{hits} hits, {misses} misses{rate}; {caches.get('dropped_total', 0)} dropped"
+        + (f": {reasons}" if reasons else "")
+    )
 
 
 def cmd_events(args: SimpleNamespace, client: Client) -> int:
@@ -1318,12 +1458,27 @@ COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Handle
     "lease": ("take a lease and print its path", _lease_options, cmd_lease),
     "run": ("run a command in a lease, renewed while it runs, released after", _run_options, cmd_run),
     "renew": ("extend a lease", _renew_options, cmd_renew),
-    "release": ("end a lease and delete its directory", _id_option, cmd_release),
+    "release": (
+        "end a lease: its directory deleted, or kept as a warm cache (a --cache-key lease)",
+        _release_options,
+        cmd_release,
+    ),
     "ls": ("list leases", _ls_options, cmd_ls),
     "show": ("describe one lease", _show_options, cmd_show),
     "pools": ("list pools and their space", _json_option, cmd_pools),
     "usage": ("space by pool and tenant, largest leases", _json_option, cmd_usage),
+    "caches": (
+        "the warm caches kept by key; caches rm ID… deletes some",
+        _caches_options,
+        cmd_caches,
+    ),
     "events": ("what happened: the newest events, oldest of them first", _events_options, cmd_events),
     "completion": ("print a shell completion script: bash, zsh or fish", _completion_options, cmd_completion),
+    "csi": ("serve the Kubernetes CSI node plugin (needs scratchd[csi])", _csi_options, _csi),
 }
-LOCAL_COMMANDS = ("serve", "completion")
+LOCAL_COMMANDS = ("serve", "completion", "csi")
+
+
+def _takes_no_client(handler: Handler | LocalHandler, command: str) -> TypeIs[LocalHandler]:
+    """Whether ``handler``, ``command``'s, is a LOCAL_COMMANDS' one, which takes no client."""
+    return command in LOCAL_COMMANDS

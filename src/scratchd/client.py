@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import _socket  # not socket.py: 3 ms to import (enums for every constant, selectors)
 import os
+import sys
 import time
 
 try:  # json's C accelerator alone: the json package costs 5 ms of every CI job's start-up
@@ -106,7 +107,7 @@ class _Connection:
                 return status, headers
 
     def _read_chunked(self) -> bytes:
-        chunks = []
+        chunks: list[bytes] = []
         while True:
             size = int(self._readline().split(b";")[0], 16)
             if size == 0:
@@ -241,8 +242,25 @@ class Client:
         # Renewing twice is harmless, so a renew may be re-sent on a dropped connection.
         return self.request("POST", f"/v1/leases/{_quote(lease_id)}/renew", body, idempotent=True)
 
-    def release(self, lease_id: str) -> dict:
-        return self.request("DELETE", f"/v1/leases/{_quote(lease_id)}")
+    def release(self, lease_id: str, keep: bool | None = None) -> dict:
+        """End a lease; ``keep`` (a lease with a ``cache_key``): keep its directory as a warm cache.
+
+        None leaves it to the daemon: kept when the lease has a ``cache_key``.
+        """
+        params = {} if keep is None else {"keep": "true" if keep else "false"}
+        return self.request("DELETE", _with_query(f"/v1/leases/{_quote(lease_id)}", params))
+
+    def caches(self, key: str | None = None, tenant: str | None = None, pool: str | None = None) -> dict:
+        """``{"caches": [...]}``: the kept caches the caller may see (its own; all, for viewers and admins)."""
+        params = {"key": key, "tenant": tenant, "pool": pool}
+        return self.request("GET", _with_query("/v1/caches", params))
+
+    def get_cache(self, cache_id: str) -> dict:
+        return self.request("GET", f"/v1/caches/{_quote(cache_id)}")
+
+    def drop_cache(self, cache_id: str) -> dict:
+        """Delete a ``free`` kept cache; one in use answers 409 ``cache_in_use``."""
+        return self.request("DELETE", f"/v1/caches/{_quote(cache_id)}")
 
     def pools(self) -> dict:
         return self.request("GET", "/v1/pools")
@@ -362,7 +380,8 @@ def _unencodable(value: object) -> object:
 
 
 if _json is not None:
-    _scan = _json.make_scanner(_Grammar)
+    # typeshed types the context as a make_scanner; the scanner reads only _Grammar's attributes.
+    _scan = _json.make_scanner(_Grammar)  # type: ignore[arg-type]
     _encode = _json.make_encoder(
         None, _unencodable, _json.encode_basestring_ascii, None, ": ", ", ", False, False, False
     )
@@ -402,6 +421,8 @@ def _decode(status: int, content: bytes) -> dict:
     if 200 <= status < 300:
         if data is None:
             raise ScratchdError(status, "invalid_response", "the daemon answered something that is not JSON")
+        if not isinstance(data, dict):
+            raise ScratchdError(status, "invalid_response", "the daemon answered JSON that is not an object")
         return data
     error = data.get("error") if isinstance(data, dict) else None
     if not isinstance(error, dict):
@@ -527,6 +548,7 @@ class Lease:
 
 
 _THIS_PROCESS = -1  # lease()'s default pid: the caller's, read when it is called
+KEEPS = ("success", "always", "never")  # when a lease with a cache_key is kept as a warm cache
 
 
 def lease(
@@ -535,6 +557,9 @@ def lease(
     *,
     pid: int | None = _THIS_PROCESS,
     client: Client | None = None,
+    cache_key: str | None = None,
+    cache_fallback: list[str] | None = None,
+    keep: str = "success",
     **fields: object,
 ) -> LeaseBlock:
     """Hold a lease for a ``with`` block: renewed while it runs, released when it ends, even on errors.
@@ -548,14 +573,33 @@ def lease(
 
         with scratchd.lease(ttl_seconds=3600, labels={"job": "42"}) as held:
             build(cache_dir=held.path)
+
+    With a ``cache_key`` the lease starts from this tenant's kept cache of that
+    key (or of the first ``cache_fallback`` prefix that has one) when there is
+    one, and is kept under its key when released: by ``keep``, when the block
+    ends without an exception (``success``), ``always`` or ``never``. A job
+    that failed may have left a half-written cache.
     """
+    if keep not in KEEPS:
+        raise ValueError(f"keep must be one of {', '.join(KEEPS)}, not {keep!r}")
+    if cache_key is None and keep != "success":
+        raise ValueError("keep is about a cache: give a cache_key")
+    if cache_key is not None:
+        fields["cache_key"] = cache_key
+    if cache_fallback:
+        fields["cache_fallback"] = list(cache_fallback)
     if near is not None:
         fields["near"] = os.path.abspath(near)
     if pid is not None:
         fields["pid"] = os.getpid() if pid == _THIS_PROCESS else pid
     if ttl_seconds is not None:
         fields["ttl_seconds"] = ttl_seconds
-    return LeaseBlock(client, fields)
+    return LeaseBlock(client, fields, keep)
+
+
+def keeps(keep: str, succeeded: bool) -> bool:
+    """Whether a lease with a cache key is kept, by ``keep`` (one of ``KEEPS``) and how its job ended."""
+    return keep == "always" or (keep == "success" and succeeded)
 
 
 class LeaseBlock:
@@ -564,10 +608,11 @@ class LeaseBlock:
     A class rather than ``contextlib.contextmanager``, whose import costs ``scratchd run``.
     """
 
-    def __init__(self, client: Client | None, fields: dict[str, object]) -> None:
+    def __init__(self, client: Client | None, fields: dict[str, object], keep: str = "success") -> None:
         self._own_client = client is None
         self._client = client if client is not None else Client()
         self._fields = fields
+        self._keep = keep
         self._lease: Lease | None = None
         self._renewer: Renewer | None = None
 
@@ -579,16 +624,17 @@ class LeaseBlock:
             )
             self._renewer.__enter__()
         except BaseException:
-            self.__exit__()
+            self.__exit__(*sys.exc_info())
             raise
         return self._lease
 
-    def __exit__(self, *exc_info: object) -> None:
+    def __exit__(self, exc_type: object = None, *exc_rest: object) -> None:
         try:
             if self._renewer is not None:
                 self._renewer.__exit__()
             if self._lease is not None:
-                self._client.release(self._lease.id)
+                keep = keeps(self._keep, exc_type is None) if "cache_key" in self._fields else None
+                self._lease.data = self._client.release(self._lease.id, keep=keep)
         finally:
             if self._own_client:
                 self._client.close()

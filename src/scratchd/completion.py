@@ -3,7 +3,7 @@
 What each option takes comes from the parser (``choices``, the tool presets,
 paths), so a new option completes without an edit here. A lease id completes
 from ``scratchd ls``: the ids of the leases the caller can see, on the daemon
-the environment names.
+the environment names; a cache id (``caches rm``) from ``scratchd caches``.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import argparse
 from collections.abc import Sequence
 from typing import NamedTuple
 
-FILE, DIRECTORY, LEASE, COMMAND = "file", "directory", "lease", "command"
+FILE, DIRECTORY, LEASE, CACHE, COMMAND = "file", "directory", "lease", "cache", "command"
 Values = str | tuple[str, ...] | None  # a kind above, the words to offer, or None: anything
 
 
@@ -28,7 +28,8 @@ class Command(NamedTuple):
     name: str
     help: str
     options: list[Option]
-    positionals: list[tuple[str, Values]]  # (name, what completes it)
+    # (name, what completes it): a subcommand's words (``caches rm``), then its own arguments
+    positionals: list[tuple[str, Values]]
 
 
 def script(
@@ -49,7 +50,15 @@ def _values(action: argparse.Action) -> Values:
         from scratchd.presets import PRESETS
 
         return tuple(PRESETS)
-    return {"socket": FILE, "config": FILE, "near": DIRECTORY, "id": LEASE, "cmd": COMMAND}.get(action.dest)
+    kinds = {
+        "socket": FILE,
+        "config": FILE,
+        "near": DIRECTORY,
+        "id": LEASE,
+        "cache_ids": CACHE,
+        "cmd": COMMAND,
+    }
+    return kinds.get(action.dest)
 
 
 def _help(action: argparse.Action) -> str:
@@ -76,10 +85,13 @@ def _options(parser: argparse.ArgumentParser) -> tuple[list[Option], list[tuple[
             )
         else:
             positionals.append((action.dest, _values(action)))
+            if isinstance(action, argparse._SubParsersAction):
+                positionals += [p for sub in {*action.choices.values()} for p in _options(sub)[1]]
     return options, positionals
 
 
 LEASE_IDS = "scratchd ls 2>/dev/null | awk 'NR > 1 {print $1}'"
+CACHE_IDS = "scratchd caches 2>/dev/null | awk 'NR > 1 {print $1}'"
 
 
 # -- bash -----------------------------------------------------------------------------
@@ -128,6 +140,8 @@ def _bash_words(values: Values) -> str:
         return 'compopt -o filenames 2>/dev/null; COMPREPLY=($(compgen -d -- "$cur"))'
     if values == LEASE:
         return f'COMPREPLY=($(compgen -W "$({LEASE_IDS})" -- "$cur"))'
+    if values == CACHE:
+        return f'COMPREPLY=($(compgen -W "$({CACHE_IDS})" -- "$cur"))'
     if values == COMMAND:
         return 'COMPREPLY=($(compgen -c -- "$cur"))'
     if isinstance(values, tuple):
@@ -145,10 +159,16 @@ def _bash_arm(name: str, options: list[Option], positionals: list[tuple[str, Val
     )
     flags = " ".join(flag for option in options for flag in option.flags)
     positional = _bash_words(positionals[0][1]) if positionals else "COMPREPLY=()"
+    subcommand = ""
+    if len(positionals) > 1:  # a subcommand's word typed already: complete its argument
+        typed = '" ${COMP_WORDS[*]:i+1:COMP_CWORD-i-1} "'
+        seen = " || ".join(f'{typed} == *" {word} "*' for word in positionals[0][1] or ())
+        subcommand = f"            elif [[ {seen} ]]; then {_bash_words(positionals[1][1])}\n"
     return (
         f"        {name!r})\n"
         f"            case $prev in\n{cases}            esac\n"
         f'            if [[ $cur == -* ]]; then COMPREPLY=($(compgen -W "{flags}" -- "$cur"))\n'
+        f"{subcommand}"
         f"            else {positional}; fi ;;\n"
     )
 
@@ -191,6 +211,12 @@ _scratchd_leases() {{
     compadd -a ids
 }}
 
+_scratchd_caches() {{
+    local -a ids
+    ids=(${{(f)"$({CACHE_IDS})"}})
+    compadd -a ids
+}}
+
 if [[ $funcstack[1] == _scratchd ]]; then
     _scratchd "$@"
 else
@@ -210,6 +236,8 @@ def _zsh_action(values: Values) -> str:
         return "_files -/"
     if values == LEASE:
         return "_scratchd_leases"
+    if values == CACHE:
+        return "_scratchd_caches"
     if values == COMMAND:
         return "_normal"
     if isinstance(values, tuple):
@@ -235,6 +263,8 @@ def _zsh_specs(command: Command, indent: str) -> str:
     for position, (name, values) in enumerate(command.positionals, 1):
         if values == COMMAND:  # run: everything after the options is the command line
             specs.append(_zsh_quote(f"*::{name}:_normal"))
+        elif position > 1:  # a subcommand's arguments, as many as given
+            specs.append(_zsh_quote(f"*:{name}:{_zsh_action(values)}"))
         else:
             specs.append(_zsh_quote(f"{position}:{name}:{_zsh_action(values)}"))
     return " \\\n".join(f"{indent}{spec}" for spec in specs)
@@ -287,6 +317,15 @@ def fish(top: list[Option], commands: list[Command]) -> str:
                     f"complete -c scratchd -n '__scratchd_command_is {command.name};"
                     " and contains -- -- (commandline -opc)' -x -a '(__scratchd_command_line)'",
                 ]
+            elif len(command.positionals) > 1:  # a subcommand's word, then its arguments
+                seen = f"__fish_seen_subcommand_from {' '.join(values or ())}"
+                words, arguments = _fish_values(values), _fish_values(command.positionals[1][1])
+                lines.append(
+                    f"complete -c scratchd -n '__scratchd_command_is {command.name}; and not {seen}' {words}"
+                )
+                lines.append(
+                    f"complete -c scratchd -n '__scratchd_command_is {command.name}; and {seen}' {arguments}"
+                )
             elif values is not None:
                 lines.append(f"complete -c scratchd -n {chosen} {_fish_values(values)}")
     return "\n".join(lines) + "\n"
@@ -303,6 +342,8 @@ def _fish_values(values: Values) -> str:
         return "-x -a '(__fish_complete_directories)'"
     if values == LEASE:
         return f"-x -a {_fish_quote(f'({LEASE_IDS})')}"
+    if values == CACHE:
+        return f"-x -a {_fish_quote(f'({CACHE_IDS})')}"
     if isinstance(values, tuple):
         return f"-x -a {_fish_quote(' '.join(values))}"
     return "-x"

@@ -12,6 +12,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from scratchd import cli
+from scratchd.client import keeps
+from scratchd.client import lease as scratchd_lease
 from scratchd.presets import PRESETS
 
 MISSING_SOCKET = "/nonexistent/x.sock"
@@ -79,6 +81,46 @@ def test_durations_are_whole_seconds_rounded_up(text: str, seconds: int) -> None
     assert parse("lease", "--ttl", text).ttl == seconds
 
 
+def test_cache_options_become_request_fields() -> None:
+    args = parse(
+        "lease",
+        "--cache-key",
+        "uv-linux:3.11/lock=ab12",
+        "--cache-fallback",
+        "uv-linux:3.11/",
+        "--cache-fallback=uv-",
+    )
+    assert cli._lease_request(args) == {
+        "near": os.getcwd(),
+        "cache_key": "uv-linux:3.11/lock=ab12",
+        "cache_fallback": ["uv-linux:3.11/", "uv-"],
+    }
+    run = parse("run", "--cache-key", "k", "--keep", "never", "--", "make")
+    assert (run.cache_key, run.keep, run.cmd) == ("k", "never", ["--", "make"])
+
+
+@pytest.mark.parametrize(
+    ("keep", "succeeded", "kept"),
+    [("success", True, True), ("success", False, False), ("always", False, True), ("never", True, False)],
+)
+def test_when_a_cache_is_kept(keep: str, succeeded: bool, kept: bool) -> None:
+    assert keeps(keep, succeeded) is kept
+
+
+def test_release_discard_and_caches_options() -> None:
+    assert parse("release", "L1").discard is False and parse("release", "L1", "--discard").discard is True
+    listing = parse("caches", "--key", "uv-main", "--all", "--json")
+    assert (listing.action, listing.key, listing.all, listing.json) == (None, "uv-main", True, True)
+    removal = parse("--socket", "/a.sock", "caches", "rm", "C1", "C2", "--socket", "/b.sock")
+    assert (removal.action, removal.cache_ids, removal.socket) == ("rm", ["C1", "C2"], "/b.sock")
+
+
+def test_the_python_api_refuses_a_keep_it_cannot_honour() -> None:
+    for bad in ({"keep": "sometimes", "cache_key": "k"}, {"keep": "always"}):
+        with pytest.raises(ValueError):
+            scratchd_lease(**bad)
+
+
 def test_run_takes_the_command_after_double_dash() -> None:
     args = parse("run", "--ttl", "1h", "--tool", "uv", "--env", "BUILD=out/x", "--", "sh", "-c", "exit 7")
     assert args.cmd == ["--", "sh", "-c", "exit 7"]
@@ -113,6 +155,16 @@ def test_socket_option_before_or_after_the_command(where: str) -> None:
         ["run", "--env", "1BAD", "--", "true"],
         ["run", "--env", "X=../escape", "--", "true"],
         ["run", "--env", "X=/abs", "--", "true"],
+        ["lease", "--cache-key", "-lead"],
+        ["lease", "--cache-key", "has space"],
+        ["lease", "--cache-key", "k" * 129],
+        ["lease", "--cache-key", "k", "--cache-fallback", "a%b"],
+        ["lease", "--cache-fallback", "uv-"],
+        ["run", "--keep", "always", "--", "true"],
+        ["run", "--cache-key", "k", "--keep", "sometimes", "--", "true"],
+        ["caches", "rm"],
+        ["caches", "--key", "bad key"],
+        ["release"],
         ["renew"],
         ["frobnicate"],
         [],
@@ -413,6 +465,16 @@ RUN_TOKENS = [
     "-vx",
     "--list-tools",
     "-h",
+    "--cache-key",
+    "uv-main",
+    "--cache-key=bad key",
+    "--cache-fallback",
+    "uv-",
+    "--cache-fallback=uv-",
+    "--cache",
+    "--keep",
+    "never",
+    "--keep=sometimes",
 ]
 
 

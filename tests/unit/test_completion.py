@@ -16,6 +16,8 @@ import pytest
 from scratchd.presets import PRESETS
 
 SCRATCHD = [sys.executable, "-m", "scratchd"]
+# The scripts run `scratchd ls` and `scratchd caches` for ids: this installation's, on no daemon.
+SHELL_ENV = {**os.environ, "PATH": f"{os.path.dirname(sys.executable)}:{os.environ['PATH']}"}
 CASES = [  # what is typed, what must be offered (exactly)
     ("scratchd l", {"lease", "ls"}),
     ("scratchd --socket /x.sock l", {"lease", "ls"}),
@@ -23,7 +25,14 @@ CASES = [  # what is typed, what must be offered (exactly)
     ("scratchd run --tool u", {name for name in PRESETS if name.startswith("u")}),
     ("scratchd completion ", {"bash", "zsh", "fish"}),
     ("scratchd events --fo", {"--follow"}),
+    ("scratchd run --cache-", {"--cache-key", "--cache-fallback"}),
+    ("scratchd run --keep ", {"success", "always", "never"}),
+    ("scratchd release --d", {"--discard"}),
+    ("scratchd ca", {"caches"}),
+    ("scratchd caches ", {"rm"}),
+    ("scratchd caches rm --s", {"--socket"}),
 ]
+AFTER_RM = "scratchd caches rm "  # cache ids, from a daemon (none here); never `rm` again
 
 
 def script(shell: str, tmp_path: Path) -> Path:
@@ -49,13 +58,15 @@ def test_bash_loads_it_and_completes(tmp_path: Path) -> None:
     )
     assert loaded.returncode == 0 and loaded.stdout.strip() == "complete -F _scratchd scratchd", loaded.stderr
     path = script("bash", tmp_path)
-    for line, offered in [*CASES, ("scratchd run --ttl 1h -- ech", {"echo"})]:
+    for line, offered in [*CASES, ("scratchd run --ttl 1h -- ech", {"echo"}), (AFTER_RM, set())]:
         words = line.split(" ")
         probe = (
             f"source {path}; COMP_WORDS=({' '.join(repr(w) for w in words)}); COMP_CWORD={len(words) - 1}; "
             '_scratchd; printf "%s\\n" "${COMPREPLY[@]}"'
         )
-        result = subprocess.run(["bash", "-c", probe], capture_output=True, text=True, timeout=60)
+        result = subprocess.run(
+            ["bash", "-c", probe], capture_output=True, text=True, timeout=60, env=SHELL_ENV
+        )
         assert result.returncode == 0 and result.stderr == "", result.stderr
         assert set(result.stdout.split()) == offered, line
 
@@ -63,9 +74,13 @@ def test_bash_loads_it_and_completes(tmp_path: Path) -> None:
 def test_fish_loads_it_and_completes(tmp_path: Path) -> None:
     needs("fish")
     path = script("fish", tmp_path)
-    for line, offered in CASES:
+    for line, offered in [*CASES, (AFTER_RM, set())]:
         result = subprocess.run(
-            ["fish", "-c", f"source {path}; complete -C {line!r}"], capture_output=True, text=True, timeout=60
+            ["fish", "-c", f"source {path}; complete -C {line!r}"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            env=SHELL_ENV,
         )
         assert result.returncode == 0 and result.stderr == "", result.stderr
         assert {row.split("\t")[0] for row in result.stdout.splitlines()} == offered, line
@@ -75,7 +90,7 @@ def zsh_completions(script: Path, line: str) -> set[str]:
     """What an interactive zsh offers for ``line`` + Tab: every match compadd is given, caught on the way."""
     pid, terminal = pty.fork()
     if pid == 0:
-        os.execvp("zsh", ["zsh", "-f", "-i"])
+        os.execvpe("zsh", ["zsh", "-f", "-i"], SHELL_ENV)
     try:
 
         def send(text: str) -> None:
@@ -124,5 +139,6 @@ def test_zsh_loads_it_and_completes(tmp_path: Path) -> None:
     assert loaded.stdout.strip() == "_scratchd", loaded.stderr
     for line, offered in CASES:
         assert zsh_completions(path, line) == offered, line
+    assert "rm" not in zsh_completions(path, AFTER_RM)
     commands = zsh_completions(path, "scratchd run --ttl 1h -- ech")  # echo, and zsh's echotc and echoti
     assert "echo" in commands and all(word.startswith("ech") for word in commands)
