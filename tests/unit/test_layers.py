@@ -30,6 +30,8 @@ LAYERS: list[tuple[str, set[str]]] = [
             "ratelimit",
             "presets",
             "tenant",
+            "csi",
+            "csi.attributes",
         },
     ),
     (
@@ -51,6 +53,10 @@ LAYERS: list[tuple[str, set[str]]] = [
             "sdnotify",
             "logs",
             "client",
+            "csi.binds",
+            "csi.proto",
+            "csi.proto.csi_pb2",
+            "csi.proto.csi_pb2_grpc",
         },
     ),
     ("manager", {"manager"}),
@@ -69,7 +75,7 @@ LAYERS: list[tuple[str, set[str]]] = [
             "api.app",
         },
     ),
-    ("entry points", {"server", "cli", "completion", "__main__", ""}),
+    ("entry points", {"server", "cli", "completion", "__main__", "", "csi.plugin"}),
 ]
 CORE = LAYERS[0][1]
 
