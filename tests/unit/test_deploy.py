@@ -474,8 +474,9 @@ def kubernetes_object(kind: str, name: str | None = None) -> dict[str, Any]:
     return found
 
 
-def daemonset_container() -> dict[str, Any]:
-    (container,) = kubernetes_object("DaemonSet")["spec"]["template"]["spec"]["containers"]
+def daemonset_container(name: str = "scratchd") -> dict[str, Any]:
+    containers = kubernetes_object("DaemonSet")["spec"]["template"]["spec"]["containers"]
+    (container,) = [c for c in containers if c["name"] == name]
     return container
 
 
@@ -506,9 +507,16 @@ def test_kubernetes_objects_validate() -> None:
             path = ".".join(str(part) for part in exc.path)
             pytest.fail(f"{filename}: {obj['kind']}/{obj['metadata']['name']}: {path}: {exc.message}")
         validated.append(obj["kind"])
-    assert {"DaemonSet", "ConfigMap", "Service", "Secret", "Pod", "Namespace", "ResourceQuota"} <= set(
-        validated
-    )
+    assert {
+        "DaemonSet",
+        "ConfigMap",
+        "Service",
+        "Secret",
+        "Pod",
+        "Namespace",
+        "ResourceQuota",
+        "CSIDriver",
+    } <= set(validated)
     assert sorted(skipped) == ["PrometheusRule", "ServiceMonitor"]
 
 
@@ -564,7 +572,7 @@ def test_ci_pod_sees_pool_and_socket_at_the_daemons_paths() -> None:
 
     daemon_spec = kubernetes_object("DaemonSet")["spec"]["template"]["spec"]
     daemon = host_paths(daemon_spec, daemon_spec["containers"][0])
-    pod = kubernetes_object("Pod")
+    pod = kubernetes_object("Pod", "ci-job-example")
     ci = host_paths(pod["spec"], pod["spec"]["containers"][0])
     assert all(mount == host for mount, host in ci.items()), ci
     config = parse_config(tomllib.loads(kubernetes_object("ConfigMap")["data"]["config.toml"]))
@@ -607,3 +615,68 @@ def test_daemon_speaks_the_notify_protocol_the_unit_expects(
         daemon.process.send_signal(signal.SIGTERM)
         assert next_message("STOPPING=1")
         assert daemon.stop() == 0
+
+
+# -- Kubernetes: the CSI node plugin (docs/kubernetes.md) ----------------------------------------
+
+
+def test_csidriver_serves_ephemeral_volumes_without_a_controller() -> None:
+    driver = kubernetes_object("CSIDriver")
+    assert driver["metadata"]["name"] == "csi.scratchd.dev"
+    spec = driver["spec"]
+    assert (spec["attachRequired"], spec["podInfoOnMount"], spec["fsGroupPolicy"]) == (False, True, "File")
+    assert spec["volumeLifecycleModes"] == ["Ephemeral"]
+
+
+def test_csi_plugin_registrar_and_probe_agree_on_paths() -> None:
+    spec = kubernetes_object("DaemonSet")["spec"]["template"]["spec"]
+    volumes = {v["name"]: v.get("hostPath", {}).get("path") for v in spec["volumes"]}
+    plugin, registrar, probe = (
+        daemonset_container(name) for name in ("csi-plugin", "node-driver-registrar", "liveness-probe")
+    )
+
+    def mounted(container: dict[str, Any], path: str) -> dict[str, Any]:
+        (mount,) = [m for m in container["volumeMounts"] if m["mountPath"] == path]
+        return mount
+
+    def flag(container: dict[str, Any], name: str) -> str:
+        (value,) = [a.split("=", 1)[1] for a in container["args"] if a.startswith(f"--{name}=")]
+        return value
+
+    assert plugin["args"][:3] == ["csi", "--endpoint", "unix:///csi/csi.sock"]
+    for sidecar in (registrar, probe):
+        assert flag(sidecar, "csi-address") == "/csi/csi.sock"
+        assert mounted(sidecar, "/csi")["name"] == mounted(plugin, "/csi")["name"]
+    # The kubelet finds the plugin at the registration path: the same socket, seen from the host.
+    registration = flag(registrar, "kubelet-registration-path")
+    assert registration == volumes[mounted(plugin, "/csi")["name"]] + "/csi.sock"
+    assert volumes[mounted(registrar, "/registration")["name"]] == "/var/lib/kubelet/plugins_registry"
+    # Mounts made at the pods' targets must reach the host (and from there, the pods).
+    pods = mounted(plugin, "/var/lib/kubelet/pods")
+    assert volumes[pods["name"]] == "/var/lib/kubelet/pods" and pods["mountPropagation"] == "Bidirectional"
+    assert plugin["securityContext"]["privileged"] is True  # what Bidirectional requires
+    # Liveness through the livenessprobe sidecar's port, which calls the plugin's Probe.
+    (port,) = [p for p in plugin["ports"] if p["name"] == plugin["livenessProbe"]["httpGet"]["port"]]
+    assert str(port["containerPort"]) == flag(probe, "health-port")
+    # A client of the daemon's socket, and the lease paths the daemon answers are paths here too.
+    config = parse_config(tomllib.loads(kubernetes_object("ConfigMap")["data"]["config.toml"]))
+    env = {e["name"]: e for e in plugin["env"]}
+    assert env["SCRATCHD_SOCKET"]["value"] == config.server.socket
+    assert env["NODE_NAME"]["valueFrom"]["fieldRef"]["fieldPath"] == "spec.nodeName"
+    daemon = daemonset_container()
+    for path in (os.path.dirname(config.server.socket), *(m["mountPath"] for m in daemon["volumeMounts"])):
+        if any(pool.path.startswith(path + "/") for pool in config.pool) or path in config.server.socket:
+            assert mounted(plugin, path)["name"] == mounted(daemon, path)["name"], path
+
+
+def test_csi_pod_example_declares_a_volume_the_plugin_takes() -> None:
+    from scratchd.csi import attributes
+
+    pod = kubernetes_object("Pod", "ci-job-csi-example")
+    (volume,) = pod["spec"]["volumes"]
+    assert volume["csi"]["driver"] == kubernetes_object("CSIDriver")["metadata"]["name"]
+    kubelet = {attributes.POD_NAMESPACE: "ci", attributes.POD_NAME: "job", attributes.POD_UID: "1"}
+    parsed = attributes.parse({**volume["csi"]["volumeAttributes"], **kubelet}, own_labels=8)
+    assert parsed.cache_key and parsed.keep  # a cache key keeps a warm cache by default
+    assert pod["spec"]["securityContext"]["fsGroup"]
+    assert not any("hostPath" in v for v in pod["spec"]["volumes"])  # nothing privileged about it
