@@ -1193,7 +1193,7 @@ _POOL_COLUMNS: dict[str, Callable[[Mapping[str, Any]], str]] = {
 }
 
 
-def _cached(entries: object, size: object) -> str:
+def _cached(entries: int | None, size: int | None) -> str:
     """``3 (1.2G)``: kept caches and their size; ``-`` from a daemon that keeps none."""
     return "-" if entries is None else f"{entries} ({format_size(size)})"
 

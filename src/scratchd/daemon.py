@@ -144,7 +144,7 @@ class Daemon:
             log.error("reload refused: bad config; keeping the running one", extra={"error": str(exc)})
             sdnotify.ready("reload refused: bad config")
             return False
-        running = self.config.server.model_dump(include=RESTART_ONLY)
+        running = self.config.server.model_dump(include=set(RESTART_ONLY))
         if changed := sorted(key for key, value in running.items() if getattr(config.server, key) != value):
             log.warning(
                 "reload: these [server] keys take effect at the next restart", extra={"keys": changed}

@@ -87,7 +87,7 @@ def formatter() -> logging.Formatter:
 def setup(level: int = logging.INFO) -> None:
     # Records are made on the event loop: skip the caller, thread and process lookups
     # every one would otherwise pay for.
-    logging._srcfile = None  # type: ignore[attr-defined]
+    logging._srcfile = None
     logging.logThreads = False
     logging.logProcesses = False
     logging.logMultiprocessing = False

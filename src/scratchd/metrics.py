@@ -16,6 +16,7 @@ import time
 from collections import Counter
 from collections.abc import Iterable, Iterator, Mapping
 from importlib import metadata
+from typing import TypeVar
 
 from prometheus_client import CollectorRegistry, Histogram, PlatformCollector, ProcessCollector
 from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, Metric
@@ -219,9 +220,10 @@ class DaemonCollector(Collector):
         )
 
 
-def _family(
-    family: GaugeMetricFamily | CounterMetricFamily, samples: Mapping[tuple[str, ...], int]
-) -> Metric:
+_Labels = TypeVar("_Labels", bound=tuple[str, ...])  # one family's label values, in its labels' order
+
+
+def _family(family: GaugeMetricFamily | CounterMetricFamily, samples: Mapping[_Labels, int]) -> Metric:
     for labels, value in samples.items():
         family.add_metric(list(labels), value)
     return family
@@ -247,7 +249,7 @@ class Metrics:
 def attach(app: Starlette) -> Metrics:
     """Give ``app`` its metrics as ``app.state.metrics`` (read by ``/metrics``) and return them."""
     app.state.metrics = Metrics(app.state.daemon)
-    return app.state.metrics  # type: ignore[no-any-return]
+    return app.state.metrics
 
 
 class RequestTimer:

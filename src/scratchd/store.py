@@ -636,7 +636,8 @@ class Store:
 
         Newest first, a client finds the last N without knowing where they start.
         """
-        where, params = ["seq > ?"], [since]
+        where = ["seq > ?"]
+        params: list[int | str] = [since]
         if before is not None:
             where.append("seq < ?")
             params.append(before)
@@ -648,7 +649,10 @@ class Store:
             f" WHERE {' AND '.join(where)} ORDER BY seq {'DESC' if newest_first else 'ASC'} LIMIT ?",
             (*params, limit),
         )
-        return [Event(*row[:7], json.loads(row[7]) if row[7] else None) for row in rows]
+        return [
+            Event(seq, at, kind, lease_id, pool, tenant, reason, json.loads(details) if details else None)
+            for seq, at, kind, lease_id, pool, tenant, reason, details in rows
+        ]
 
     # -- orphan sightings: grace counts from the first sighting, across restarts -----------
 

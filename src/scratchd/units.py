@@ -92,7 +92,7 @@ def format_duration(seconds: float | None) -> str:
         return "-"
     sign = "-" if seconds < 0 else ""
     remaining = int(abs(seconds))
-    parts = []
+    parts: list[str] = []
     for unit, length in (("d", 86400), ("h", 3600), ("m", 60), ("s", 1)):
         if remaining >= length or (unit == "s" and not parts):
             parts.append(f"{remaining // length}{unit}")

@@ -14,7 +14,6 @@ import ctypes
 import errno
 import os
 import stat
-from collections.abc import Callable
 from dataclasses import dataclass, field
 
 # Open directory fds a walk holds at most, whatever the depth of the tree.
@@ -63,7 +62,7 @@ class _Statx(ctypes.Structure):
     ]
 
 
-_statx: Callable[..., int] | None = getattr(_libc, "statx", None)  # glibc 2.28+
+_statx: ctypes._NamedFuncPointer | None = getattr(_libc, "statx", None)  # glibc 2.28+
 if _statx is not None:
     _statx.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_uint, ctypes.POINTER(_Statx)]
     _statx.restype = ctypes.c_int

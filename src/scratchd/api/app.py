@@ -78,7 +78,9 @@ def _create_rate(app: FastAPI, config: Config) -> None:
 
 def _route(method: str, path: str) -> APIRoute:
     return next(
-        r for r in routes.router.routes if isinstance(r, APIRoute) and r.path == path and method in r.methods
+        r
+        for r in routes.router.routes
+        if isinstance(r, APIRoute) and r.path == path and method in (r.methods or ())
     )
 
 

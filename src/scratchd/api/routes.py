@@ -79,7 +79,7 @@ router = APIRouter(route_class=_StrictJsonRoute)
 
 
 def _daemon(request: Request) -> Daemon:
-    return request.app.state.daemon  # type: ignore[no-any-return]
+    return request.app.state.daemon
 
 
 async def reader(request: Request) -> Caller:
@@ -116,8 +116,11 @@ def _visible_lease(daemon: Daemon, caller: Caller, lease_id: str) -> Lease:
 
 @router.post("/v1/leases", status_code=201, response_model=models.LeaseOut, responses=ERRORS, tags=["leases"])
 async def create_lease(
-    request: Request, caller: Writer, body: Annotated[models.LeaseRequest, Body()] = None
-) -> Response:  # type: ignore[assignment]
+    request: Request,
+    caller: Writer,
+    # None when no body is sent; not `| None`, which would let the schema accept a JSON null.
+    body: Annotated[models.LeaseRequest, Body()] = None,  # type: ignore[assignment]
+) -> Response:
     """Lease a new directory. Over the Unix socket it belongs to the caller's Unix user."""
     return _json(models.lease_json(await start_lease(request, caller, body or models.LeaseRequest())), 201)
 
@@ -215,8 +218,12 @@ async def get_lease(request: Request, lease_id: str, caller: Reader) -> Response
 
 @router.post("/v1/leases/{lease_id}/renew", response_model=models.LeaseOut, responses=ERRORS, tags=["leases"])
 async def renew_lease(
-    request: Request, lease_id: str, caller: Writer, body: Annotated[models.RenewRequest, Body()] = None
-) -> Response:  # type: ignore[assignment]
+    request: Request,
+    lease_id: str,
+    caller: Writer,
+    # None when no body is sent; not `| None`, which would let the schema accept a JSON null.
+    body: Annotated[models.RenewRequest, Body()] = None,  # type: ignore[assignment]
+) -> Response:
     """Push the expiry to now + ttl_seconds (default: the lease's own TTL)."""
     daemon = _daemon(request)
     lease = _visible_lease(daemon, caller, lease_id)
