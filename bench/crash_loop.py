@@ -180,9 +180,11 @@ def main() -> None:
                 )
                 all_journals += journals
                 problems: list[str] = []
-                if not wait_until(
-                    lambda before=before: len(soak.pool_entries(daemon.pool_path)) > before + 3, 15
-                ):
+
+                def churned(before: int = before) -> bool:
+                    return len(soak.pool_entries(daemon.pool_path)) > before + 3
+
+                if not wait_until(churned, 15):
                     problems.append("no churn within 15 s")
                 delay = rng.uniform(0, MAX_DELAY)
                 time.sleep(delay)  # the random moment, on purpose

@@ -57,7 +57,7 @@ from scratchd.config import parse_config
 from scratchd.manager import LeaseManager, LeaseSpec
 from scratchd.mounts import MountTable, mount_of
 from scratchd.pool_dirs import PoolSet, prepare_pool_dir
-from scratchd.store import Store
+from scratchd.store import NewEvent, Statement, Store
 from scratchd.tenant import Tenant
 
 VARIANTS = [("NORMAL", True), ("FULL", True), ("NORMAL", False), ("FULL", False)]
@@ -180,7 +180,9 @@ def build(
     store = Store(config.server.state_dir, synchronous=synchronous)
     if not grouped:
 
-        async def one_commit_per_request(statements, events, now):  # type: ignore[no-untyped-def]
+        async def one_commit_per_request(
+            statements: list[Statement], events: list[NewEvent], now: float
+        ) -> None:
             store._write(statements, events, now)
 
         store.write_grouped = one_commit_per_request  # type: ignore[method-assign]
@@ -200,7 +202,7 @@ def count_commits(store: Store) -> list[float]:
     transaction = store._transaction
 
     @contextlib.contextmanager
-    def counted():  # type: ignore[no-untyped-def]
+    def counted() -> Iterator[sqlite3.Connection]:
         started = time.perf_counter()
         try:
             with transaction() as db:

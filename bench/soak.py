@@ -48,6 +48,8 @@ from collections import Counter, defaultdict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import datetime
+from multiprocessing.process import BaseProcess
+from multiprocessing.synchronize import Event
 from pathlib import Path
 from typing import Any
 
@@ -93,9 +95,7 @@ def wait_until(condition: Callable[[], Any], timeout: float, interval: float = 0
         time.sleep(interval)
 
 
-def epoch(timestamp: str | None) -> float | None:
-    if timestamp is None:
-        return None
+def epoch(timestamp: str) -> float:
     return datetime.fromisoformat(timestamp.replace("Z", "+00:00")).timestamp()
 
 
@@ -281,7 +281,12 @@ class Churner:
         lease = self.client.create_lease(ttl_seconds=self.held_ttl, labels={"soak": "held"})
         self.created(lease, "held")
         self.held[lease["id"]] = {"path": lease["path"], "renewed": time.monotonic()}
-        self.lost_directory_guard(lease["id"], lambda: (self.mark(lease), self.files(lease["path"])))
+
+        def mark_and_fill() -> None:
+            self.mark(lease)
+            self.files(lease["path"])
+
+        self.lost_directory_guard(lease["id"], mark_and_fill)
 
     def write(self) -> None:
         lease_id = self.rng.choice(list(self.held))
@@ -465,12 +470,12 @@ def start_clients(
     think: float = 0.01,
     tag: str = "",
     held_ttl: int = HELD_TTL,
-) -> tuple[list[mp.Process], Any, list[Path]]:
+) -> tuple[list[BaseProcess], Event, list[Path]]:
     """Start ``clients`` processes (fork: they share nothing but the journal directory)."""
     ctx = mp.get_context("fork")
     stop = ctx.Event()
     journals = [journal_dir / f"client{tag}-{i}.jsonl" for i in range(clients)]
-    processes = [
+    processes: list[BaseProcess] = [
         ctx.Process(
             target=churn,
             name=f"soak-client-{i}",
@@ -484,7 +489,7 @@ def start_clients(
     return processes, stop, journals
 
 
-def join_clients(processes: list[mp.Process], timeout: float) -> list[str]:
+def join_clients(processes: list[BaseProcess], timeout: float) -> list[str]:
     """Join within ``timeout``; a client still running then is killed and reported."""
     deadline = time.monotonic() + timeout
     problems = []
@@ -821,7 +826,8 @@ def _allowed_ends(facts: LeaseFacts, exact: bool) -> set[str | None]:
     if exact:
         if facts.released is not None:
             return {"released"}
-        return {"short": {"expired"}, "pid": {"process_exited"}, "held": {None}}[facts.kind]
+        ends: dict[str, set[str | None]] = {"short": {"expired"}, "pid": {"process_exited"}, "held": {None}}
+        return ends[facts.kind]
     # Crash loop: a kill between a rename into the trash and its commit ends the lease
     # as directory_removed at the next start (ARCHITECTURE.md, crash safety).
     if facts.released is not None:
