@@ -68,7 +68,12 @@ class Daemon:
         self.socket = str(root / "run" / "scratchd.sock")
         self.log_path = root / "daemon.log"
         self.config_path = root / "config.toml"
-        server = {"socket": self.socket, "state_dir": str(self.state_dir), "listen": "", "admins": ["root"]}
+        server: dict[str, Any] = {
+            "socket": self.socket,
+            "state_dir": str(self.state_dir),
+            "listen": "",
+            "admins": ["root"],
+        }
         server.update(config.pop("server", {}))
         self.socket = server["socket"]
         gc = {"interval": "0.2s", "orphan_grace": "10m"}

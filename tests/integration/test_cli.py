@@ -174,6 +174,7 @@ def test_sigterm_is_forwarded_to_the_command(daemon) -> None:
         text=True,
         env={**os.environ, "SCRATCHD_SOCKET": daemon.socket},
     )
+    assert process.stdout is not None
     try:
         lease_id = process.stdout.readline().strip()  # the command is running
         assert lease_id
@@ -338,6 +339,7 @@ def test_events_follow_goes_on_from_the_newest(daemon) -> None:
         text=True,
         env={**os.environ, "SCRATCHD_SOCKET": daemon.socket},
     )
+    assert follower.stdout is not None
     try:
         assert json.loads(follower.stdout.readline())["lease_id"] == last["id"]
         daemon.request("DELETE", f"/v1/leases/{first['id']}")
@@ -441,9 +443,10 @@ def test_events_and_follow(daemon) -> None:
         # leaves it ignored -- rightly, so a Ctrl-C would never reach it.
         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
+    assert follower.stdout is not None
     try:
         daemon.request("DELETE", f"/v1/leases/{lease['id']}")
-        seen = []
+        seen: list[dict] = []
         while not any(e["kind"] == "lease_ended" and e["lease_id"] == lease["id"] for e in seen):
             line = follower.stdout.readline()
             assert line, "follower stopped"
@@ -518,6 +521,7 @@ def test_a_python_job_killed_by_sigkill_loses_its_lease_within_2_s(daemon) -> No
         "    time.sleep(120)\n"
     )
     process = subprocess.Popen([sys.executable, "-c", holder], stdout=subprocess.PIPE, text=True)
+    assert process.stdout is not None
     try:
         lease_id, pid = process.stdout.readline().split()
         assert int(pid) == process.pid  # bound to the process that holds it, by default

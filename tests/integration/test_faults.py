@@ -51,7 +51,7 @@ def pool_entries(daemon: Daemon) -> set[str]:
 def active_leases(daemon: Daemon) -> list[dict[str, Any]]:
     response = daemon.request("GET", "/v1/leases")
     assert response.status_code == 200, response.text
-    return response.json()["leases"]  # type: ignore[no-any-return]
+    return response.json()["leases"]
 
 
 def assert_healthy(daemon: Daemon) -> None:
@@ -70,13 +70,13 @@ def assert_error(response: httpx.Response, status: int, code: str) -> dict[str, 
     body = response.json()
     assert set(body) == {"error"} and set(body["error"]) == {"code", "message", "details"}, body
     assert body["error"]["code"] == code and body["error"]["message"], body
-    return body["error"]  # type: ignore[no-any-return]
+    return body["error"]
 
 
 def lease_state(daemon: Daemon, lease_id: str) -> dict[str, Any]:
     response = daemon.request("GET", f"/v1/leases/{lease_id}")
     assert response.status_code == 200, response.text
-    return response.json()  # type: ignore[no-any-return]
+    return response.json()
 
 
 def fill(directory: Path) -> Path:
@@ -190,7 +190,7 @@ def create_until_refused(
     create then succeeds, durably. Once a commit needs a block the filesystem does not
     have, within a few pages' worth of records, creates are refused.
     """
-    created = []
+    created: list[dict[str, Any]] = []
     for _ in range(most):
         before = pool_entries(daemon)
         response = daemon.request("POST", "/v1/leases", json={})
@@ -434,7 +434,8 @@ def test_two_thousand_idle_connections_leave_room_for_a_new_client(make_daemon: 
     # it): past it, libuv accepts and drops every new connection without a word.
     with nofile_soft_limit(1024):
         daemon = make_daemon()
-    pid = daemon.process.pid  # type: ignore[union-attr]
+    assert daemon.process is not None
+    pid = daemon.process.pid
 
     idle: list[socket.socket] = []
     with nofile_soft_limit(hard):

@@ -39,7 +39,7 @@ def assert_refused(response: httpx.Response, statuses: set[int]) -> dict[str, An
     body = response.json()
     assert set(body) == {"error"} and set(body["error"]) == {"code", "message", "details"}, body
     assert body["error"]["message"], body
-    return body["error"]  # type: ignore[no-any-return]
+    return body["error"]
 
 
 @pytest.fixture

@@ -83,7 +83,7 @@ def test_systemd_notifications(make_daemon, tmp_path, monkeypatch):
 
 def test_event_paging_is_gap_free_across_restarts(daemon):
     def page_all(since: int) -> list[dict]:
-        seen = []
+        seen: list[dict] = []
         while True:
             page = daemon.request("GET", "/v1/events", params={"since": since, "limit": 2}).json()["events"]
             if not page:

@@ -34,6 +34,13 @@ def value(samples: list[Sample], name: str, **labels: str) -> float | None:
     return found[0] if found else None
 
 
+def measured(samples: list[Sample], name: str, **labels: str) -> float:
+    """The one sample's value, which must be there."""
+    found = value(samples, name, **labels)
+    assert found is not None, (name, labels)
+    return found
+
+
 def test_lease_counters_follow_leases(daemon):
     first, second = daemon.lease(), daemon.lease(expected_bytes=10**6)
     assert daemon.request("DELETE", f"/v1/leases/{first['id']}").status_code == 200
@@ -54,7 +61,7 @@ def test_lease_counters_follow_leases(daemon):
     for key in ("capacity_bytes", "reserve_bytes", "reserved_bytes", "leased_bytes"):  # as /v1/pools says
         assert value(samples, f"scratchd_pool_{key}", pool="main") == pool[key], key
     assert 0 < pool["reserved_bytes"] <= 10**6
-    assert 0 < value(samples, "scratchd_pool_free_bytes", pool="main") <= pool["capacity_bytes"]
+    assert 0 < measured(samples, "scratchd_pool_free_bytes", pool="main") <= pool["capacity_bytes"]
     # The released lease's (empty) tree is deleted in the background.
     wait_for(lambda: value(scrape(daemon), "scratchd_reclaimed_total") == 1, what="reclaimed_total 1")
     samples = scrape(daemon)
@@ -174,9 +181,9 @@ def test_build_info_and_process_metrics(daemon):
         )
         == 1
     )
-    assert value(samples, "process_resident_memory_bytes") > 0
-    assert value(samples, "process_open_fds") > 0
-    assert value(samples, "process_start_time_seconds") > 0
+    assert measured(samples, "process_resident_memory_bytes") > 0
+    assert measured(samples, "process_open_fds") > 0
+    assert measured(samples, "process_start_time_seconds") > 0
     assert [s for s in samples if s.name == "python_info"]
 
 
@@ -218,10 +225,11 @@ def test_tenants_beyond_the_busiest_are_summed_as_other(make_daemon):
         daemon.config["metrics"] = {"tenants": tenants}
         daemon.write_config()
         daemon.process.send_signal(signal.SIGHUP)
-        wait_for(
-            lambda expected=expected: active() == expected,
-            what=f"[metrics] tenants = {tenants} after the reload",
-        )
+
+        def reloaded(expected: dict[str, int] = expected) -> bool:
+            return active() == expected
+
+        wait_for(reloaded, what=f"[metrics] tenants = {tenants} after the reload")
 
 
 @needs_root
@@ -236,7 +244,7 @@ def test_a_failed_deletion_is_counted_per_pool(daemon):
     try:
         assert daemon.request("DELETE", f"/v1/leases/{lease['id']}").status_code == 200
         wait_for(
-            lambda: value(scrape(daemon), "scratchd_reclaim_failed_total", pool="main") >= 1,
+            lambda: (value(scrape(daemon), "scratchd_reclaim_failed_total", pool="main") or 0) >= 1,
             what="the failed deletion to be counted",
         )
     finally:  # the retries then delete it, and pytest can clean up
@@ -253,7 +261,7 @@ def test_reclaimed_bytes_count_what_short_leases_held(daemon):
 
     def reclaimed() -> tuple[float, int]:
         usage = daemon.request("GET", "/v1/usage").json()["reclaim"]
-        return value(scrape(daemon), "scratchd_reclaimed_bytes_total"), usage["reclaimed_bytes_total"]
+        return measured(scrape(daemon), "scratchd_reclaimed_bytes_total"), usage["reclaimed_bytes_total"]
 
     before = reclaimed()
     ended = []
@@ -270,7 +278,9 @@ def test_reclaimed_bytes_count_what_short_leases_held(daemon):
     assert [lease["usage"]["measured_at"] for lease in ended[1:]] == [None] * 20, "measured before release"
 
     expected = 20 * (1 << 20) + 3000 * 4096
-    wait_for(lambda: value(scrape(daemon), "scratchd_reclaimed_total") >= 21, what="every tree deleted")
+    wait_for(
+        lambda: (value(scrape(daemon), "scratchd_reclaimed_total") or 0) >= 21, what="every tree deleted"
+    )
     after = reclaimed()
     assert after[0] - before[0] >= expected, (before, after)
     assert after[1] - before[1] >= expected, (before, after)

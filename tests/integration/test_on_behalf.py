@@ -38,8 +38,9 @@ def daemon(make_daemon: Callable[..., Daemon]) -> Iterator[Daemon]:
     with world_traversable_dir() as shared:
         (shared / "run").mkdir()
         (shared / "pool").mkdir()
+        socket_path = str(shared / "run" / "scratchd.sock")
         server = {
-            "socket": str(shared / "run" / "scratchd.sock"),
+            "socket": socket_path,
             "listen": f"127.0.0.1:{free_port()}",
             "admins": ["root"],
         }
@@ -54,7 +55,7 @@ def daemon(make_daemon: Callable[..., Daemon]) -> Iterator[Daemon]:
             pool=[{"name": "main", "path": str(shared / "pool")}],
             tenant=[{"name": "k8s:ci", "max_leases": 1}],
         )
-        started.socket = server["socket"]
+        started.socket = socket_path
         yield started.start()
         started.stop()
 

@@ -67,11 +67,11 @@ def test_a_second_daemon_never_touches_a_pool_the_first_serves(make_daemon: Any,
     # Well past the second's grace, twice over: orphans of its own pool come and go ...
     for name in ("orphan-1", "orphan-2"):
         (own / name).mkdir()
-        wait_for(
-            lambda name=name: name in reclaimed_orphans(second, "own"),
-            timeout=15,
-            what=f"the second daemon reclaiming its own {name}",
-        )
+
+        def reclaimed(name: str = name) -> bool:
+            return name in reclaimed_orphans(second, "own")
+
+        wait_for(reclaimed, timeout=15, what=f"the second daemon reclaiming its own {name}")
     # ... while the shared pool is exactly as the first left it: nothing read into leases,
     # created, chmod-ed or deleted, and the first's lease still active with its data.
     assert snapshot(shared) == before

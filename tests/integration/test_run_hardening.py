@@ -72,6 +72,7 @@ class Job:
         self.pid = int(pid)
 
     def _ready(self) -> str | None:
+        assert self.run.stderr is not None
         assert self.run.poll() is None, self.run.stderr.read()
         try:
             return (self.notes / "ready").read_text()
@@ -298,7 +299,7 @@ def test_fallback_local_as_a_user_goes_to_their_writable_directory_and_cleans_up
             os.chmod(f"{path}/{name}/sub", mode)
             os.chmod(f"{path}/{name}", mode)
 
-    def fall_back() -> tuple[str, list[str]]:
+    def fall_back() -> tuple[str, str | None]:
         path, link_mode = _local_directory(str(home / "project" / "venv-to-be"))
         command_leaves_a_read_only_directory(path)
         _remove_tree(path)

@@ -101,7 +101,7 @@ def start(shared_dir: Path, make_daemon: Callable[..., Daemon], admin_group: str
         root = shared_dir / f"d{next(counter)}"
         (root / "run").mkdir(parents=True)
         (root / "pool").mkdir()
-        server = {
+        server: dict[str, Any] = {
             "socket": str(root / "run" / "scratchd.sock"),
             "listen": f"127.0.0.1:{free_port()}",
             "anonymous": anonymous,
@@ -131,19 +131,19 @@ def code(body: Any) -> str | None:
     """The error code of an envelope, asserting the envelope's shape."""
     assert isinstance(body, dict) and set(body) == {"error"}, body
     assert set(body["error"]) == {"code", "message", "details"}, body
-    return body["error"]["code"]  # type: ignore[no-any-return]
+    return body["error"]["code"]
 
 
 def lease_as(user: User, daemon: Daemon, **body: Any) -> dict[str, Any]:
     status, answer = call_as(user, daemon.socket, "POST", "/v1/leases", body)
     assert status == 201, answer
-    return answer  # type: ignore[no-any-return]
+    return answer
 
 
 def tcp_lease(daemon: Daemon, token: str) -> dict[str, Any]:
     response = tcp_request(daemon, token, "POST", "/v1/leases", {})
     assert response.status_code == 201, response.text
-    return response.json()  # type: ignore[no-any-return]
+    return response.json()
 
 
 # -- the role matrix ---------------------------------------------------------------------------

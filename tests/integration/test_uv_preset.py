@@ -49,6 +49,7 @@ def build_wheel(directory: Path) -> Path:
 
 def uv_env(daemon, project: Path) -> dict[str, str]:
     """The environment of a job that knows nothing of uv's settings, and a venv in ``project`` for it."""
+    assert UV is not None  # else pytestmark skips
     env = {**os.environ, "UV_OFFLINE": "1", "UV_PYTHON_DOWNLOADS": "never", "SCRATCHD_SOCKET": daemon.socket}
     for name in ("UV_CACHE_DIR", "UV_LINK_MODE", "UV_NO_CACHE", "TMPDIR"):
         env.pop(name, None)

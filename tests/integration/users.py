@@ -1,10 +1,6 @@
 """Acting as someone else: throwaway Unix users and groups (root only), code run as one of
-them, and plain HTTP over the daemon's sockets, down to raw bytes for framing tricks.
-
-A test that speaks as another user forks: the child takes the user's groups, gid and
-uid (in that order: after ``setuid`` it could no longer change the others), runs the
-given function, and sends back its JSON-able result through a pipe. So the daemon
-sees real kernel credentials (SO_PEERCRED) and the filesystem real permission checks.
+them (``forked.run_as``: real kernel credentials for SO_PEERCRED and the disk's permission
+checks), and plain HTTP over the daemon's sockets, down to raw bytes for framing tricks.
 """
 
 from __future__ import annotations
@@ -12,18 +8,18 @@ from __future__ import annotations
 import contextlib
 import http.client
 import json
-import os
 import pwd
 import secrets
 import shutil
 import socket
 import subprocess
 import tempfile
-import traceback
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
+
+from forked import run_as
 
 T = TypeVar("T")
 
@@ -73,43 +69,9 @@ def world_traversable_dir() -> Iterator[Path]:
         shutil.rmtree(path, ignore_errors=True)
 
 
-class FailedAsUser(AssertionError):
-    """The function run as another user raised something other than an OSError."""
-
-
 def as_user(user: User, function: Callable[[], T]) -> T:
-    """``function()`` run in a child process with ``user``'s credentials; an OSError it raises is raised here."""
-    read_end, write_end = os.pipe()
-    pid = os.fork()
-    if pid == 0:  # the child: never returns into pytest
-        outcome: dict[str, Any]
-        try:
-            os.close(read_end)
-            os.initgroups(user.name, user.gid)
-            os.setgid(user.gid)
-            os.setuid(user.uid)
-            outcome = {"result": function()}
-        except OSError as exc:
-            outcome = {"errno": exc.errno, "strerror": exc.strerror, "filename": exc.filename}
-        except BaseException:
-            outcome = {"traceback": traceback.format_exc()}
-        try:
-            with os.fdopen(write_end, "w") as pipe:
-                json.dump(outcome, pipe)
-        finally:
-            os._exit(0)
-    os.close(write_end)
-    with os.fdopen(read_end) as pipe:
-        text = pipe.read()
-    os.waitpid(pid, 0)
-    outcome = json.loads(text)
-    if "errno" in outcome:
-        raise OSError(
-            outcome["errno"], outcome["strerror"], outcome["filename"]
-        )  # PermissionError for EACCES
-    if "traceback" in outcome:
-        raise FailedAsUser(f"as {user.name}:\n{outcome['traceback']}")
-    return outcome["result"]  # type: ignore[no-any-return]
+    """``function()`` run in a forked child with ``user``'s credentials (``forked.run_as``)."""
+    return run_as(user.uid, user.gid, function, user=user.name)
 
 
 class _UnixConnection(http.client.HTTPConnection):
@@ -170,7 +132,7 @@ def free_port() -> int:
     """A TCP port on 127.0.0.1 that nobody listens on right now (for ``server.listen``)."""
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]  # type: ignore[no-any-return]
+        return probe.getsockname()[1]
 
 
 def spawn_as(user: User, seconds: int = 60) -> subprocess.Popen[bytes]:

@@ -87,7 +87,8 @@ def test_find_hit(key, fallback, pools, expected):
 
 def test_a_cache_never_reaches_another_tenant():
     assert find_hit(KEPT, tenant="nobody", key="main-a", fallback=["m", ""], pools=["p", "q"]) is None
-    assert find_hit(KEPT, tenant="other", key="main-a", fallback=[], pools=["p"]).cache.id == "theirs"
+    hit = find_hit(KEPT, tenant="other", key="main-a", fallback=[], pools=["p"])
+    assert hit is not None and hit.cache.id == "theirs"
 
 
 @pytest.mark.parametrize(

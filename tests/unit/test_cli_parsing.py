@@ -6,13 +6,14 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any, cast
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from scratchd import cli
-from scratchd.client import keeps
+from scratchd.client import Client, keeps
 from scratchd.client import lease as scratchd_lease
 from scratchd.presets import PRESETS
 
@@ -116,7 +117,8 @@ def test_release_discard_and_caches_options() -> None:
 
 
 def test_the_python_api_refuses_a_keep_it_cannot_honour() -> None:
-    for bad in ({"keep": "sometimes", "cache_key": "k"}, {"keep": "always"}):
+    bads: tuple[dict[str, Any], ...] = ({"keep": "sometimes", "cache_key": "k"}, {"keep": "always"})
+    for bad in bads:
         with pytest.raises(ValueError):
             scratchd_lease(**bad)
 
@@ -348,7 +350,7 @@ class FakeEvents:
 @pytest.mark.parametrize("count", [0, 1, 50, 1000, 1500])
 def test_the_newest_events_page_back_across_the_apis_limit(total: int, count: int) -> None:
     fake = FakeEvents(total)
-    events, more, newest = cli._newest_events(fake, count)
+    events, more, newest = cli._newest_events(cast(Client, fake), count)
     assert [e["seq"] for e in events] == fake.seqs[max(0, total - count) :][:count] if count else events == []
     assert more == (total > count) and newest == total
     assert fake.calls <= count // cli.EVENTS_PAGE + 2
@@ -357,7 +359,7 @@ def test_the_newest_events_page_back_across_the_apis_limit(total: int, count: in
 @pytest.mark.parametrize(("since", "count"), [(0, None), (10, None), (0, 5), (2490, 50), (0, 1500)])
 def test_the_events_after_since_page_forward(since: int, count: int | None) -> None:
     fake = FakeEvents(2500)
-    events, more = cli._events_after(fake, since, count)
+    events, more = cli._events_after(cast(Client, fake), since, count)
     wanted = fake.seqs[since:] if count is None else fake.seqs[since : since + count]
     assert [e["seq"] for e in events] == wanted
     assert more == (count is not None and since + count < 2500)

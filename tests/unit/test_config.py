@@ -17,7 +17,8 @@ def test_defaults_and_units(tmp_path):
     assert config.limits.default_ttl == 900 and config.limits.max_ttl == 172800
     assert config.gc.interval == 5 and config.gc.orphan_grace == 600
     assert config.pool[0].reserve_bytes(1000) == 100
-    assert config.tenant_limits("ci").max_bytes == 200 << 30
+    ci = config.tenant_limits("ci")
+    assert ci is not None and ci.max_bytes == 200 << 30
     assert config.tenant_limits("nobody") is None
     assert config.server.listen_address is None
     assert config.limits.create_rate == CREATE_RATE == 1000.0

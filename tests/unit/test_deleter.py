@@ -11,15 +11,16 @@ import resource
 import stat
 import struct
 import tempfile
-import traceback
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TypeVar
 
 import pytest
 from conftest import IS_ROOT, bind_mount, needs_root, tmpfs
+from forked import run_as
 
 from scratchd import walk
+from scratchd.mounts import Mount
 from scratchd.reclaim import deleter
 from scratchd.reclaim.deleter import DeleteResult, delete_tree
 from scratchd.scan import scan_tree
@@ -373,38 +374,11 @@ def owner_deletes_locked_directories(home: Path) -> None:
     (tree / "locked" / "inner").chmod(0o000)
     (tree / "locked").chmod(0o000)
 
-    result = run_as(NOBODY, lambda: delete_tree(str(tree)))
+    result = run_as(NOBODY, NOBODY, lambda: delete_tree(str(tree)))
 
     assert result.complete and result.errors == [], result
     assert (result.files, result.dirs) == (2, 4)
     assert not tree.exists()
-
-
-def run_as(uid: int, action: Callable[[], T]) -> T:
-    """Run ``action`` in a child process as ``uid``; its result comes back pickled, as from a worker process."""
-    read_end, write_end = os.pipe()
-    pid = os.fork()
-    if pid == 0:  # pragma: no cover - the child
-        try:
-            os.close(read_end)
-            os.setgroups([])
-            os.setgid(uid)
-            os.setuid(uid)
-            outcome: object = action()
-        except BaseException:
-            outcome = traceback.format_exc()
-        try:
-            with os.fdopen(write_end, "wb") as pipe:
-                pickle.dump(outcome, pipe)
-        finally:
-            os._exit(0)
-    os.close(write_end)
-    with os.fdopen(read_end, "rb") as pipe:
-        outcome = pickle.load(pipe)
-    os.waitpid(pid, 0)
-    if isinstance(outcome, str):
-        pytest.fail(f"as uid {uid}:\n{outcome}")
-    return outcome  # type: ignore[no-any-return]
 
 
 # -- big trees: rm takes over from the walk -----------------------------------------------------
@@ -514,6 +488,7 @@ def test_rm_never_gets_a_tree_with_a_mount_left_in_place(
     tree = tmp_path / "tree"
     before = snapshot(outside)
     with bind_mount(outside, tree / "x" / "bound"):
+        mounts: list[Mount] | None
         for mounts in [None, []]:  # in the caller's table, or only in the one read before rm
             big_tree(tree)
             (tree / "x" / "sibling").mkdir()
@@ -556,7 +531,7 @@ def test_unprivileged_owner_finishes_the_locked_directories_rm_cannot_enter() ->
         (tree / "locked" / "inner").chmod(0o000)
         (tree / "locked").chmod(0o000)
 
-        result = run_as(NOBODY, lambda: delete_tree(str(tree), count_bytes=False))
+        result = run_as(NOBODY, NOBODY, lambda: delete_tree(str(tree), count_bytes=False))
 
         assert result.complete and result.errors == [], result
         # rm took "open" and the top's files; the walk the locked ones, which rm could not enter.

@@ -31,6 +31,7 @@ import pytest
 import tomllib
 import yaml
 from conftest import Daemon, needs_root, wait_for
+from forked import run_as
 
 from scratchd.config import parse_config
 
@@ -165,34 +166,8 @@ class CappedDaemon(Daemon):
 
 
 def as_tenant(function: Callable[..., Any], *args: Any) -> Any:
-    """Call ``function`` in a forked child running as the tenant uid; its JSON-able result comes back.
-
-    A fork, not a new interpreter: the tenant could not read this test's interpreter
-    or virtualenv, and SO_PEERCRED only needs the connecting process to be the tenant.
-    """
-    read_end, write_end = os.pipe()
-    pid = os.fork()
-    if pid == 0:  # the child: never returns into pytest
-        status = 1
-        try:
-            os.close(read_end)
-            os.setgroups([])
-            os.setresgid(TENANT_UID, TENANT_UID, TENANT_UID)
-            os.setresuid(TENANT_UID, TENANT_UID, TENANT_UID)
-            result = json.dumps({"ok": function(*args)})
-            status = 0
-        except BaseException as exc:
-            result = json.dumps({"error": repr(exc)})
-        with os.fdopen(write_end, "w") as pipe:
-            pipe.write(result)
-        os._exit(status)
-    os.close(write_end)
-    with os.fdopen(read_end) as pipe:
-        answer = json.loads(pipe.read() or '{"error": "no answer"}')
-    os.waitpid(pid, 0)
-    if "error" in answer:
-        raise AssertionError(f"as tenant {TENANT_UID}: {answer['error']}")
-    return answer["ok"]
+    """``function(*args)`` in a forked child running as the tenant uid (``forked.run_as``)."""
+    return run_as(TENANT_UID, TENANT_UID, lambda: function(*args))
 
 
 def _create_and_fill(socket_path: str, body: dict[str, Any]) -> dict[str, Any]:
@@ -242,7 +217,8 @@ def capped_daemon(caps: set[str]) -> Iterator[CappedDaemon]:
     os.chmod(root, 0o755)
     daemon = CappedDaemon(root, caps)
     try:
-        yield daemon.start()
+        daemon.start()
+        yield daemon
     finally:
         if daemon.process is not None and daemon.process.poll() is None:
             daemon.stop()
@@ -261,6 +237,7 @@ def run_capability_scenario(caps: set[str]) -> dict[str, Any]:
     sleeper = subprocess.Popen(["sleep", "60"], user=TENANT_UID, group=TENANT_UID, extra_groups=[])
     try:
         with capped_daemon(caps) as daemon:
+            assert daemon.process is not None
             status = Path(f"/proc/{daemon.process.pid}/status").read_text()
             outcome["cap_eff"] = next(
                 int(line.split()[1], 16) for line in status.splitlines() if line.startswith("CapEff:")
@@ -420,7 +397,9 @@ def test_dockerfile_installs_only_locked_and_hashed_dependencies() -> None:
         assert hashes, f"{name}: no hash"
     with open(REPO / "pyproject.toml", "rb") as file:
         dependencies = tomllib.load(file)["project"]["optional-dependencies"]["server"]  # what the image runs
-    wanted = {re.sub(r"[-_.]+", "-", re.match(r"[A-Za-z0-9_.-]+", d).group()).lower() for d in dependencies}
+    names = [re.match(r"[A-Za-z0-9_.-]+", d) for d in dependencies]
+    assert all(names), dependencies
+    wanted = {re.sub(r"[-_.]+", "-", name.group()).lower() for name in names if name}
     assert wanted <= set(lock), f"not in the lock (regenerate it: Dockerfile): {sorted(wanted - set(lock))}"
 
 

@@ -111,7 +111,7 @@ def _module_name(path: Path) -> str:
 def _imports(path: Path, name: str) -> set[str]:
     """Every module ``name`` imports: ``scratchd.x`` as ``x``, anything else by its full dotted name."""
     package = name if path.name == "__init__.py" else name.rpartition(".")[0]
-    found = set()
+    found: set[str] = set()
     for node in ast.walk(ast.parse(path.read_text(), str(path))):
         if isinstance(node, ast.Import):
             found.update(alias.name for alias in node.names)

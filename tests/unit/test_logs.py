@@ -24,6 +24,13 @@ from scratchd import logs
 PREFIX = re.compile(r"^<([0-7])>(.*)$")
 
 
+def prefixed(line: str) -> tuple[int, str]:
+    """A prefixed line's priority and message, the line having the prefix."""
+    match = PREFIX.match(line)
+    assert match, line
+    return int(match.group(1)), json.loads(match.group(2))["msg"]
+
+
 @pytest.mark.parametrize(
     "level, expected",
     [
@@ -80,8 +87,7 @@ def test_prefixes_only_when_stderr_is_the_named_stream(tmp_path) -> None:
     path = str(tmp_path / "stderr")
     open(path, "w").close()
     lines = run_setup(path, journal_stream_of(path))
-    assert [PREFIX.match(line).group(1) for line in lines] == ["7", "6", "4", "3", "2"]
-    assert [json.loads(PREFIX.match(line).group(2))["msg"] for line in lines] == ["d", "i", "w", "e", "c"]
+    assert [prefixed(line) for line in lines] == [(7, "d"), (6, "i"), (4, "w"), (3, "e"), (2, "c")]
     # Not the journal: the variable is absent, or names another stream (stderr redirected by a child).
     for stream in (None, journal_stream_of(str(tmp_path))):
         assert all(line.startswith("{") for line in run_setup(path, stream)), stream
@@ -98,8 +104,6 @@ def test_the_daemon_writes_priorities_to_the_journal_stream(make_daemon, monkeyp
     daemon.stop()
     lines = daemon.log().splitlines()
     assert lines and all(PREFIX.match(line) for line in lines), lines
-    by_msg = {
-        json.loads(PREFIX.match(line).group(2))["msg"]: int(PREFIX.match(line).group(1)) for line in lines
-    }
+    by_msg = {msg: priority for priority, msg in map(prefixed, lines)}
     assert by_msg["reload refused: bad config; keeping the running one"] == 3
     assert 6 in by_msg.values()

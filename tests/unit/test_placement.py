@@ -7,12 +7,17 @@ import pytest
 
 from scratchd.leases import LinkMode
 from scratchd.placement import Near, Placed, Placement, PlacementError, link_mode, place
-from scratchd.pools import PoolState, PoolStatus
+from scratchd.pools import REASON_STATES, PoolReason, PoolState, PoolStatus
 
 GiB = 1 << 30
 NEAR = 100  # the mount id of the request's `near`
 NEAR_DEVICE = "0:99"  # the filesystem instance behind it
 HARDLINK, CLONE, COPY = LinkMode.HARDLINK, LinkMode.CLONE, LinkMode.COPY
+
+
+def reason_for(state: PoolState) -> PoolReason:
+    """The first reason that puts a pool in ``state``."""
+    return next(reason for reason, its_state in REASON_STATES.items() if its_state is state)
 
 
 def pool(
@@ -37,7 +42,8 @@ def pool(
         free_bytes=free,
         reserve_bytes=reserve,
         labels=(),
-        reason=None if state is PoolState.OK else f"{name} is {state}",
+        reason=None if state is PoolState.OK else reason_for(state),
+        message=None if state is PoolState.OK else f"{name} is {state}",
         reflink=reflink,
     )
 
@@ -188,7 +194,7 @@ def test_unknown_pool_name() -> None:
 def test_named_pool_not_usable(state: PoolState) -> None:
     error = refused([pool("a", state=state), pool("b")], pool_name="a")
     assert (error.status, error.code) == (503, "pool_unavailable")
-    assert error.details == {"pool": "a", "state": state.value, "reason": f"a is {state}"}
+    assert error.details == {"pool": "a", "state": state.value, "reason": reason_for(state)}
 
 
 def test_named_pool_full() -> None:

@@ -4,7 +4,7 @@ import pytest
 
 from scratchd.leases import EndReason, Lease, Usage
 from scratchd.pools import REASON_STATES, PoolReason, PoolState, PoolStatus
-from scratchd.reclaim.policy import decide, evictions, lease_ending
+from scratchd.reclaim.policy import Ending, decide, evictions, lease_ending
 
 
 def lease(id="l", pool="p", created=0.0, expires=1000.0, **kw) -> Lease:
@@ -40,29 +40,33 @@ def pool(name="p", state=PoolState.OK, free=100, reserve=0, reason=None) -> Pool
     )
 
 
+def due(lease: Lease, pool: PoolStatus | None, now: float) -> Ending:
+    """The ending due now, which the test expects there to be."""
+    ending = lease_ending(lease, pool, now)
+    assert ending is not None
+    return ending
+
+
 def test_nothing_due():
     assert lease_ending(lease(), pool(), now=10) is None
 
 
 def test_expired_at_exactly_expiry():
-    assert lease_ending(lease(expires=10), pool(), now=10).reason is EndReason.EXPIRED
+    assert due(lease(expires=10), pool(), now=10).reason is EndReason.EXPIRED
     assert lease_ending(lease(expires=10), pool(), now=9.99) is None
 
 
 def test_idle_counts_from_last_activity_or_creation():
-    assert lease_ending(lease(idle_timeout_seconds=5), pool(), now=5).reason is EndReason.IDLE
+    assert due(lease(idle_timeout_seconds=5), pool(), now=5).reason is EndReason.IDLE
     assert lease_ending(lease(idle_timeout_seconds=5, last_activity_at=3), pool(), now=7) is None
-    assert (
-        lease_ending(lease(idle_timeout_seconds=5, last_activity_at=3), pool(), now=8).reason
-        is EndReason.IDLE
-    )
+    assert due(lease(idle_timeout_seconds=5, last_activity_at=3), pool(), now=8).reason is EndReason.IDLE
 
 
 def test_over_quota_only_above_the_limit():
     at_limit = lease(max_bytes=100, usage=Usage(bytes=100, files=1, measured_at=1))
     over = lease(max_bytes=100, usage=Usage(bytes=101, files=1, measured_at=1))
     assert lease_ending(at_limit, pool(), now=1) is None
-    ending = lease_ending(over, pool(), now=1)
+    ending = due(over, pool(), now=1)
     assert ending.reason is EndReason.OVER_QUOTA and ending.details == {"bytes": 101, "max_bytes": 100}
 
 
@@ -75,7 +79,7 @@ def test_over_quota_only_above_the_limit():
     ],
 )
 def test_pool_lost_wins(reason):
-    ending = lease_ending(lease(expires=0), pool(state=PoolState.UNAVAILABLE, reason=reason), now=10)
+    ending = due(lease(expires=0), pool(state=PoolState.UNAVAILABLE, reason=reason), now=10)
     assert ending.reason is EndReason.POOL_LOST
     assert ending.details == {"pool_reason": reason, "pool_message": f"p is {reason}"}
 

@@ -68,7 +68,7 @@ def test_a_failed_group_fails_every_waiter_and_commits_nothing(tmp_path):
     store = Store(str(tmp_path))
     store._write([lease_inserted(lease(1))], [], 1.0)
 
-    async def clash() -> list:
+    async def clash() -> tuple[BaseException | None, ...]:
         return await asyncio.gather(
             store.write_grouped([lease_inserted(lease(2))], [], 1.0),
             store.write_grouped([lease_inserted(lease(1))], [], 1.0),  # the same id again
@@ -91,7 +91,8 @@ def test_a_direct_write_commits_what_was_staged_first(tmp_path):
         await waiter
 
     asyncio.run(staged_then_direct())
-    assert store.get_lease("l1").end_reason is EndReason.EXPIRED
+    stored = store.get_lease("l1")
+    assert stored is not None and stored.end_reason is EndReason.EXPIRED
 
 
 def test_a_locked_database_is_a_store_error(tmp_path):
@@ -136,15 +137,21 @@ def test_commits_only_append_to_the_wal_and_a_thread_checkpoints_them(tmp_path):
     assert Store(str(tmp_path)).get_lease("l299") is not None
 
 
-def test_checkpoint_passes_follow_commits_and_an_idle_store_makes_none(tmp_path):
+def test_checkpoint_passes_follow_commits_and_an_idle_store_makes_none(tmp_path, monkeypatch):
     store = Store(str(tmp_path))
     checkpointer = store._checkpointer
-    passes = []
+    passes: list[sqlite3.Connection] = []
     checkpoint = checkpointer.checkpoint
-    checkpointer.checkpoint = lambda db: (passes.append(db), checkpoint(db))[1]
+
+    def counted(db: sqlite3.Connection) -> None:
+        passes.append(db)
+        checkpoint(db)
+
+    monkeypatch.setattr(checkpointer, "checkpoint", counted)
 
     def parked() -> bool:
         """The thread waits for the next commit (not for a clock): it cannot pass again without one."""
+        assert checkpointer._thread.ident is not None  # started
         frame = sys._current_frames().get(checkpointer._thread.ident)
         while frame is not None and frame.f_code.co_name != "_run":
             frame = frame.f_back

@@ -14,7 +14,8 @@ from pathlib import Path
 
 import pytest
 from conftest import bind_mount, needs_root, tmpfs, wait_for
-from test_deleter import MAX_OPEN_DIRS, NOBODY, deep_chain, fd_limit, open_fds, run_as
+from forked import run_as
+from test_deleter import MAX_OPEN_DIRS, NOBODY, deep_chain, fd_limit, open_fds
 
 from scratchd import scan
 from scratchd.offload import disk_worker
@@ -163,7 +164,7 @@ def test_unreadable_directory_is_skipped() -> None:
         (tree / "open").write_bytes(b"x")
         (tree / "locked").chmod(0o000)
 
-        sample = run_as(NOBODY, lambda: scan_tree(str(tree)))
+        sample = run_as(NOBODY, NOBODY, lambda: scan_tree(str(tree)))
 
         assert isinstance(sample, UsageSample)
         assert sample.files == 1
@@ -263,7 +264,7 @@ def test_shared_scan_follows_no_symlink_and_enters_no_mount(tmp_path: Path, shar
 def test_helper_hands_back_what_it_did_not_get_to(tmp_path: Path) -> None:
     grid(tmp_path)
     alone = scan_tree(str(tmp_path))
-    parts = [(f"a{a}",) for a in range(8)]
+    parts: list[tuple[str, ...]] = [(f"a{a}",) for a in range(8)]
     total = Tally()
     calls = 0
 
@@ -340,7 +341,7 @@ def test_helper_counts_an_unreadable_directory_without_entering_it() -> None:
         (tree / "open" / "locked").chmod(0o000)
 
         tally, left = run_as(
-            NOBODY, lambda: scan_parts(str(tree), identity(tree), [("open", "locked")], budget=1000)
+            NOBODY, NOBODY, lambda: scan_parts(str(tree), identity(tree), [("open", "locked")], budget=1000)
         )
 
         assert left == []
