@@ -329,3 +329,20 @@ def test_a_warm_cache_through_two_pods_volumes(daemon: Daemon, plugin: CsiPlugin
     [lease] = leases_of(daemon, second)
     assert lease["cache"]["hit"] == "exact"
     second.unpublish(plugin)
+
+
+def test_a_lease_ending_under_a_volume_is_logged_and_leaves_it_unwritable(
+    daemon: Daemon, plugin: CsiPlugin, kubelet_dir: Path
+) -> None:
+    pod = Pod(kubelet_dir)
+    pod.publish(plugin, attributes={"idleTimeout": "1s"})
+    [lease] = leases_of(daemon, pod)
+    wait_for(lambda: leases_of(daemon, pod, "ended"), what="the lease to end idle")
+    wait_for(
+        lambda: lease["id"] in plugin.log() and '"reason": "idle"' in plugin.log(), what="the plugin's log"
+    )
+    assert is_mount(pod.target)
+    with pytest.raises(FileNotFoundError):
+        (pod.target / "late").write_bytes(b"lost")
+    pod.unpublish(plugin)
+    assert not is_mount(pod.target)
