@@ -396,7 +396,8 @@ def test_dockerfile_installs_only_locked_and_hashed_dependencies() -> None:
         assert re.fullmatch(r"[0-9][0-9A-Za-z.+!-]*", version), f"{name}: not pinned"
         assert hashes, f"{name}: no hash"
     with open(REPO / "pyproject.toml", "rb") as file:
-        dependencies = tomllib.load(file)["project"]["optional-dependencies"]["server"]  # what the image runs
+        extras = tomllib.load(file)["project"]["optional-dependencies"]
+    dependencies = extras["server"] + extras["csi"]  # what the image runs: the daemon and the CSI plugin
     names = [re.match(r"[A-Za-z0-9_.-]+", d) for d in dependencies]
     assert all(names), dependencies
     wanted = {re.sub(r"[-_.]+", "-", name.group()).lower() for name in names if name}
