@@ -191,7 +191,7 @@ def build(
     pools.refresh(mounts.current())
     prepare_pool_dir(str(pool))
     manager = LeaseManager(
-        config, store, pools, mounts, lambda path, lease: trashed.append(path), lambda lease: None
+        config, store, pools, mounts, lambda item: trashed.append(item.path), lambda lease: None
     )  # an empty lease's directory is rmdir'ed on release
     return manager, store, mounts
 

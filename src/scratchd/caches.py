@@ -49,6 +49,7 @@ class Cache:
     bytes: int = 0
     files: int = 0
     hits: int = 0
+    inode: int | None = None  # of its directory: how start-up finds it again after a crash mid hand-over
 
     @property
     def free(self) -> bool:

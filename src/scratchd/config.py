@@ -124,6 +124,13 @@ class GcConfig(_Section):
         return value
 
 
+class CachesConfig(_Section):
+    """Warm caches (docs/configuration.md, "[caches]"): how many to keep per key, and for how long unused."""
+
+    keep_per_key: int = Field(default=2, ge=1)
+    max_age: Duration = 7 * 86400.0
+
+
 class MetricsConfig(_Section):
     """``tenants``: how many tenants get series of their own; the rest share ``tenant="other"``.
 
@@ -138,6 +145,7 @@ class PoolConfig(_Section):
     path: str
     mount_point: str | None = None
     reserve: Reserve = (0, 0.0)
+    cache_max: Reserve = (0, 0.25)
     labels: list[str] = Field(default_factory=list)
 
     @field_validator("path", "mount_point")
@@ -148,8 +156,16 @@ class PoolConfig(_Section):
         return value
 
     def reserve_bytes(self, capacity_bytes: int) -> int:
-        fixed, fraction = self.reserve
-        return fixed or int(capacity_bytes * fraction)
+        return _share(self.reserve, capacity_bytes)
+
+    def cache_max_bytes(self, capacity_bytes: int) -> int:
+        """How much the pool's free kept caches may hold; 0: keeping is off here."""
+        return _share(self.cache_max, capacity_bytes)
+
+
+def _share(value: tuple[int, float], capacity_bytes: int) -> int:
+    fixed, fraction = value
+    return fixed or int(capacity_bytes * fraction)
 
 
 class TenantConfig(_Section):
@@ -157,6 +173,7 @@ class TenantConfig(_Section):
     max_leases: int | None = Field(default=None, ge=0)
     max_bytes: Size | None = None
     max_ttl: Duration | None = None
+    max_cache_bytes: Size | None = None
 
 
 class TokenConfig(_Section):
@@ -177,6 +194,7 @@ class Config(_Section):
     limits: LimitsConfig = Field(default_factory=LimitsConfig)
     gc: GcConfig = Field(default_factory=GcConfig)
     metrics: MetricsConfig = Field(default_factory=MetricsConfig)
+    caches: CachesConfig = Field(default_factory=CachesConfig)
     pool: list[PoolConfig] = Field(default_factory=list)
     tenant: list[TenantConfig] = Field(default_factory=list)
     token: list[TokenConfig] = Field(default_factory=list)

@@ -49,7 +49,7 @@ class Daemon:
         self.pools = PoolSet(config.pool)
         self.trash = Trash(self._reclaim_failed)
         self.manager = LeaseManager(
-            config, self.store, self.pools, self.mounts, self._trashed, self.trash.removed, clock
+            config, self.store, self.pools, self.mounts, self.trash.add, self.trash.removed, clock
         )
         self.manager.listeners.append(self._lease_changed)
         self.pids = PidWatch(self._process_exited)
@@ -110,11 +110,18 @@ class Daemon:
     def _reconcile(self) -> None:
         """Bring records and disk into agreement after whatever happened while we were down.
 
-        A record whose directory is gone ends as ``directory_removed`` (ARCHITECTURE.md, crash safety); a
+        Kept caches first (``LeaseManager.reconcile_caches``): a keep cut short leaves its lease
+        without a directory, which must not take the cache with it. A record whose directory
+        is gone ends as ``directory_removed`` (ARCHITECTURE.md, crash safety); a
         bound process that exited (or whose pid now belongs to another process) ends
         its lease as ``process_exited``. Leases of unavailable pools are left for the
         GC loop (``pool_lost``); directories without records are left to orphan review.
         """
+        self.manager.reconcile_caches(
+            status
+            for status in self.pools.statuses()
+            if status.state is not PoolState.UNAVAILABLE and self.pools.holds(status.name)
+        )
         for lease in list(self.manager.active.values()):
             pool = self.pools.get(lease.pool)
             if pool is not None and pool.state is PoolState.UNAVAILABLE:
@@ -256,9 +263,6 @@ class Daemon:
                 self.gc.directory_gone(lease)
 
     # -- reclaim callbacks ----------------------------------------------------------------------
-
-    def _trashed(self, trash_path: str, lease: Lease) -> None:
-        self.trash.add(TrashItem(trash_path, lease.pool, lease.id, lease.tenant, lease.usage.bytes))
 
     def _reclaim_failed(self, item: TrashItem, result: DeleteResult | BaseException) -> None:
         if isinstance(result, DeleteResult):

@@ -1,4 +1,4 @@
-"""The lease manager: every lease change goes through here, in a fixed order of effects.
+"""The lease manager: every lease and kept-cache change goes through here, in a fixed order of effects.
 
 Create: place -> mkdir -> commit record -> answer. A crash before the commit leaves
 a directory without a record (an orphan, reclaimed after grace), never a record
@@ -8,6 +8,26 @@ background. The path is gone before anyone is told the lease ended; a crash betw
 rename and commit leaves an active record without a directory, which start-up ends
 as ``directory_removed``.
 
+Warm caches (docs/api.md, "Warm caches"), in the same two shapes:
+
+Hand-over (a create that hits): pick a free cache and mark it in use (on the loop, no
+await between: two concurrent creates of one key never get the same cache) -> rename
+``<pool>/.caches/<cache>`` to ``<pool>/<lease>``, chmod, chown -> commit the lease and
+the cache in use together -> answer. A crash after the rename and before the commit
+leaves a directory without a lease (an orphan, reclaimed after grace) and a free
+cache record without a directory (dropped at start-up): never an active lease
+without its directory, never a cache handed out twice.
+Keep (a release with keep): rename ``<pool>/<lease>`` to ``<pool>/.caches/<cache>`` ->
+commit the ended lease and the free cache together -> answer -> measure the cache off
+the loop. A crash between rename and commit leaves an active record without its
+directory (ended as ``directory_removed`` at start-up) and a directory in the cache
+area: a kept cache if its record was in use by that lease (it is freed), else an
+orphan of the cache area, reclaimed after grace.
+
+``SCRATCHD_CRASH_AT`` names a point (``handover`` or ``keep``, right after the rename)
+where the daemon kills itself with SIGKILL: how the tests crash it deterministically
+in the middle of these two.
+
 Runs on the event loop: each step here is a handful of metadata syscalls and one
 SQLite commit. Tree deletion and usage scans happen elsewhere, off the loop.
 """
@@ -15,28 +35,72 @@ SQLite commit. Tree deletion and usage scans happen elsewhere, off the loop.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import errno
 import heapq
 import logging
 import os
+import signal
 import time
+from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
 from scratchd import leases as lease_sm
+from scratchd.caches import (
+    Cache,
+    CacheState,
+    CacheUse,
+    Drop,
+    DropReason,
+    Hit,
+    HitKind,
+    Rules,
+    find_hit,
+    replaced,
+)
 from scratchd.config import Config
 from scratchd.errors import Refused
 from scratchd.leases import EndReason, Lease, Usage
 from scratchd.mounts import MountTable, mount_of, resolve_near
-from scratchd.placement import Near, Placement, PlacementError, place
-from scratchd.pool_dirs import PoolSet, make_lease_dir, move_to_trash, remove_if_empty
-from scratchd.pools import PoolReason, pool_json
+from scratchd.placement import Near, Placement, PlacementError, place, placed_in
+from scratchd.pool_dirs import (
+    CACHE_DIR,
+    PoolSet,
+    cache_path,
+    cache_to_lease,
+    lease_to_cache,
+    list_entries,
+    make_lease_dir,
+    move_to_trash,
+    remove_if_empty,
+)
+from scratchd.pools import PoolReason, PoolStatus, pool_json
 from scratchd.reclaim import procs
-from scratchd.store import NewEvent, Store, StoreError, lease_inserted, lease_updated
+from scratchd.reclaim.trash import TrashItem
+from scratchd.store import (
+    NewEvent,
+    Statement,
+    Store,
+    StoreError,
+    cache_deleted,
+    cache_saved,
+    lease_inserted,
+    lease_updated,
+)
 from scratchd.tenant import Tenant, check_bytes, check_lease_count, lease_ttl, tenant_charge
 
 log = logging.getLogger("scratchd.lease")
+
+_CRASH_AT = os.environ.get("SCRATCHD_CRASH_AT")
+# A create's cache_key as scratchd_cache_requests_total counts it.
+_RESULT: dict[HitKind | None, str] = {HitKind.EXACT: "hit", HitKind.FALLBACK: "fallback", None: "miss"}
+
+
+def _crash_point(name: str) -> None:
+    if name == _CRASH_AT:
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 @dataclass(frozen=True, slots=True)
@@ -53,6 +117,22 @@ class LeaseSpec:
     expected_bytes: int | None = None
     evictable: bool = False
     labels: dict[str, str] = field(default_factory=dict)
+    cache_key: str | None = None
+    cache_fallback: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class CacheFilter:
+    key: str | None = None
+    tenant: str | None = None
+    pool: str | None = None
+
+    def matches(self, cache: Cache) -> bool:
+        return (
+            (self.key is None or cache.key == self.key)
+            and (self.tenant is None or cache.tenant == self.tenant)
+            and (self.pool is None or cache.pool == self.pool)
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -165,6 +245,15 @@ def _used_bytes(lease: Lease) -> int:
     return lease.usage.bytes
 
 
+def _cache_use(spec: LeaseSpec, hit: Hit | None) -> CacheUse | None:
+    if spec.cache_key is None:
+        return None
+    if hit is None:
+        return CacheUse(spec.cache_key, spec.cache_fallback)
+    cache = hit.cache
+    return CacheUse(spec.cache_key, spec.cache_fallback, hit.kind, cache.key, cache.id, cache.kept_at)
+
+
 def _unavailable(exc: StoreError) -> Refused:
     return Refused(
         503,
@@ -181,7 +270,7 @@ class LeaseManager:
         store: Store,
         pools: PoolSet,
         mounts: MountTable,
-        on_trashed: Callable[[str, Lease], None],
+        on_trashed: Callable[[TrashItem], None],
         on_removed: Callable[[Lease], None],
         clock: Callable[[], float] = time.time,
     ) -> None:
@@ -194,8 +283,12 @@ class LeaseManager:
         self._clock = clock
         self.active = ActiveLeases(store.active_leases())
         self._ending: dict[str, Lease] = {}
-        self._unrecorded: dict[str, tuple[Lease, NewEvent]] = {}
+        self._unrecorded: dict[str, tuple[Lease, NewEvent, list[Statement], list[NewEvent]]] = {}
         self.listeners: list[Callable[[Lease], None]] = []
+        self.caches: dict[str, Cache] = {cache.id: cache for cache in store.caches()}
+        self.cache_requests: Counter[tuple[str, str]] = Counter()  # (pool, hit | fallback | miss)
+        self.cache_dropped: Counter[tuple[str, str]] = Counter()  # (pool, reason)
+        self.cache_listeners: list[Callable[[Cache, str], None]] = []  # told of each cache kept, and where
 
     # -- queries --------------------------------------------------------------------------
 
@@ -225,17 +318,50 @@ class LeaseManager:
         return {pool: totals.reserved_bytes for pool, totals in self.active.pool_totals.items()}
 
     def pool_rows(self) -> list[dict[str, Any]]:
-        """Every pool with its active leases' totals, as ``/v1/pools`` and ``/metrics`` read them."""
+        """Every pool with its active leases' and kept caches' totals, as ``/v1/pools`` and ``/metrics`` read them."""
         totals, empty = self.active.pool_totals, Totals()
+        kept = self.kept_totals("pool")
         return [
             pool_json(
                 pool,
                 reserved=(t := totals.get(pool.name, empty)).reserved_bytes,
                 leased=t.bytes,
                 active=t.active_leases,
+                cache_entries=kept.get(pool.name, (0, 0))[0],
+                cache_bytes=kept.get(pool.name, (0, 0))[1],
+                cache_max=self.cache_max_bytes(pool.name),
             )
             for pool in self.pools.statuses()
         ]
+
+    def kept_totals(self, by: str) -> dict[str, tuple[int, int]]:
+        """Free kept caches by ``pool`` or ``tenant``: (entries, bytes). In-use ones are leases."""
+        totals: dict[str, tuple[int, int]] = {}
+        for cache in self.caches.values():
+            if cache.free:
+                entries, size = totals.get(getattr(cache, by), (0, 0))
+                totals[getattr(cache, by)] = (entries + 1, size + cache.bytes)
+        return totals
+
+    def find_caches(self, which: CacheFilter) -> list[Cache]:
+        return sorted((c for c in self.caches.values() if which.matches(c)), key=lambda c: (c.kept_at, c.id))
+
+    def cache_max_bytes(self, pool_name: str) -> int:
+        """The pool's ``cache_max`` in bytes; 0 (keeping off) for a pool no longer configured."""
+        cfg = next((p for p in self.config.pool if p.name == pool_name), None)
+        status = self.pools.get(pool_name)
+        if cfg is None or status is None:
+            return 0
+        return cfg.cache_max_bytes(status.capacity_bytes)
+
+    def cache_rules(self) -> Rules:
+        return Rules(
+            max_age=self.config.caches.max_age,
+            pool_caps={p.name: self.cache_max_bytes(p.name) for p in self.pools.statuses()},
+            tenant_caps={
+                t.name: t.max_cache_bytes for t in self.config.tenant if t.max_cache_bytes is not None
+            },
+        )
 
     # -- changes --------------------------------------------------------------------------
 
@@ -253,12 +379,13 @@ class LeaseManager:
             except ValueError as exc:
                 raise Refused(422, "invalid_request", f"near: {exc}", {"near": spec.near}) from None
             near_mount = mount_of(near_real, self.mounts.current())
+        near = Near(near_mount.mount_id, near_mount.device) if near_mount else None
         try:
             placed = place(
                 self.pools.statuses(),
                 reserved=self.reserved_by_pool(),
                 pool_name=spec.pool,
-                near=Near(near_mount.mount_id, near_mount.device) if near_mount else None,
+                near=near,
                 placement=spec.placement,
                 expected_bytes=spec.expected_bytes or 0,
             )
@@ -266,16 +393,52 @@ class LeaseManager:
             if near_mount is not None:  # place() knows mount ids; people know mount points
                 exc.details = {**(exc.details or {}), "near_mount_point": near_mount.mount_point}
             raise
+        hit = None
+        if spec.cache_key is not None:
+            hit = find_hit(
+                self.caches.values(),
+                tenant=tenant.name,
+                key=spec.cache_key,
+                fallback=spec.cache_fallback,
+                pools=[pool.name for pool in placed.candidates],
+            )
+            if hit is not None and hit.cache.pool != placed.pool.name:
+                won = next(pool for pool in placed.candidates if pool.name == hit.cache.pool)
+                placed = placed_in(won, near, placed.candidates)
 
         lease_id = lease_sm.new_lease_id()
         pool = placed.pool
         chown = os.geteuid() == 0
-        try:
-            path = make_lease_dir(
-                pool.path, lease_id, uid=tenant.uid if chown else None, gid=tenant.gid if chown else None
+        uid, gid = (tenant.uid, tenant.gid) if chown else (None, None)
+        statements: list[Statement] = []
+        path = None
+        if hit is not None:
+            try:
+                path = cache_to_lease(pool.path, hit.cache.id, lease_id, uid=uid, gid=gid)
+            except FileNotFoundError:  # its directory went away: a miss, and the record goes too
+                del self.caches[hit.cache.id]
+                statements.append(cache_deleted(hit.cache.id))
+                hit = None
+            except OSError as exc:
+                raise self._disk_refusal(pool.name, exc) from None
+        if path is None:
+            try:
+                path = make_lease_dir(pool.path, lease_id, uid=uid, gid=gid)
+            except OSError as exc:
+                raise self._disk_refusal(pool.name, exc) from None
+        if hit is not None:
+            # In use from here on: a create that runs while this one's commit is in flight
+            # cannot find it free.
+            taken = dataclasses.replace(
+                hit.cache,
+                state=CacheState.IN_USE,
+                lease_id=lease_id,
+                hits=hit.cache.hits + 1,
+                last_used_at=now,
             )
-        except OSError as exc:
-            raise self._disk_refusal(pool.name, exc) from None
+            self.caches[taken.id] = taken
+            statements.append(cache_saved(taken))
+            _crash_point("handover")
         lease = Lease(
             id=lease_id,
             path=path,
@@ -297,19 +460,36 @@ class LeaseManager:
             evictable=spec.evictable,
             labels=dict(spec.labels),
             last_activity_at=now,
+            cache=_cache_use(spec, hit),
         )
         self.active.put(lease)  # holds its place in the tenant's quota while the commit is in flight
+        details = (
+            {}
+            if lease.cache is None
+            else {
+                "cache_key": lease.cache.key,
+                "cache_hit": lease.cache.hit.value if lease.cache.hit else None,
+            }
+        )
         try:
             await self.store.write_grouped(
-                [lease_inserted(lease)], [NewEvent.for_lease("lease_created", lease)], now
+                [lease_inserted(lease), *statements],
+                [NewEvent.for_lease("lease_created", lease, **details)],
+                now,
             )
         except StoreError as exc:
-            # Undo the mkdir so a refused request changes nothing; if even that fails
-            # the directory is an orphan and is reclaimed after grace.
+            # Undo the mkdir (or the hand-over) so a refused request changes nothing; if even
+            # that fails the directory is an orphan and is reclaimed after grace.
             self.active.remove(lease.id)
             with contextlib.suppress(OSError):
-                os.rmdir(path)
+                if hit is None:
+                    os.rmdir(path)
+                else:
+                    lease_to_cache(pool.path, lease.id, hit.cache.id)
+                    self.caches[hit.cache.id] = hit.cache
             raise _unavailable(exc) from None
+        if lease.cache is not None:
+            self.cache_requests[pool.name, _RESULT[lease.cache.hit]] += 1
         log.debug(
             "lease started",
             extra={
@@ -346,27 +526,40 @@ class LeaseManager:
         return renewed
 
     def end(self, lease: Lease, reason: EndReason, **details: object) -> Lease:
-        """End an active lease: its path is gone (or, for ``pool_lost``, left alone) before this returns."""
-        ended, event = self._begin_end(lease, reason, details)
+        """End an active lease: its path is gone (or, for ``pool_lost``, left alone) before this returns.
+
+        Only a release keeps a cache: a lease that ended any other way may hold a half-written one.
+        """
+        ended, event, also, events = self._begin_end(lease, reason, details, keep=False)
         try:
-            self.store.save_lease(ended, event, ended.ended_at or self._clock())
+            self.store.save_lease(ended, event, ended.ended_at or self._clock(), also=also, events=events)
         except StoreError as exc:
-            self._record_lost(ended, event, exc)
+            self._record_lost(ended, event, also, events, exc)
         return self._finish_end(ended)
 
-    async def release(self, lease: Lease) -> Lease:
-        """``end(lease, released)`` for a request: the same effects, its commit grouped with others."""
-        ended, event = self._begin_end(lease, EndReason.RELEASED, {})
+    async def release(self, lease: Lease, keep: bool | None = None) -> Lease:
+        """``end(lease, released)`` for a request: the same effects, its commit grouped with others.
+
+        ``keep`` (default: whether the lease has a ``cache_key``) keeps its directory as a free
+        cache, unless its pool's ``cache_max`` is 0.
+        """
+        keep = (lease.cache is not None) if keep is None else keep
+        ended, event, also, events = self._begin_end(lease, EndReason.RELEASED, {}, keep=keep)
         try:
-            await self.store.write_grouped([lease_updated(ended)], [event], ended.ended_at or self._clock())
+            await self.store.write_grouped(
+                [lease_updated(ended), *also], [event, *events], ended.ended_at or self._clock()
+            )
         except StoreError as exc:
-            self._record_lost(ended, event, exc)
+            self._record_lost(ended, event, also, events, exc)
         return self._finish_end(ended)
 
     def _begin_end(
-        self, lease: Lease, reason: EndReason, details: dict[str, object]
-    ) -> tuple[Lease, NewEvent]:
+        self, lease: Lease, reason: EndReason, details: dict[str, object], *, keep: bool
+    ) -> tuple[Lease, NewEvent, list[Statement], list[NewEvent]]:
         ended = lease_sm.end(lease, reason, self._clock())
+        also: list[Statement] = []
+        events: list[NewEvent] = []
+        kept = None
         if reason is not EndReason.POOL_LOST:
             pool = self.pools.get(lease.pool)
             if pool is not None and pool.reason is PoolReason.LOCKED:
@@ -378,7 +571,11 @@ class LeaseManager:
                     {"pool": lease.pool, "reason": pool.reason.value, "message": pool.message},
                 )
             pool_path = self._pool_path(lease)
-            if remove_if_empty(pool_path, lease.id):
+            if keep and lease.cache is not None and self.cache_max_bytes(lease.pool) > 0:
+                kept = self._keep(lease, pool_path, ended.ended_at or self._clock())
+            if kept is not None and lease.cache is not None:
+                ended.cache = dataclasses.replace(lease.cache, kept_id=kept.id)
+            elif remove_if_empty(pool_path, lease.id):
                 self._on_removed(ended)
             else:
                 try:
@@ -391,23 +588,203 @@ class LeaseManager:
                         {"reason": exc.strerror},
                     ) from None
                 if trashed is not None:
-                    self._on_trashed(trashed, ended)
+                    self._on_trashed(
+                        TrashItem(trashed, ended.pool, ended.id, ended.tenant, ended.usage.bytes)
+                    )
+        if kept is not None:
+            also.append(cache_saved(kept))
+            events.append(
+                NewEvent(
+                    "cache_kept",
+                    lease.id,
+                    lease.pool,
+                    lease.tenant,
+                    None,
+                    {"cache_id": kept.id, "key": kept.key, "bytes": kept.bytes},
+                )
+            )
+            for drop in replaced(self.caches.values(), kept, self.config.caches.keep_per_key):
+                dropped = self._drop(self.caches[drop.cache_id], drop)
+                if dropped is not None:
+                    also.append(dropped[0])
+                    events.append(dropped[1])
+        else:
+            held = self._held_cache(lease)
+            if held is not None:  # handed over, and not kept: its content goes with the lease
+                del self.caches[held.id]
+                also.append(cache_deleted(held.id))
         self.active.remove(lease.id)
         self._ending[lease.id] = ended  # what get() answers until the record says so too
-        return ended, NewEvent.for_lease("lease_ended", ended, **details)
+        return ended, NewEvent.for_lease("lease_ended", ended, **details), also, events
 
-    def _record_lost(self, ended: Lease, event: NewEvent, exc: StoreError) -> None:
+    def _held_cache(self, lease: Lease) -> Cache | None:
+        cache_id = lease.cache.cache_id if lease.cache else None
+        held = self.caches.get(cache_id) if cache_id else None
+        return held if held is not None and held.lease_id == lease.id else None
+
+    def _keep(self, lease: Lease, pool_path: str, now: float) -> Cache | None:
+        """Rename the lease's directory into the cache area as a free cache; None if it cannot be
+        (gone, or the rename refused): the lease then ends as any other, its content reclaimed."""
+        held = self._held_cache(lease)
+        cache_id = held.id if held is not None else lease_sm.new_lease_id()
+        try:
+            lease_to_cache(pool_path, lease.id, cache_id)
+            inode = os.lstat(cache_path(pool_path, cache_id)).st_ino
+        except OSError as exc:
+            if exc.errno != errno.ENOENT:
+                log.warning("cannot keep cache", extra={"lease": lease.id, "error": exc.strerror})
+            return None
+        _crash_point("keep")
+        kept = Cache(
+            id=cache_id,
+            key=lease.cache.key,  # type: ignore[union-attr]
+            tenant=lease.tenant,
+            pool=lease.pool,
+            kept_at=now,
+            last_used_at=now,
+            bytes=lease.usage.bytes,
+            files=lease.usage.files,
+            hits=held.hits if held is not None else 0,
+            inode=inode,
+        )
+        self.caches[kept.id] = kept
+        for listener in self.cache_listeners:
+            listener(kept, cache_path(pool_path, kept.id))
+        return kept
+
+    # -- kept caches ---------------------------------------------------------------------------
+
+    def drop_cache(self, cache: Cache, drop: Drop) -> bool:
+        """Drop a free cache for ``drop.reason``: renamed into the trash, then its record and event
+        committed. False if it could not be moved (it stays, and the caller may try again)."""
+        dropped = self._drop(cache, drop)
+        if dropped is None:
+            return False
+        try:
+            self.store.save_caches([dropped[0]], [dropped[1]], self._clock())
+        except StoreError as exc:
+            # The directory is in the trash; the record without it is dropped at the next start.
+            log.error("cannot record cache drop", extra={"cache": cache.id, "error": str(exc)})
+        return True
+
+    def _drop(self, cache: Cache, drop: Drop) -> tuple[Statement, NewEvent] | None:
+        try:
+            trashed = move_to_trash(self._pool_dir(cache.pool), cache.id, area=CACHE_DIR)
+        except (OSError, LookupError) as exc:
+            log.warning("cannot drop cache yet", extra={"cache": cache.id, "error": str(exc)})
+            return None
+        if trashed is not None:
+            self._on_trashed(TrashItem(trashed, cache.pool, None, cache.tenant, cache.bytes))
+        del self.caches[cache.id]
+        self.cache_dropped[cache.pool, drop.reason.value] += 1
+        event = NewEvent(
+            "cache_dropped",
+            None,
+            cache.pool,
+            cache.tenant,
+            drop.reason.value,
+            {"cache_id": cache.id, "key": cache.key, "bytes": cache.bytes, **drop.details},
+        )
+        return cache_deleted(cache.id), event
+
+    def remove_cache(self, cache: Cache) -> Cache:
+        """``DELETE /v1/caches/{id}``: a free cache only; one in use is an active lease's directory."""
+        if not cache.free:
+            raise Refused(
+                409,
+                "cache_in_use",
+                f"Cache {cache.id} is in use by lease {cache.lease_id}.",
+                {"cache_id": cache.id, "lease_id": cache.lease_id},
+            )
+        if not self.drop_cache(cache, Drop(cache.id, DropReason.REMOVED)):
+            raise Refused(
+                503,
+                "pool_unavailable",
+                f"Cannot move cache {cache.id} out of its pool.",
+                {"pool": cache.pool},
+            )
+        return cache
+
+    def cache_measured(self, cache_id: str, size: int, files: int) -> None:
+        """A kept cache's size, measured off the loop after it was kept."""
+        cache = self.caches.get(cache_id)
+        if cache is None or not cache.free:
+            return
+        cache.bytes, cache.files = size, files
+        try:
+            self.store.save_caches([cache_saved(cache)], [], self._clock())
+        except StoreError as exc:
+            log.warning("cannot save cache size", extra={"cache": cache_id, "error": str(exc)})
+
+    def reconcile_caches(self, pools: Iterable[PoolStatus]) -> None:
+        """At start-up, before the leases are: records and cache areas agree again after a crash.
+
+        A free cache whose directory is gone was being handed over: found again by its inode
+        among the pool's unrecorded entries, it is put back; else its record goes. A cache in
+        use whose lease is not active, or whose directory is in the cache area (a keep whose
+        commit was lost), is free again; one whose directory is nowhere goes.
+        """
+        statements: list[Statement] = []
+        for pool in pools:
+            for cache in [c for c in self.caches.values() if c.pool == pool.name]:
+                lease = self.active.get(cache.lease_id or "") if not cache.free else None
+                in_area = os.path.lexists(cache_path(pool.path, cache.id))
+                if lease is not None and not in_area:
+                    continue  # an active lease's directory, checked with the leases
+                if not in_area and cache.free:
+                    in_area = self._put_back(pool.path, cache)
+                if in_area:
+                    if not cache.free:
+                        cache.state, cache.lease_id = CacheState.FREE, None
+                        statements.append(cache_saved(cache))
+                        log.info("cache kept after a restart", extra={"cache": cache.id, "pool": pool.name})
+                else:
+                    del self.caches[cache.id]
+                    statements.append(cache_deleted(cache.id))
+                    log.warning("kept cache gone from its pool", extra={"cache": cache.id, "pool": pool.name})
+        if statements:
+            try:
+                self.store.save_caches(statements, [], self._clock())
+            except StoreError as exc:
+                log.warning("cannot record caches found at start", extra={"error": str(exc)})
+
+    def _put_back(self, pool_path: str, cache: Cache) -> bool:
+        """Find a cache's directory among the pool's entries that no lease holds (a hand-over
+        cut short by a crash) and rename it back into the cache area."""
+        if cache.inode is None:
+            return False
+        for name in list_entries(pool_path):
+            if name in self.active:
+                continue
+            try:
+                if os.lstat(os.path.join(pool_path, name)).st_ino == cache.inode:
+                    lease_to_cache(pool_path, name, cache.id)
+                    log.info("cache found again after a restart", extra={"cache": cache.id, "entry": name})
+                    return True
+            except (OSError, ValueError):
+                continue
+        return False
+
+    def _pool_dir(self, pool_name: str) -> str:
+        status = self.pools.get(pool_name)
+        if status is None or not self.pools.holds(pool_name):
+            raise LookupError(f"pool {pool_name} is not served here")
+        return status.path
+
+    def _record_lost(
+        self, ended: Lease, event: NewEvent, also: list[Statement], events: list[NewEvent], exc: StoreError
+    ) -> None:
         # The path is already gone: the end stands, in memory, and its record is written
         # by retry_unrecorded() once the store takes writes again (or, after a restart
         # first, the active record without a directory ends as directory_removed).
         log.error("cannot record end of lease", extra={"lease": ended.id, "error": str(exc)})
-        self._unrecorded[ended.id] = (ended, event)
+        self._unrecorded[ended.id] = (ended, event, also, events)
 
     def retry_unrecorded(self) -> None:
         """Write the ends the store refused earlier (full disk, locked database)."""
-        for lease_id, (ended, event) in list(self._unrecorded.items()):
+        for lease_id, (ended, event, also, events) in list(self._unrecorded.items()):
             try:
-                self.store.save_lease(ended, event, ended.ended_at or self._clock())
+                self.store.save_lease(ended, event, ended.ended_at or self._clock(), also=also, events=events)
             except StoreError:
                 return  # still refused: next cycle
             del self._unrecorded[lease_id]

@@ -24,6 +24,7 @@ from prometheus_client.registry import Collector
 from starlette.applications import Starlette
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from scratchd.caches import DropReason
 from scratchd.daemon import Daemon
 from scratchd.leases import EndReason, Lease
 from scratchd.pools import REASON_STATES, PoolState
@@ -182,6 +183,43 @@ class DaemonCollector(Collector):
                 "scratchd_leases_ended", "Leases ended since the daemon started.", labels=["pool", "reason"]
             ),
             ended,
+        )
+
+        manager = self._daemon.manager
+        yield _family(
+            CounterMetricFamily(
+                "scratchd_cache_requests",
+                "Creates with a cache_key since the daemon started, by result: hit, fallback or miss.",
+                labels=["pool", "result"],
+            ),
+            {
+                (pool, result): manager.cache_requests[pool, result]
+                for pool in names
+                for result in ("hit", "fallback", "miss")
+            },
+        )
+        kept = manager.kept_totals("pool")
+        yield _family(
+            GaugeMetricFamily("scratchd_cache_entries", "Free kept caches in the pool.", labels=["pool"]),
+            {(pool,): kept.get(pool, (0, 0))[0] for pool in names},
+        )
+        yield _family(
+            GaugeMetricFamily(
+                "scratchd_cache_bytes", "Bytes of the free kept caches in the pool.", labels=["pool"]
+            ),
+            {(pool,): kept.get(pool, (0, 0))[1] for pool in names},
+        )
+        yield _family(
+            CounterMetricFamily(
+                "scratchd_cache_dropped",
+                "Kept caches dropped since the daemon started, by reason.",
+                labels=["pool", "reason"],
+            ),
+            {
+                (pool, reason.value): manager.cache_dropped[pool, reason.value]
+                for pool in names
+                for reason in DropReason
+            },
         )
 
         trash = self._daemon.trash

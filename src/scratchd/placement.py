@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import StrEnum
 
 from scratchd.errors import Refused
@@ -31,6 +31,17 @@ class Placed:
     pool: PoolStatus
     same_filesystem: bool | None  # None when the request named no `near`
     link_mode: LinkMode | None = None  # None when the request named no `near`
+    # Every pool the request could have gone to (the chosen tier, where it fits): a warm
+    # cache in one of them wins over the most room (docs/api.md, "Warm caches").
+    candidates: tuple[PoolStatus, ...] = field(default=(), compare=False)
+
+
+def placed_in(pool: PoolStatus, near: Near | None, candidates: Sequence[PoolStatus] = ()) -> Placed:
+    """A lease in ``pool``, with what a tool can do between it and ``near``."""
+    if near is None:
+        return Placed(pool, None, None, tuple(candidates))
+    mode = link_mode(pool, near)
+    return Placed(pool, mode is LinkMode.HARDLINK, mode, tuple(candidates))
 
 
 def link_mode(pool: PoolStatus, near: Near) -> LinkMode:
@@ -94,11 +105,7 @@ def place(
             f"No pool has {wanted} beyond its reserve and reservations.",
             {"expected_bytes": expected_bytes, "available_bytes": available},
         )
-    chosen = min(fit, key=lambda pool: (-room(pool), pool.name))
-    if near is None:
-        return Placed(chosen, None)
-    mode = link_mode(chosen, near)
-    return Placed(chosen, mode is LinkMode.HARDLINK, mode)
+    return placed_in(min(fit, key=lambda pool: (-room(pool), pool.name)), near, fit)
 
 
 def _usable(pools: Sequence[PoolStatus], pool_name: str | None) -> list[PoolStatus]:

@@ -8,13 +8,14 @@ now), so only the mount id tells the daemon its pool was lost.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import dataclasses
 import fcntl
 import os
 import re
 import secrets
 import stat
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Protocol
 
 from scratchd.mounts import Mount, mount_of
@@ -22,6 +23,7 @@ from scratchd.pools import PoolReason, PoolState, PoolStatus, pool_state, space_
 from scratchd.units import format_size
 
 TRASH_DIR = ".trash"
+CACHE_DIR = ".caches"  # kept caches, each <pool>/.caches/<cache id> (docs/api.md, "Warm caches")
 LOCK_FILE = ".lock"
 FICLONE = 0x40049409  # _IOW(0x94, 9, int) in linux/fs.h
 
@@ -224,7 +226,7 @@ class PoolSet:
         self._configs = new
 
 
-# -- on disk: the lock; pool 0711, lease directories 0700, trash 0700 ---------------------
+# -- on disk: the lock; pool 0711, lease directories 0700, trash and caches 0700 -----------
 
 
 class PoolLocked(Exception):
@@ -278,15 +280,17 @@ def _lock_holder(fd: int) -> int | None:
 
 
 def prepare_pool_dir(path: str) -> None:
-    """Make a pool reachable but not listable by tenants, with a private trash on its filesystem."""
+    """Make a pool reachable but not listable by tenants, with a private trash and cache area on its
+    filesystem (a kept cache out of its tenant's reach: nothing writes into it while it waits)."""
     pool_fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
         _make_private(pool_fd, 0o711)
-        trash_fd = _open_trash(pool_fd)
-        try:
-            _make_private(trash_fd, 0o700)
-        finally:
-            os.close(trash_fd)
+        for name in (TRASH_DIR, CACHE_DIR):
+            area_fd = _open_area(pool_fd, name)
+            try:
+                _make_private(area_fd, 0o700)
+            finally:
+                os.close(area_fd)
     finally:
         os.close(pool_fd)
 
@@ -304,7 +308,7 @@ def probe_reflink(pool_path: str) -> bool:
     except OSError:
         return False
     try:
-        trash_fd = _open_trash(pool_fd)
+        trash_fd = _open_area(pool_fd, TRASH_DIR)
     except OSError:
         os.close(pool_fd)
         return False
@@ -337,18 +341,91 @@ def make_lease_dir(pool_path: str, lease_id: str, *, uid: int | None, gid: int |
     path = os.path.join(pool_path, lease_id)
     os.mkdir(path, 0o700)
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
-        try:
-            if uid is not None or gid is not None:
-                os.fchown(fd, -1 if uid is None else uid, -1 if gid is None else gid)
-            os.fchmod(fd, 0o700)  # mkdir's mode went through the umask
-        finally:
-            os.close(fd)
+        _own_lease_dir(path, uid, gid)
     except BaseException:
         with contextlib.suppress(OSError):
             os.rmdir(path)  # a refused request changes nothing
         raise
     return path
+
+
+def cache_to_lease(pool_path: str, cache_id: str, lease_id: str, *, uid: int | None, gid: int | None) -> str:
+    """Hand a kept cache over: ``<pool>/.caches/<cache_id>`` becomes ``<pool>/<lease_id>`` by one
+    rename (whatever its size), its root 0700 and the tenant's. On failure it is put back."""
+    _check_lease_id(cache_id)
+    _check_lease_id(lease_id)
+    path = os.path.join(pool_path, lease_id)
+    with _dir_fd(pool_path) as pool_fd, _area_fd(pool_fd, CACHE_DIR) as cache_fd:
+        _rename_new(cache_id, cache_fd, lease_id, pool_fd)
+        try:
+            _own_lease_dir(path, uid, gid)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                _rename_new(lease_id, pool_fd, cache_id, cache_fd)
+            raise
+    return path
+
+
+def lease_to_cache(pool_path: str, lease_id: str, cache_id: str) -> None:
+    """Keep a lease's directory: ``<pool>/<lease_id>`` becomes ``<pool>/.caches/<cache_id>`` by one
+    rename. FileNotFoundError if the directory is gone."""
+    _check_lease_id(cache_id)
+    _check_lease_id(lease_id)
+    with _dir_fd(pool_path) as pool_fd, _area_fd(pool_fd, CACHE_DIR) as cache_fd:
+        _rename_new(lease_id, pool_fd, cache_id, cache_fd)
+
+
+def list_caches(pool_path: str) -> list[str]:
+    """The names in a pool's cache area: each a kept cache's id, if it has a record."""
+    try:
+        return sorted(os.listdir(os.path.join(pool_path, CACHE_DIR)))
+    except FileNotFoundError:
+        return []
+
+
+def cache_path(pool_path: str, cache_id: str) -> str:
+    _check_lease_id(cache_id)
+    return os.path.join(pool_path, CACHE_DIR, cache_id)
+
+
+def _own_lease_dir(path: str, uid: int | None, gid: int | None) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:
+        if uid is not None or gid is not None:
+            os.fchown(fd, -1 if uid is None else uid, -1 if gid is None else gid)
+        os.fchmod(fd, 0o700)  # mkdir's mode went through the umask; a kept cache's root may have changed
+    finally:
+        os.close(fd)
+
+
+RENAME_NOREPLACE = 1  # linux/fs.h
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+
+
+def _rename_new(name: str, from_fd: int, new_name: str, to_fd: int) -> None:
+    """Rename into a name that must not exist yet: never over an entry, even an empty directory."""
+    if _libc.renameat2(from_fd, os.fsencode(name), to_fd, os.fsencode(new_name), RENAME_NOREPLACE) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err), name)
+
+
+@contextlib.contextmanager
+def _dir_fd(path: str) -> Iterator[int]:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        yield fd
+    finally:
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def _area_fd(pool_fd: int, name: str) -> Iterator[int]:
+    fd = _open_area(pool_fd, name)
+    try:
+        yield fd
+    finally:
+        os.close(fd)
 
 
 def remove_if_empty(pool_path: str, lease_id: str) -> bool:
@@ -368,28 +445,26 @@ def remove_if_empty(pool_path: str, lease_id: str) -> bool:
     return True
 
 
-def move_to_trash(pool_path: str, lease_id: str) -> str | None:
-    """Rename ``<pool>/<lease_id>`` into the trash in one step; None if it is already gone.
+def move_to_trash(pool_path: str, lease_id: str, *, area: str | None = None) -> str | None:
+    """Rename ``<pool>/<lease_id>`` (or, with ``area``, ``<pool>/<area>/<lease_id>``: a kept cache)
+    into the trash in one step; None if it is already gone.
 
     Works relative to directory descriptors, so only the configured pool path
     is looked up by name, and the rename never leaves the pool's filesystem.
     ``lease_id`` may be any entry ``list_entries`` returns: orphans are trashed too.
     """
     _check_entry_name(lease_id)
-    pool_fd = os.open(pool_path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        trash_fd = _open_trash(pool_fd)
+    with _dir_fd(pool_path) as pool_fd, _area_fd(pool_fd, TRASH_DIR) as trash_fd:
+        stem = os.fsdecode(os.fsencode(lease_id)[:_TRASH_STEM_BYTES])
+        trashed = f"{stem}.{secrets.token_hex(8)}"
         try:
-            stem = os.fsdecode(os.fsencode(lease_id)[:_TRASH_STEM_BYTES])
-            trashed = f"{stem}.{secrets.token_hex(8)}"
-            try:
+            if area is None:
                 os.rename(lease_id, trashed, src_dir_fd=pool_fd, dst_dir_fd=trash_fd)
-            except FileNotFoundError:
-                return None
-        finally:
-            os.close(trash_fd)
-    finally:
-        os.close(pool_fd)
+            else:
+                with _area_fd(pool_fd, area) as area_fd:
+                    os.rename(lease_id, trashed, src_dir_fd=area_fd, dst_dir_fd=trash_fd)
+        except FileNotFoundError:
+            return None
     return os.path.join(pool_path, TRASH_DIR, trashed)
 
 
@@ -398,16 +473,17 @@ def list_entries(pool_path: str) -> list[str]:
     return sorted(name for name in os.listdir(pool_path) if not name.startswith("."))
 
 
-def _open_trash(pool_fd: int) -> int:
-    """The trash, created if missing: the rename into it must not fail on a cleaned-up pool."""
+def _open_area(pool_fd: int, name: str) -> int:
+    """A daemon-owned area of the pool (the trash, the caches), created if missing: the rename into
+    it must not fail on a cleaned-up pool."""
     flags = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
     try:
-        return os.open(TRASH_DIR, flags, dir_fd=pool_fd)  # the common case: one syscall
+        return os.open(name, flags, dir_fd=pool_fd)  # the common case: one syscall
     except FileNotFoundError:
         pass
     with contextlib.suppress(FileExistsError):
-        os.mkdir(TRASH_DIR, 0o700, dir_fd=pool_fd)
-    fd = os.open(TRASH_DIR, flags, dir_fd=pool_fd)
+        os.mkdir(name, 0o700, dir_fd=pool_fd)
+    fd = os.open(name, flags, dir_fd=pool_fd)
     os.fchmod(fd, 0o700)  # mkdir's mode went through the umask
     return fd
 

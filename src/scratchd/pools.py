@@ -71,8 +71,18 @@ def space_reason(*, read_only: bool, free_bytes: int, reserve_bytes: int) -> Poo
     return None
 
 
-def pool_json(pool: PoolStatus, *, reserved: int, leased: int, active: int) -> dict[str, Any]:
-    """A pool as ``/v1/pools`` answers it and ``/metrics`` names its series, with its leases' totals."""
+def pool_json(
+    pool: PoolStatus,
+    *,
+    reserved: int,
+    leased: int,
+    active: int,
+    cache_entries: int,
+    cache_bytes: int,
+    cache_max: int,
+) -> dict[str, Any]:
+    """A pool as ``/v1/pools`` answers it and ``/metrics`` names its series, with its leases' and
+    free kept caches' totals."""
     return {
         "name": pool.name,
         "path": pool.path,
@@ -90,4 +100,7 @@ def pool_json(pool: PoolStatus, *, reserved: int, leased: int, active: int) -> d
         "active_leases": active,
         "labels": list(pool.labels),
         "reflink": pool.reflink,
+        "cache_entries": cache_entries,
+        "cache_bytes": cache_bytes,
+        "cache_max_bytes": cache_max,
     }

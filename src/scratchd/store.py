@@ -104,7 +104,7 @@ MIGRATIONS: tuple[str, ...] = (
     "CREATE TABLE caches ("
     " id TEXT PRIMARY KEY, key TEXT NOT NULL, tenant TEXT NOT NULL, pool TEXT NOT NULL, state TEXT NOT NULL,"
     " lease_id TEXT, bytes INTEGER NOT NULL DEFAULT 0, files INTEGER NOT NULL DEFAULT 0,"
-    " kept_at REAL NOT NULL, last_used_at REAL NOT NULL, hits INTEGER NOT NULL DEFAULT 0);"
+    " kept_at REAL NOT NULL, last_used_at REAL NOT NULL, hits INTEGER NOT NULL DEFAULT 0, inode INTEGER);"
     "ALTER TABLE leases ADD COLUMN cache_key TEXT;"
     "ALTER TABLE leases ADD COLUMN cache_fallback TEXT;"
     "ALTER TABLE leases ADD COLUMN cache_hit TEXT;"
@@ -180,13 +180,13 @@ def lease_updated(lease: Lease) -> Statement:
     )
 
 
-_CACHE_COLUMNS = "id, key, tenant, pool, state, lease_id, bytes, files, kept_at, last_used_at, hits"
+_CACHE_COLUMNS = "id, key, tenant, pool, state, lease_id, bytes, files, kept_at, last_used_at, hits, inode"
 
 
 def cache_saved(cache: Cache) -> Statement:
     """A cache kept, handed over, measured or freed: its whole record."""
     return (
-        f"INSERT OR REPLACE INTO caches ({_CACHE_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        f"INSERT OR REPLACE INTO caches ({_CACHE_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
         (
             cache.id,
             cache.key,
@@ -199,6 +199,7 @@ def cache_saved(cache: Cache) -> Statement:
             cache.kept_at,
             cache.last_used_at,
             cache.hits,
+            cache.inode,
         ),
     )
 
@@ -208,7 +209,7 @@ def cache_deleted(cache_id: str) -> Statement:
 
 
 def _cache(row: tuple[Any, ...]) -> Cache:
-    id_, key, tenant, pool, state, lease_id, size, files, kept_at, last_used_at, hits = row
+    id_, key, tenant, pool, state, lease_id, size, files, kept_at, last_used_at, hits, inode = row
     return Cache(
         id=id_,
         key=key,
@@ -221,6 +222,7 @@ def _cache(row: tuple[Any, ...]) -> Cache:
         kept_at=kept_at,
         last_used_at=last_used_at,
         hits=hits,
+        inode=inode,
     )
 
 

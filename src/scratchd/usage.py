@@ -15,6 +15,7 @@ import time
 from collections.abc import Callable
 from concurrent.futures.process import BrokenProcessPool
 
+from scratchd.caches import Cache
 from scratchd.leases import Lease, Usage
 from scratchd.manager import LeaseManager
 from scratchd.offload import SCANNER_NICENESS, disk_worker, stop_task
@@ -73,7 +74,9 @@ class UsageMonitor:
         self._wakeup = asyncio.Event()
         self._executor = disk_worker(SCANNER_NICENESS, scan_tree)
         self._task: asyncio.Task[None] | None = None
+        self._cache_scans: set[asyncio.Task[None]] = set()
         manager.listeners.append(self._lease_changed)
+        manager.cache_listeners.append(self._cache_kept)
 
     def start(self) -> None:
         now = self._clock()
@@ -82,6 +85,8 @@ class UsageMonitor:
         self._task = asyncio.get_running_loop().create_task(self._run(), name="scratchd-usage")
 
     async def stop(self) -> None:
+        for scan in list(self._cache_scans):
+            await stop_task(scan)
         await stop_task(self._task)
         self._executor.shutdown(wait=False, cancel_futures=True)
         self._flush()
@@ -182,6 +187,20 @@ class UsageMonitor:
             lease.last_activity_at = newest
         self._dirty[lease.id] = lease
         self._schedule(lease.id, sample.measured_at + self._period(lease))
+
+    def _cache_kept(self, cache: Cache, path: str) -> None:
+        """A kept cache's size was its lease's last measurement: measure the directory itself, soon."""
+        scan = asyncio.get_running_loop().create_task(self._measure_cache(cache.id, path))
+        self._cache_scans.add(scan)
+        scan.add_done_callback(self._cache_scans.discard)
+
+    async def _measure_cache(self, cache_id: str, path: str) -> None:
+        try:
+            sample = await asyncio.get_running_loop().run_in_executor(self._executor, scan_tree, path)
+        except (OSError, TreeChanged, BrokenProcessPool) as exc:  # dropped meanwhile, or the worker died
+            log.debug("cache not measured", extra={"cache": cache_id, "error": str(exc)})
+            return
+        self._manager.cache_measured(cache_id, sample.bytes, sample.files)
 
     def _flush(self) -> None:
         if not self._dirty:

@@ -10,7 +10,8 @@ calling the very functions the FastAPI routes call (``routes.start_lease``,
 - a caller on the Unix socket (TCP callers carry tokens: they take the routes);
 - for a create, a body declared ``application/json`` whose ``content-length`` is
   within the body limit, empty or one that validates as a
-  :class:`~scratchd.api.models.LeaseRequest`; for a release, no body at all.
+  :class:`~scratchd.api.models.LeaseRequest`; for a release, no body and no query
+  (``?keep=``) at all.
 
 Anything else, including every body that fails to parse or validate, goes on down
 the stack with the body replayed, so errors are worded in one place. Answers are
@@ -72,6 +73,7 @@ class HotPath:
             if (
                 method == "DELETE"
                 and path.startswith(_LEASE_PREFIX)
+                and not scope["query_string"]  # ?keep=…: the route reads and words it
                 and _no_body(scope)
                 and (lease_id := path[len(_LEASE_PREFIX) :])
                 and "/" not in lease_id

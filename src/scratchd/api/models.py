@@ -12,11 +12,22 @@ import re
 import time
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationInfo,
+    field_validator,
+)
 
+from scratchd.caches import CACHE_KEY as _CACHE_KEY
+from scratchd.caches import MAX_FALLBACKS, Cache
 from scratchd.leases import Lease
 
 MAX_LABELS = 32
+CACHE_KEY = f"^{_CACHE_KEY.pattern}$"
 LABEL_KEY = re.compile(r"[a-z0-9][a-z0-9_./-]{0,62}")
 _UNPRINTABLE = re.compile("[\x00-\x1f\x7f-\x9f\ud800-\udfff]")
 MAX_PATH = 4096
@@ -99,6 +110,25 @@ class LeaseRequest(_Request):
         default=None,
         description="Lease on behalf of this tenant (admins only: a broker such as the CSI plugin).",
     )
+    cache_key: Annotated[str, Field(pattern=CACHE_KEY)] | None = Field(
+        default=None,
+        description="Start from this tenant's kept cache of this key, if any, and keep the directory "
+        "under it when the lease is released (docs/api.md, Warm caches).",
+    )
+    cache_fallback: Annotated[
+        list[Annotated[str, Field(pattern=CACHE_KEY)]], Field(max_length=MAX_FALLBACKS)
+    ] = Field(
+        default_factory=list,
+        description="On a miss of cache_key: the newest kept cache whose key starts with the first of "
+        "these prefixes that any matches. Needs cache_key.",
+    )
+
+    @field_validator("cache_fallback")
+    @classmethod
+    def _fallback_needs_key(cls, value: list[str], info: ValidationInfo) -> list[str]:
+        if value and info.data.get("cache_key") is None:
+            raise ValueError("cache_fallback needs a cache_key")
+        return value
 
 
 class RenewRequest(_Request):
@@ -112,6 +142,15 @@ class UsageOut(BaseModel):
     bytes: int
     files: int
     measured_at: str | None
+
+
+class CacheUseOut(BaseModel):
+    key: str
+    hit: Literal["exact", "fallback"] | None = Field(description="null: a miss, the lease started empty.")
+    matched_key: str | None = Field(description="The key of the cache handed over.")
+    cache_id: str | None = Field(description="The cache handed over.")
+    kept_at: str | None = Field(description="When the cache handed over was kept.")
+    kept_id: str | None = Field(description="Once released with keep: the kept cache's id.")
 
 
 class LeaseOut(BaseModel):
@@ -137,6 +176,7 @@ class LeaseOut(BaseModel):
     mount_point: str | None
     last_activity_at: str | None
     usage: UsageOut
+    cache: CacheUseOut | None = Field(description="null without a cache_key.")
 
 
 class LeaseList(BaseModel):
@@ -163,6 +203,9 @@ class PoolOut(BaseModel):
     active_leases: int
     labels: list[str]
     reflink: bool
+    cache_entries: int = Field(description="Free kept caches in the pool.")
+    cache_bytes: int = Field(description="Bytes of the free kept caches in the pool.")
+    cache_max_bytes: int = Field(description="The pool's cache_max; 0: releases keep nothing here.")
 
 
 class PoolList(BaseModel):
@@ -174,6 +217,16 @@ class TenantUsage(BaseModel):
     active_leases: int
     bytes: int
     reserved_bytes: int
+    cache_bytes: int = Field(description="Bytes of the tenant's free kept caches.")
+
+
+class CacheTotals(BaseModel):
+    entries: int
+    bytes: int
+    hits_total: int = Field(description="Creates that got a kept cache (exact or fallback), since start.")
+    misses_total: int
+    dropped_total: int
+    by_reason: dict[str, int] = Field(description="Caches dropped since start, by reason.")
 
 
 class ReclaimStatus(BaseModel):
@@ -190,6 +243,25 @@ class UsageReport(BaseModel):
     tenants: list[TenantUsage]
     largest_leases: list[LeaseOut]
     reclaim: ReclaimStatus
+    caches: CacheTotals
+
+
+class CacheOut(BaseModel):
+    id: str
+    key: str
+    tenant: str
+    pool: str
+    state: Literal["free", "in_use"]
+    lease_id: str | None = Field(description="The lease whose directory it is while in use.")
+    bytes: int
+    files: int
+    kept_at: str
+    last_used_at: str
+    hits: int
+
+
+class CacheList(BaseModel):
+    caches: list[CacheOut]
 
 
 class EventOut(BaseModel):
@@ -266,4 +338,30 @@ def lease_json(lease: Lease) -> dict[str, Any]:
             "files": lease.usage.files,
             "measured_at": timestamp(lease.usage.measured_at),
         },
+        "cache": None
+        if lease.cache is None
+        else {
+            "key": lease.cache.key,
+            "hit": lease.cache.hit.value if lease.cache.hit else None,
+            "matched_key": lease.cache.matched_key,
+            "cache_id": lease.cache.cache_id,
+            "kept_at": timestamp(lease.cache.kept_at),
+            "kept_id": lease.cache.kept_id,
+        },
+    }
+
+
+def cache_json(cache: Cache) -> dict[str, Any]:
+    return {
+        "id": cache.id,
+        "key": cache.key,
+        "tenant": cache.tenant,
+        "pool": cache.pool,
+        "state": cache.state.value,
+        "lease_id": cache.lease_id,
+        "bytes": cache.bytes,
+        "files": cache.files,
+        "kept_at": timestamp(cache.kept_at),
+        "last_used_at": timestamp(cache.last_used_at),
+        "hits": cache.hits,
     }

@@ -8,6 +8,7 @@ import math
 import os
 import re
 import time
+from collections import Counter
 from collections.abc import Callable, Coroutine
 from typing import Annotated, Any, Literal
 
@@ -18,10 +19,11 @@ from starlette.responses import Response
 
 from scratchd.api import models
 from scratchd.api.identity import PEER_KEY, Caller, Role, authenticate
+from scratchd.caches import Cache
 from scratchd.daemon import Daemon
 from scratchd.errors import Refused
 from scratchd.leases import Lease
-from scratchd.manager import LeaseFilter, LeaseSpec
+from scratchd.manager import CacheFilter, LeaseFilter, LeaseSpec, Totals
 from scratchd.placement import Placement
 from scratchd.ratelimit import RateLimiter
 from scratchd.reclaim.procs import pid_in_daemon_namespace
@@ -35,8 +37,8 @@ ERRORS: dict[int | str, dict[str, Any]] = {
         400: "invalid_request (a body that cannot be parsed at all)",
         401: "unauthenticated",
         403: "forbidden",
-        404: "lease_not_found / pool_not_found / not_found",
-        409: "lease_ended / no_pool_on_filesystem",
+        404: "lease_not_found / pool_not_found / cache_not_found / not_found",
+        409: "lease_ended / no_pool_on_filesystem / cache_in_use",
         413: "request_too_large",
         422: "invalid_request",
         429: "quota_exceeded",
@@ -153,6 +155,8 @@ async def start_lease(request: Request, caller: Caller, body: models.LeaseReques
         expected_bytes=body.expected_bytes,
         evictable=body.evictable,
         labels=body.labels,
+        cache_key=body.cache_key,
+        cache_fallback=tuple(body.cache_fallback),
     )
     return await _daemon(request).manager.create(tenant, spec)
 
@@ -234,18 +238,37 @@ async def renew_lease(
 
 
 @router.delete("/v1/leases/{lease_id}", response_model=models.LeaseOut, responses=ERRORS, tags=["leases"])
-async def release_lease(request: Request, lease_id: str, caller: Writer) -> Response:
+async def release_lease(
+    request: Request,
+    lease_id: str,
+    caller: Writer,
+    keep: Annotated[
+        Literal["true", "false"] | None,
+        Query(
+            description="Keep the directory as a warm cache under the lease's cache_key (default: true "
+            "when it has one; true on a lease without one is 422)."
+        ),
+    ] = None,
+) -> Response:
     """End the lease as ``released``; its path is gone when this answers. Idempotent: on a lease
     that already ended, 200 with the lease as it is. The record stays readable afterwards."""
-    return _json(models.lease_json(await end_lease(request, caller, lease_id)))
+    kept = None if keep is None else keep == "true"
+    return _json(models.lease_json(await end_lease(request, caller, lease_id, kept)))
 
 
-async def end_lease(request: Request, caller: Caller, lease_id: str) -> Lease:
+async def end_lease(request: Request, caller: Caller, lease_id: str, keep: bool | None = None) -> Lease:
     """``DELETE /v1/leases/{lease_id}`` once the caller is known (shared with ``api.hotpath``)."""
     daemon = _daemon(request)
     lease = _visible_lease(daemon, caller, lease_id)
+    if keep and lease.cache is None:
+        raise Refused(
+            422,
+            "invalid_request",
+            f"keep: lease {lease.id} has no cache_key, so there is nothing to keep it under.",
+            {"fields": {"keep": "the lease has no cache_key"}},
+        )
     if lease.active:
-        lease = await daemon.manager.release(lease)
+        lease = await daemon.manager.release(lease, keep)
     return lease
 
 
@@ -267,14 +290,20 @@ async def usage(request: Request, caller: Reader) -> Response:
     daemon = _daemon(request)
     active = daemon.manager.active
     only = None if caller.sees_all() else caller.name
-    tenants = sorted(
-        active.tenant_totals.items()
+    kept = daemon.manager.kept_totals("tenant")
+    names = sorted(
+        (active.tenant_totals.keys() | kept.keys())
         if only is None
-        else [(only, active.tenant_totals[only])]
-        if only in active.tenant_totals
-        else []
+        else {only} & (active.tenant_totals.keys() | kept.keys())
     )
+    empty = Totals()
     trash = daemon.trash
+    requests = daemon.manager.cache_requests
+    dropped = daemon.manager.cache_dropped
+    by_reason: Counter[str] = Counter()
+    for (_, reason), count in dropped.items():
+        by_reason[reason] += count
+    mine = kept.values() if only is None else [kept.get(only, (0, 0))]
     return _json(
         {
             "generated_at": models.timestamp(time.time()),
@@ -282,11 +311,12 @@ async def usage(request: Request, caller: Reader) -> Response:
             "tenants": [
                 {
                     "tenant": name,
-                    "active_leases": t.active_leases,
+                    "active_leases": (t := active.tenant_totals.get(name, empty)).active_leases,
                     "bytes": t.bytes,
                     "reserved_bytes": t.reserved_bytes,
+                    "cache_bytes": kept.get(name, (0, 0))[1],
                 }
-                for name, t in tenants
+                for name in names
             ],
             "largest_leases": [models.lease_json(lease) for lease in active.largest(LARGEST_LEASES, only)],
             "reclaim": {
@@ -296,8 +326,54 @@ async def usage(request: Request, caller: Reader) -> Response:
                 "reclaimed_bytes_total": trash.reclaimed_bytes_total,
                 "by_reason": dict(trash.by_reason),
             },
+            "caches": {
+                "entries": sum(entries for entries, _ in mine),
+                "bytes": sum(size for _, size in mine),
+                "hits_total": sum(n for (_, result), n in requests.items() if result != "miss"),
+                "misses_total": sum(n for (_, result), n in requests.items() if result == "miss"),
+                "dropped_total": sum(dropped.values()),
+                "by_reason": dict(by_reason),
+            },
         }
     )
+
+
+# -- kept caches ----------------------------------------------------------------------------------
+
+
+def _visible_cache(daemon: Daemon, caller: Caller, cache_id: str) -> Cache:
+    """The cache if this caller may see it; another tenant's cache is 404, as a lease is."""
+    cache = daemon.manager.caches.get(cache_id) if LEASE_ID.match(cache_id) else None
+    if cache is None or not (caller.sees_all() or cache.tenant == caller.name):
+        raise Refused(404, "cache_not_found", f"No cache {cache_id[:80]!r}.", {"id": cache_id[:80]})
+    return cache
+
+
+@router.get("/v1/caches", response_model=models.CacheList, responses=ERRORS, tags=["caches"])
+async def list_caches(
+    request: Request,
+    caller: Reader,
+    key: Annotated[str | None, Query(max_length=128)] = None,
+    tenant: Annotated[str | None, Query(max_length=256)] = None,
+    pool: Annotated[str | None, Query(max_length=64)] = None,
+) -> Response:
+    """Kept caches, oldest first: a tenant's own; viewers and admins see all."""
+    if not caller.sees_all():
+        tenant = caller.name if tenant in (None, caller.name) else "\x00nobody"
+    found = _daemon(request).manager.find_caches(CacheFilter(key=key, tenant=tenant, pool=pool))
+    return _json({"caches": [models.cache_json(cache) for cache in found]})
+
+
+@router.get("/v1/caches/{cache_id}", response_model=models.CacheOut, responses=ERRORS, tags=["caches"])
+async def get_cache(request: Request, cache_id: str, caller: Reader) -> Response:
+    return _json(models.cache_json(_visible_cache(_daemon(request), caller, cache_id)))
+
+
+@router.delete("/v1/caches/{cache_id}", response_model=models.CacheOut, responses=ERRORS, tags=["caches"])
+async def remove_cache(request: Request, cache_id: str, caller: Writer) -> Response:
+    """Drop a free kept cache (reason ``removed``); one in use is 409 ``cache_in_use``."""
+    daemon = _daemon(request)
+    return _json(models.cache_json(daemon.manager.remove_cache(_visible_cache(daemon, caller, cache_id))))
 
 
 @router.get("/v1/events", response_model=models.EventList, responses=ERRORS, tags=["events"])

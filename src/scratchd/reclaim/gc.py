@@ -16,7 +16,7 @@ from scratchd.config import GcConfig
 from scratchd.errors import Refused
 from scratchd.leases import EndReason, Lease
 from scratchd.manager import LeaseManager
-from scratchd.pool_dirs import PoolSet, list_entries, move_to_trash
+from scratchd.pool_dirs import CACHE_DIR, PoolSet, list_caches, list_entries, move_to_trash
 from scratchd.pools import PoolState
 from scratchd.reclaim import policy
 from scratchd.reclaim.trash import Trash, TrashItem
@@ -73,9 +73,19 @@ class Collector:
         now = self._clock()
         self._refresh_pools()
         pools = {status.name: status for status in self._pools.statuses()}
-        for ending in policy.decide(
-            list(self._manager.active.values()), pools, now, self._trash.pending_bytes_by_pool
-        ).endings:
+        decision = policy.decide(
+            list(self._manager.active.values()),
+            pools,
+            now,
+            self._trash.pending_bytes_by_pool,
+            caches=list(self._manager.caches.values()),
+            rules=self._manager.cache_rules(),
+        )
+        for drop in decision.drops:  # first: under pressure, caches go before evictable leases
+            cache = self._manager.caches.get(drop.cache_id)
+            if cache is not None and cache.free:
+                self._manager.drop_cache(cache, drop)
+        for ending in decision.endings:
             lease = self._manager.active.get(ending.lease_id)
             if lease is not None:
                 self._try_end(lease, ending.reason, **ending.details)
@@ -104,7 +114,8 @@ class Collector:
             )
 
     def _review_orphans(self, now: float) -> None:
-        """Reclaim pool entries without an active lease once ``gc.orphan_grace`` has passed.
+        """Reclaim pool entries without an active lease, and entries of the cache area without a
+        cache record, once ``gc.orphan_grace`` has passed.
 
         Nothing else deletes a name in a pool that no lease holds, and only after a grace
         that outlasts a create's mkdir-then-commit.
@@ -114,20 +125,22 @@ class Collector:
         cleared: list[tuple[str, str]] = []
         events: list[NewEvent] = []
         leased = {lease.id for lease in self._manager.active.values()}
+        leased |= {f"{CACHE_DIR}/{cache_id}" for cache_id in self._manager.caches}
         for pool in self._pools.statuses():
             if pool.state in (PoolState.UNAVAILABLE, PoolState.READ_ONLY):
                 continue
             mine = {name: t for (p, name), t in sightings.items() if p == pool.name}
             try:
-                entries = list_entries(pool.path)
+                entries = list_entries(pool.path) + [f"{CACHE_DIR}/{name}" for name in list_caches(pool.path)]
             except OSError:
                 continue
             review = policy.review_orphans(entries, leased, mine, now, self._gc().orphan_grace)
             seen += [(pool.name, name, t) for name, t in review.first_seen.items()]
             cleared += [(pool.name, name) for name in review.cleared]
             for name in review.due:
+                area, _, entry = name.rpartition("/")  # a kept cache without a record: .caches/<id>
                 try:
-                    trashed = move_to_trash(pool.path, name)
+                    trashed = move_to_trash(pool.path, entry, area=area or None)
                 except OSError as exc:
                     log.warning(
                         "cannot reclaim orphan",
