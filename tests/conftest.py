@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import os
 import signal
@@ -18,6 +19,41 @@ import pytest
 
 IS_ROOT = os.geteuid() == 0
 needs_root = pytest.mark.skipif(not IS_ROOT, reason="needs root: mounts, chown and other Unix users")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """A test that starts a real daemon process is ``slow``: every test under ``integration``, and
+    any other that asks for ``make_daemon``. ``-m "not slow"`` is the fast tier: the unit tests
+    and the in-process ones (``tests/inprocess``)."""
+    for item in items:
+        if "integration" in item.path.parts or "make_daemon" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.slow)
+
+
+# Tests run in parallel (pytest-xdist) share one host. A test that changes a host-wide
+# setting (an inotify sysctl) is marked ``host_global`` and runs alone: it holds HOST_LOCK
+# exclusively, every other test holds it shared. A writer waiting at the TURNSTILE keeps
+# new readers out, so it is not starved by tests that follow each other back to back.
+# The files are host-wide on purpose: two suites on one host share its sysctls too.
+HOST_LOCK = Path("/tmp/scratchd-tests-host.lock")
+TURNSTILE = Path("/tmp/scratchd-tests-turnstile.lock")
+_alone = False  # whether this test holds HOST_LOCK exclusively
+
+
+@pytest.fixture(autouse=True)
+def _host_share(request: pytest.FixtureRequest) -> Iterator[None]:
+    global _alone
+    alone = request.node.get_closest_marker("host_global") is not None
+    with open(TURNSTILE, "a") as turnstile, open(HOST_LOCK, "a") as host:
+        fcntl.flock(turnstile, fcntl.LOCK_EX)
+        fcntl.flock(host, fcntl.LOCK_EX if alone else fcntl.LOCK_SH)
+        if not alone:
+            fcntl.flock(turnstile, fcntl.LOCK_UN)
+        _alone = alone
+        try:
+            yield
+        finally:
+            _alone = False
 
 
 def wait_for(
@@ -201,6 +237,7 @@ needs_queue_sysctl = pytest.mark.skipif(
 def sysctl(path: Path, value: int) -> Iterator[None]:
     """Set a ``/proc/sys`` value host-wide for the block, then put the old one back. For inotify
     limits, instances created meanwhile (a daemon started in the block, say) keep it for life."""
+    assert _alone, "a test that changes a sysctl is marked host_global: other tests share the host"
     original = path.read_text()
     path.write_text(f"{value}\n")
     try:
