@@ -17,6 +17,7 @@ in milliseconds of:
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import signal
 import statistics
@@ -66,6 +67,10 @@ def _unpublish_request(published: csi_pb2.NodePublishVolumeRequest) -> csi_pb2.N
     return csi_pb2.NodeUnpublishVolumeRequest(
         volume_id=published.volume_id, target_path=published.target_path
     )
+
+
+def _unpublish(node: csi_pb2_grpc.NodeStub, published: csi_pb2.NodePublishVolumeRequest) -> object:
+    return node.NodeUnpublishVolume(_unpublish_request(published), timeout=30)
 
 
 def _timed(call: Callable[[], object]) -> float:
@@ -156,10 +161,8 @@ def _measure(
     cold, unpublish = [], []
     for _ in range(args.n):
         request = _publish_request(kubelet, {})
-        cold.append(_timed(lambda request=request: node.NodePublishVolume(request, timeout=30)))
-        unpublish.append(
-            _timed(lambda r=request: node.NodeUnpublishVolume(_unpublish_request(r), timeout=30))
-        )
+        cold.append(_timed(functools.partial(node.NodePublishVolume, request, timeout=30)))
+        unpublish.append(_timed(functools.partial(_unpublish, node, request)))
 
     warm, keep = [], []
     if _keeps_caches(socket_path):
@@ -170,8 +173,8 @@ def _measure(
         node.NodeUnpublishVolume(_unpublish_request(seed), timeout=30)
         for _ in range(args.n):
             request = _publish_request(kubelet, {"cacheKey": "bench"})
-            warm.append(_timed(lambda request=request: node.NodePublishVolume(request, timeout=30)))
-            keep.append(_timed(lambda r=request: node.NodeUnpublishVolume(_unpublish_request(r), timeout=30)))
+            warm.append(_timed(functools.partial(node.NodePublishVolume, request, timeout=30)))
+            keep.append(_timed(functools.partial(_unpublish, node, request)))
     return [
         _row("first publish after the plugin started", [first_ms]),
         _row("publish, cold (new empty lease)", cold),

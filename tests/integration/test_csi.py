@@ -157,7 +157,7 @@ def is_mount(path: Path) -> bool:
 
 def leases_of(daemon: Daemon, pod: Pod, state: str = "active") -> list[dict[str, Any]]:
     params = {"state": state, "label": f"{P}volume-id={pod.volume_id}"}
-    return daemon.request("GET", "/v1/leases", params=params).json()["leases"]  # type: ignore[no-any-return]
+    return daemon.request("GET", "/v1/leases", params=params).json()["leases"]
 
 
 def test_identity_and_node_info(plugin: CsiPlugin) -> None:
