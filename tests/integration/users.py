@@ -6,6 +6,7 @@ checks), and plain HTTP over the daemon's sockets, down to raw bytes for framing
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import http.client
 import json
 import pwd
@@ -31,6 +32,18 @@ class User:
     gid: int  # primary group
 
 
+# Tests running in parallel add and remove users at once: shadow-utils refuses to wait for
+# each other's lock on /etc/passwd ("cannot lock /etc/passwd; try again later").
+_PASSWD_LOCK = Path("/tmp/scratchd-tests-passwd.lock")
+
+
+def _passwd(*argv: str, check: bool = True) -> None:
+    """``useradd``/``userdel``/``groupadd``/``groupdel``, one at a time across test processes."""
+    with open(_PASSWD_LOCK, "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        subprocess.run(argv, check=check, capture_output=not check)
+
+
 def _unique(prefix: str) -> str:
     return f"{prefix}{secrets.token_hex(4)}"  # short: user names are at most 32 characters
 
@@ -38,11 +51,11 @@ def _unique(prefix: str) -> str:
 @contextlib.contextmanager
 def throwaway_group() -> Iterator[str]:
     name = _unique("sdg")
-    subprocess.run(["groupadd", name], check=True)
+    _passwd("groupadd", name)
     try:
         yield name
     finally:
-        subprocess.run(["groupdel", name], check=False)
+        _passwd("groupdel", name, check=False)
 
 
 @contextlib.contextmanager
@@ -50,12 +63,12 @@ def throwaway_user(groups: Sequence[str] = ()) -> Iterator[User]:
     """A new user with its own primary group and a home, removed with both afterwards."""
     name = _unique("sdu")
     extra = ["-G", ",".join(groups)] if groups else []
-    subprocess.run(["useradd", "-m", "-s", "/usr/sbin/nologin", *extra, name], check=True)
+    _passwd("useradd", "-m", "-s", "/usr/sbin/nologin", *extra, name)
     try:
         entry = pwd.getpwnam(name)
         yield User(name, entry.pw_uid, entry.pw_gid)
     finally:
-        subprocess.run(["userdel", "-r", name], check=False, capture_output=True)
+        _passwd("userdel", "-r", name, check=False)
 
 
 @contextlib.contextmanager
