@@ -14,6 +14,9 @@ from urllib.parse import urlsplit
 
 import httpx
 import pytest
+from conftest import wait_for
+
+from scratchd.units import format_size
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMEDRIVER = "/usr/bin/chromedriver"
@@ -359,3 +362,30 @@ def test_pool_labels_and_why_a_pool_is_not_ok(locked, browser, tmp_path):
     show_as(browser, "phone")
     screenshot(browser, tmp_path / "pools-phone.png")
     assert page_errors(browser) == []
+
+
+def test_warm_caches_per_pool_and_the_hit_rate(make_daemon, browser, tmp_path):
+    port = free_port()
+    daemon = make_daemon(server={"listen": f"127.0.0.1:{port}", "anonymous": "viewer"})
+    cold = daemon.lease(cache_key="uv-main")
+    Path(cold["path"], "wheels").write_bytes(os.urandom(200_000))
+    assert daemon.request("DELETE", f"/v1/leases/{cold['id']}").status_code == 200  # kept
+    warm = daemon.lease(cache_key="uv-main")
+    assert warm["cache"]["hit"] == "exact"
+    assert daemon.request("DELETE", f"/v1/leases/{warm['id']}").status_code == 200  # kept again
+    pool = wait_for(
+        lambda: (p := daemon.pool("main"))["cache_entries"] == 1 and p["cache_bytes"] >= 200_000 and p,
+        what="the kept cache measured",
+    )
+
+    show_as(browser, "wall")
+    browser.get(f"http://127.0.0.1:{port}/?refresh=1")
+    card = f"caches\n1 · {format_size(pool['cache_bytes'])}"
+    until(browser, lambda: card in by_id(browser, "pool-list").text, "the pool card shows no kept cache")
+    stats = by_id(browser, "cache-stats").text
+    assert "hit rate\n50%" in stats and "hits\n1" in stats and "misses\n1" in stats, stats
+    assert "cache kept" in by_id(browser, "event-list").text
+    screenshot(browser, tmp_path / "caches.png")
+    show_as(browser, "phone")
+    screenshot(browser, tmp_path / "caches-phone.png")
+    assert console_errors(browser) == []

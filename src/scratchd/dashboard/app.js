@@ -241,19 +241,21 @@ function segment(className, width, title) {
   return node;
 }
 
-// The bar is the filesystem: lease data, other data, space promised to leases, free.
+// The bar is the filesystem: lease data, kept caches, other data, space promised to leases, free.
 // The reserve is drawn over the free end: when free space reaches it, the pool is full.
 function poolBar(pool) {
   const cap = pool.capacity_bytes;
   const used = Math.max(0, cap - pool.free_bytes);
   const leased = Math.min(pool.leased_bytes, used);
+  const cached = Math.min(pool.cache_bytes, used - leased);
   const reserved = Math.min(pool.reserved_bytes, pool.free_bytes);
   const reserve = pool.reserve_bytes > 0 ? segment("reserve", percent(pool.reserve_bytes, cap),
                                                    `reserve ${size(pool.reserve_bytes)} kept free`) : null;
   return el("div", { class: "bar", role: "img",
                      "aria-label": `${pool.name}: ${size(used)} of ${size(cap)} used, ${size(pool.free_bytes)} free` },
     segment("leased", percent(leased, cap), `leases ${size(pool.leased_bytes)}`),
-    segment("other", percent(used - leased, cap), `other data ${size(used - leased)}`),
+    segment("cached", percent(cached, cap), `kept caches ${size(pool.cache_bytes)}`),
+    segment("other", percent(used - leased - cached, cap), `other data ${size(used - leased - cached)}`),
     segment("reserved", percent(reserved, cap), `promised to leases ${size(pool.reserved_bytes)}`),
     reserve);
 }
@@ -277,7 +279,8 @@ function poolCard(pool) {
     pool.reason ? el("p", { class: "reason" }, el("code", {}, pool.reason), " ", pool.message ?? "") : null,
     known ? poolBar(pool) : null,
     known ? el("ul", { class: "legend" },
-      el("li", { class: "leased" }, "leases"), el("li", { class: "other" }, "other"),
+      el("li", { class: "leased" }, "leases"), el("li", { class: "cached" }, "caches"),
+      el("li", { class: "other" }, "other"),
       el("li", { class: "reserved" }, "promised"), el("li", { class: "reserve" }, "reserve")) : null,
     el("dl", { class: "stats" },
       known ? stat("capacity", size(pool.capacity_bytes)) : null,
@@ -285,7 +288,9 @@ function poolCard(pool) {
       known ? stat("reserve", size(pool.reserve_bytes), "free space kept back; below it the pool is full") : null,
       stat("promised", size(pool.reserved_bytes), "expected_bytes of active leases, not yet written"),
       stat("leased", size(pool.leased_bytes)),
-      stat("leases", String(pool.active_leases))),
+      stat("leases", String(pool.active_leases)),
+      stat("caches", `${pool.cache_entries} · ${size(pool.cache_bytes)}`,
+           `warm caches kept here, at most ${size(pool.cache_max_bytes)} (cache_max)`)),
     el("p", { class: "where", title: pool.path }, where ? `${pool.path} on ${where}` : pool.path));
 }
 
@@ -294,7 +299,8 @@ function labels(lease) {
 }
 
 function eventItem(event) {
-  const what = [event.reason, event.lease_id, event.tenant, event.pool].filter(Boolean);
+  // cache_kept and cache_dropped name their cache's key in details.
+  const what = [event.reason, event.details?.key, event.lease_id, event.tenant, event.pool].filter(Boolean);
   return el("li", { class: `event ${event.kind}` },
     el("time", { datetime: event.at, title: event.at }, clock(event.at)),
     el("span", { class: "kind" }, event.kind.replaceAll("_", " ")),
@@ -317,7 +323,22 @@ function draw(usage, events) {
     [String(tenant.active_leases), "num"],
     [size(tenant.bytes), "num"],
     [size(tenant.reserved_bytes), "num"],
+    [size(tenant.cache_bytes), "num"],
   ])), "No tenant holds a lease.");
+
+  const caches = usage.caches;
+  const asked = caches.hits_total + caches.misses_total;
+  document.getElementById("cache-stats").replaceChildren(
+    stat("kept", String(caches.entries), "released caches waiting for the next job of their key"),
+    stat("size", size(caches.bytes)),
+    stat("hit rate", asked ? `${percent(caches.hits_total, asked).toFixed(0)}%` : "-",
+         "leases with a cache key that started warm (exact or fallback)"),
+    stat("hits", String(caches.hits_total)),
+    stat("misses", String(caches.misses_total)),
+    stat("dropped", String(caches.dropped_total)));
+  const drops = Object.entries(caches.by_reason).sort((a, b) => b[1] - a[1]);
+  fill("cache-reasons", drops.map(([reason, count]) => el("li", {}, `${reason.replaceAll("_", " ")} ${count}`)),
+    "No cache has been dropped.");
 
   const reclaim = usage.reclaim;
   document.getElementById("reclaim-stats").replaceChildren(
