@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import Daemon, wait_for
+from conftest import IS_ROOT, Daemon, needs_root, tmpfs, wait_for
 
 MakeDaemon = Callable[..., Daemon]
 
@@ -295,3 +295,213 @@ def test_list_get_and_remove_caches(daemon):
     assert 'scratchd_cache_entries{pool="main"} 1.0' in metrics
     assert 'scratchd_cache_dropped_total{pool="main",reason="removed"} 1.0' in metrics
     assert_invariants(daemon)
+
+
+# -- drops ------------------------------------------------------------------------------------------
+
+
+def wait_dropped(daemon: Daemon, cache_id: str, reason: str) -> None:
+    def dropped() -> bool:
+        return any(e["details"]["cache_id"] == cache_id for e in events(daemon, "cache_dropped"))
+
+    wait_for(dropped, what=f"cache {cache_id} dropped ({reason})")
+    [drop] = [e for e in events(daemon, "cache_dropped") if e["details"]["cache_id"] == cache_id]
+    assert drop["reason"] == reason, drop
+    assert cache_id not in {c["id"] for c in caches(daemon)}
+    wait_for(lambda: cache_id not in cache_area(daemon), what="its directory gone from the cache area")
+    wait_for(lambda: not os.listdir(os.path.join(daemon.pool_path, ".trash")), what="its content deleted")
+
+
+def test_a_cache_unused_for_max_age_is_dropped(make_daemon):
+    daemon = make_daemon(caches={"max_age": "1s"})
+    wait_dropped(daemon, kept(daemon, "k")["id"], "max_age")
+
+
+def test_a_pools_cache_max_drops_the_least_recently_used(make_daemon, tmp_path):
+    pool = tmp_path / "capped"
+    pool.mkdir()
+    daemon = make_daemon(pool=[{"name": "main", "path": str(pool), "cache_max": "16K"}])
+    older, newer = daemon.lease(cache_key="a"), daemon.lease(cache_key="b")
+    for lease in (older, newer):
+        Path(lease["path"], "f").write_bytes(b"x" * 12000)  # 12 KiB each, 16 KiB allowed: one stays
+    first = release(daemon, older)["cache"]["kept_id"]
+    wait_for(lambda: caches(daemon)[0]["bytes"] >= 12000, what="the first cache measured")
+    second = release(daemon, newer)["cache"]["kept_id"]
+    wait_dropped(daemon, first, "pool_cap")
+    assert [c["id"] for c in caches(daemon)] == [second]
+
+
+def test_a_tenants_max_cache_bytes_drops_its_caches(make_daemon):
+    daemon = make_daemon(tenant=[{"name": "root", "max_cache_bytes": "1K"}])
+    lease = daemon.lease(cache_key="k")
+    Path(lease["path"], "f").write_bytes(b"x" * 8192)
+    wait_dropped(daemon, release(daemon, lease)["cache"]["kept_id"], "tenant_cap")
+
+
+@needs_root
+def test_under_pressure_free_caches_go_before_any_evictable_lease(make_daemon, tmp_path):
+    with tmpfs(tmp_path / "fs", size="16m") as fs:
+        daemon = make_daemon(pool=[{"name": "main", "path": str(fs), "reserve": "4M", "cache_max": "100%"}])
+        warm = daemon.lease(cache_key="k")
+        Path(warm["path"], "deps").write_bytes(os.urandom(6 << 20))
+        cache_id = release(daemon, warm)["cache"]["kept_id"]
+        wait_for(lambda: caches(daemon)[0]["bytes"] >= 6 << 20, what="the kept cache measured")
+        evictable = daemon.lease(evictable=True)
+        Path(evictable["path"], "f").write_bytes(os.urandom(1 << 20))
+        filler = daemon.lease()
+        Path(filler["path"], "big").write_bytes(os.urandom(8 << 20))  # free falls below the reserve
+        wait_dropped(daemon, cache_id, "pressure")
+        wait_for(lambda: daemon.pool("main")["free_bytes"] > 4 << 20, what="free space back above reserve")
+        assert daemon.request("GET", f"/v1/leases/{evictable['id']}").json()["state"] == "active"
+        assert_invariants(daemon)
+        daemon.stop()
+
+
+# -- tenants --------------------------------------------------------------------------------------
+
+
+@pytest.mark.skipif(not IS_ROOT, reason="needs root: creates Unix users and drops to their credentials")
+def test_two_unix_users_never_see_each_others_caches(make_daemon):
+    from users import call_as, throwaway_user, world_traversable_dir
+
+    with world_traversable_dir() as shared, throwaway_user() as alice, throwaway_user() as bob:
+        (shared / "run").mkdir()
+        (shared / "pool").mkdir()
+        socket = str(shared / "run" / "scratchd.sock")
+        daemon = make_daemon(
+            start=False,
+            server={"socket": socket},
+            pool=[{"name": "main", "path": str(shared / "pool")}],
+        )
+        daemon.socket = socket
+        daemon.start()
+        try:
+            status, lease = call_as(alice, socket, "POST", "/v1/leases", {"cache_key": "shared-name"})
+            assert status == 201, lease
+            status, ended = call_as(alice, socket, "DELETE", f"/v1/leases/{lease['id']}")
+            cache_id = ended["cache"]["kept_id"]
+            assert status == 200 and cache_id
+            status, theirs = call_as(
+                bob, socket, "POST", "/v1/leases", {"cache_key": "shared-name", "cache_fallback": ["shared"]}
+            )
+            assert status == 201 and theirs["cache"]["hit"] is None and os.listdir(theirs["path"]) == []
+            assert call_as(bob, socket, "GET", "/v1/caches")[1] == {"caches": []}
+            assert call_as(bob, socket, "GET", f"/v1/caches?tenant={alice.name}")[1] == {"caches": []}
+            for method in ("GET", "DELETE"):
+                status, body = call_as(bob, socket, method, f"/v1/caches/{cache_id}")
+                assert (status, body["error"]["code"]) == (404, "cache_not_found")
+            assert [c["id"] for c in call_as(alice, socket, "GET", "/v1/caches")[1]["caches"]] == [cache_id]
+            assert len(caches(daemon)) == 1  # root, an admin, sees all
+            status, again = call_as(alice, socket, "POST", "/v1/leases", {"cache_key": "shared-name"})
+            assert again["cache"]["cache_id"] == cache_id
+            info = os.stat(again["path"])
+            assert (info.st_uid, info.st_gid, stat.S_IMODE(info.st_mode)) == (alice.uid, alice.gid, 0o700)
+        finally:
+            daemon.stop()
+
+
+# -- crashes and upgrades ---------------------------------------------------------------------------
+
+
+def crash_at(daemon: Daemon, point: str, monkeypatch: pytest.MonkeyPatch, request: Callable[[], Any]) -> None:
+    """Restart ``daemon`` so that it kills itself (SIGKILL) at ``point``, make ``request``, then
+    start it again as usual."""
+    daemon.stop()
+    monkeypatch.setenv("SCRATCHD_CRASH_AT", point)
+    daemon.start()
+    monkeypatch.delenv("SCRATCHD_CRASH_AT")
+    with pytest.raises(Exception):  # noqa: B017  # the connection dies with the daemon
+        request()
+    assert daemon.process is not None and daemon.process.wait(10) == -9
+    daemon.start()
+
+
+def test_kill_9_in_the_middle_of_a_hand_over_then_the_cache_is_handed_out_again(make_daemon, monkeypatch):
+    daemon = make_daemon(gc={"interval": "0.2s", "orphan_grace": "1s"})
+    cache = kept(daemon, "k", "precious")
+    crash_at(
+        daemon, "handover", monkeypatch, lambda: daemon.request("POST", "/v1/leases", json={"cache_key": "k"})
+    )
+    assert daemon.request("GET", "/v1/leases").json()["leases"] == []
+    [back] = caches(daemon)
+    assert (back["id"], back["state"]) == (cache["id"], "free")
+    assert_invariants(daemon)
+    lease = daemon.lease(cache_key="k")
+    assert lease["cache"]["cache_id"] == cache["id"]
+    assert Path(lease["path"], "content").read_text() == "precious"
+
+
+def test_kill_9_in_the_middle_of_a_keep_then_the_cache_is_handed_out_again(make_daemon, monkeypatch):
+    daemon = make_daemon(gc={"interval": "0.2s", "orphan_grace": "1s"})
+    cache = kept(daemon, "k", "first")
+    lease = daemon.lease(cache_key="k")
+    Path(lease["path"], "content").write_text("second")
+    crash_at(daemon, "keep", monkeypatch, lambda: release(daemon, lease))
+    ended = daemon.request("GET", f"/v1/leases/{lease['id']}").json()
+    assert (ended["state"], ended["end_reason"]) == ("ended", "directory_removed")
+    [back] = caches(daemon)
+    assert (back["id"], back["state"], back["lease_id"]) == (cache["id"], "free", None)
+    assert_invariants(daemon)
+    again = daemon.lease(cache_key="k")
+    assert Path(again["path"], "content").read_text() == "second"
+
+
+def test_kill_9_keeping_a_first_cache_leaves_at_worst_an_orphan(make_daemon, monkeypatch):
+    daemon = make_daemon(gc={"interval": "0.2s", "orphan_grace": "1s"})
+    lease = daemon.lease(cache_key="k")
+    Path(lease["path"], "content").write_text("x")
+    crash_at(daemon, "keep", monkeypatch, lambda: release(daemon, lease))
+    assert daemon.request("GET", f"/v1/leases/{lease['id']}").json()["end_reason"] == "directory_removed"
+    assert caches(daemon) == [] and len(cache_area(daemon)) == 1  # kept on disk, not recorded
+    wait_for(lambda: cache_area(daemon) == set(), what="the unrecorded cache reclaimed as an orphan")
+    assert any(e["details"]["entry"].startswith(".caches/") for e in events(daemon, "orphan_reclaimed"))
+    assert_invariants(daemon)
+
+
+def test_kept_caches_survive_kill_9_and_are_never_orphans(make_daemon):
+    daemon = make_daemon(gc={"interval": "0.2s", "orphan_grace": "0.5s"})
+    cache = kept(daemon, "k", "survives")
+    daemon.kill()
+    Path(
+        daemon.pool_path, "stray"
+    ).mkdir()  # an orphan: once it is reclaimed, orphan review has run past grace
+    daemon.start()
+    wait_for(lambda: not Path(daemon.pool_path, "stray").exists(), what="the stray directory reclaimed")
+    assert [c["id"] for c in caches(daemon, key="k")] == [cache["id"]]
+    assert [e["details"]["entry"] for e in events(daemon, "orphan_reclaimed")] == ["stray"]
+    assert Path(daemon.lease(cache_key="k")["path"], "content").read_text() == "survives"
+
+
+@pytest.mark.parametrize("version", [0, 1])
+def test_an_earlier_state_dir_upgrades_in_place_with_a_real_daemon(make_daemon, version):
+    import sqlite3
+
+    from scratchd.store import MIGRATIONS
+
+    daemon = make_daemon(start=False, gc={"interval": "0.2s", "orphan_grace": "0.5s"})
+    daemon.state_dir.mkdir()
+    db = sqlite3.connect(daemon.state_dir / "scratchd.db", isolation_level=None)
+    db.executescript((Path(__file__).parent.parent / "data" / "state-v0.sql").read_text())
+    if version == 1:
+        db.executescript(f"BEGIN; {MIGRATIONS[0]} PRAGMA user_version = 1; COMMIT;")
+    ids = [row[0] for row in db.execute("SELECT id FROM leases WHERE state = 'active'")]
+    for lease_id in ids:
+        path = Path(daemon.pool_path, lease_id)
+        path.mkdir(mode=0o700)
+        (path / "kept").write_text(lease_id)
+        db.execute("UPDATE leases SET path = ?, expires_at = 4e9 WHERE id = ?", (str(path), lease_id))
+    db.close()
+    daemon.start()
+    active = daemon.request("GET", "/v1/leases", params={"tenant": "ci"}).json()["leases"]
+    assert sorted(lease["id"] for lease in active) == sorted(ids)
+    assert all(lease["cache"] is None for lease in active)
+    # Warm caches work on the upgraded state, and no leased directory is taken for an orphan.
+    cache = kept(daemon, "after-upgrade")
+    Path(daemon.pool_path, "stray").mkdir()  # once it is reclaimed, orphan review has run past grace
+    wait_for(lambda: not Path(daemon.pool_path, "stray").exists(), what="the stray directory reclaimed")
+    daemon.stop()
+    daemon.start()
+    assert [c["id"] for c in caches(daemon)] == [cache["id"]]
+    for lease_id in ids:
+        assert Path(daemon.pool_path, lease_id, "kept").read_text() == lease_id
+    assert [e["details"]["entry"] for e in events(daemon, "orphan_reclaimed")] == ["stray"]
