@@ -50,12 +50,21 @@ def benches(quick: bool) -> list[tuple[str, list[str]]]:
             ],
         ),
         ("`scratchd run -- true` start-up", ["run_overhead.py", "-n", "30" if quick else "100"]),
+        (
+            "Speed tricks against the plain way",
+            ["tricks.py", "-n", "30" if quick else "200", "--seconds", "2" if quick else "6"],
+        ),
         ("Reclaim vs `rm -rf`, tmpfs", ["reclaim.py", "--files", files, "--dir", "/dev/shm"]),
         ("Reclaim vs `rm -rf`, the regular disk", ["reclaim.py", "--files", files, "--dir", "/var/tmp"]),
         ("Usage scan vs `du -s`, tmpfs", ["scan_vs_du.py", "--files", files, "--dir", "/dev/shm"]),
         (
             "Usage at scale: scan vs `du -s` on the regular disk, then many active leases",
             ["usage.py", "--files", files, "--leases", "2000" if quick else "10000"],
+        ),
+        (
+            "Warm caches: hand-over and a uv job",
+            ["warm_cache.py", "--files", files, "--dir", "/var/tmp"]
+            + (["--rounds", "5", "--jobs", "2"] if quick else []),
         ),
     ]
 

@@ -53,7 +53,8 @@ class HeadWithBody:
     uvicorn writes the two separately, and over a Unix socket each write can wake the
     client, which reads the head, finds no body and sleeps again: two context switches
     per answer on each side where one does. Once a request is complete the next write
-    (the head) is held; the following one, or the end of the response, sends it.
+    (the head) is held; the following one, or the end of the response, sends it. A lease
+    cycle's p50: 0.84 ms against 1.12 ms with uvicorn's two writes (``bench/tricks.py``).
     """
 
     def __init__(self, transport: asyncio.Transport) -> None:
@@ -86,6 +87,10 @@ class HeadWithBody:
 
 
 class PeerCredProtocol(HttpToolsProtocol):
+    """uvicorn's httptools protocol, which has no hook for a connection's peer, with the peer's
+    credentials in every request's scope, a deadline for whole requests, and ``HeadWithBody``.
+    It overrides private methods of uvicorn: pyproject.toml pins the versions tested."""
+
     peer: tuple[int, int, int] | None = None
     _deadline: asyncio.TimerHandle | None = None
     _slow_closed = 0  # connections closed for slowness since the last log line (class-wide)
