@@ -1,4 +1,4 @@
-"""Warm caches (docs/api.md, "Warm caches"): kept directories, which one a new lease gets, which go and why.
+"""Warm caches (docs/caches.md): kept directories, which one a new lease gets, which go and why.
 
 Pure: no I/O, no clock. Callers pass ``now`` and the facts (pools' space, the caps),
 and apply what comes back. A cache is ``free`` (kept, waiting for the next job of its

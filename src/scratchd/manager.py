@@ -8,7 +8,7 @@ background. The path is gone before anyone is told the lease ended; a crash betw
 rename and commit leaves an active record without a directory, which start-up ends
 as ``directory_removed``.
 
-Warm caches (docs/api.md, "Warm caches"), in the same two shapes:
+Warm caches (docs/caches.md), in the same two shapes:
 
 Hand-over (a create that hits): pick a free cache and mark it in use (on the loop, no
 await between: two concurrent creates of one key never get the same cache) -> rename

@@ -32,7 +32,7 @@ class Placed:
     same_filesystem: bool | None  # None when the request named no `near`
     link_mode: LinkMode | None = None  # None when the request named no `near`
     # Every pool the request could have gone to (the chosen tier, where it fits): a warm
-    # cache in one of them wins over the most room (docs/api.md, "Warm caches").
+    # cache in one of them wins over the most room (docs/caches.md).
     candidates: tuple[PoolStatus, ...] = field(default=(), compare=False)
 
 

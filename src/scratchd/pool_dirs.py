@@ -23,7 +23,7 @@ from scratchd.pools import PoolReason, PoolState, PoolStatus, pool_state, space_
 from scratchd.units import format_size
 
 TRASH_DIR = ".trash"
-CACHE_DIR = ".caches"  # kept caches, each <pool>/.caches/<cache id> (docs/api.md, "Warm caches")
+CACHE_DIR = ".caches"  # kept caches, each <pool>/.caches/<cache id> (docs/caches.md)
 LOCK_FILE = ".lock"
 FICLONE = 0x40049409  # _IOW(0x94, 9, int) in linux/fs.h
 

@@ -13,9 +13,10 @@ case only:
 * ``use_after_free``: an ended lease stays readable (``state: ended``) for
   ``gc.history_retention``, and a release of it answers 200 (idempotent); the schema's
   descriptions say so.
-* ``positive_data_acceptance`` on a 422 for a ``pid`` that is not a live process, or a
-  ``ttl_seconds`` above ``limits.max_ttl``: both depend on the host and the config, not
-  on the request's form, and the contract answers them 422.
+* ``positive_data_acceptance`` on a 422 for a ``pid`` that is not a live process, a
+  ``ttl_seconds`` above ``limits.max_ttl``, or ``keep=true`` on a lease without a
+  ``cache_key``: they depend on the host, the config or the lease, not on the request's
+  form, and the contract answers them 422.
 * ``not_a_server_error`` on 503 ``pool_unavailable`` and 507 ``insufficient_storage``:
   answers of the contract (9 PB of ``expected_bytes`` fits nowhere).
 """
@@ -56,7 +57,11 @@ TOKENS = {"tenant": "tenant-" + "x" * 40, "viewer": "viewer-" + "y" * 40}
 
 CONTRACT_5XX = {503: "pool_unavailable", 507: "insufficient_storage"}
 # A schema-valid request refused for the state of the host or the config, not its form.
-STATEFUL_422 = {"pid": "not a live process", "ttl_seconds": "above limits.max_ttl"}
+STATEFUL_422 = {
+    "pid": "not a live process",
+    "ttl_seconds": "above limits.max_ttl",
+    "keep": "the lease has no cache_key",
+}
 
 
 def no_server_error(

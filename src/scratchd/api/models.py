@@ -87,6 +87,15 @@ class _Request(BaseModel):
 
 
 class LeaseRequest(_Request):
+    # Published, so that a request the schema allows is never refused for its form.
+    model_config = ConfigDict(
+        json_schema_extra={
+            "dependentSchemas": {
+                "cache_fallback": {"required": ["cache_key"], "properties": {"cache_key": {"type": "string"}}}
+            }
+        }
+    )
+
     near: (
         Annotated[
             str,
@@ -113,7 +122,7 @@ class LeaseRequest(_Request):
     cache_key: Annotated[str, Field(pattern=CACHE_KEY)] | None = Field(
         default=None,
         description="Start from this tenant's kept cache of this key, if any, and keep the directory "
-        "under it when the lease is released (docs/api.md, Warm caches).",
+        "under it when the lease is released (docs/caches.md).",
     )
     cache_fallback: Annotated[
         list[Annotated[str, Field(pattern=CACHE_KEY)]], Field(max_length=MAX_FALLBACKS)
@@ -127,7 +136,7 @@ class LeaseRequest(_Request):
     @classmethod
     def _fallback_needs_key(cls, value: list[str], info: ValidationInfo) -> list[str]:
         if value and info.data.get("cache_key") is None:
-            raise ValueError("cache_fallback needs a cache_key")
+            raise ValueError("needs a cache_key to fall back from")
         return value
 
 
