@@ -164,6 +164,8 @@ def wheelhouse() -> list[str]:
 
 
 def job(root: Path, socket: str, rounds: int) -> None:
+    uv = UV
+    assert uv is not None  # main exits first without uv
     wheels = wheelhouse()
     env = {**os.environ, "SCRATCHD_SOCKET": socket, "UV_OFFLINE": "1", "UV_PYTHON_DOWNLOADS": "never"}
     for name in ("UV_CACHE_DIR", "UV_LINK_MODE", "UV_NO_CACHE", "TMPDIR", "VIRTUAL_ENV"):
@@ -178,9 +180,9 @@ def job(root: Path, socket: str, rounds: int) -> None:
         project.mkdir()
         venv = project / ".venv"
         subprocess.run(
-            [UV, "venv", "-q", "--python", sys.executable, str(venv)], check=True, env=env, cwd=project
+            [uv, "venv", "-q", "--python", sys.executable, str(venv)], check=True, env=env, cwd=project
         )
-        command = [UV, "pip", "install", "-q", "--python", str(venv / "bin" / "python"), "--no-index"]
+        command = [uv, "pip", "install", "-q", "--python", str(venv / "bin" / "python"), "--no-index"]
         command += ["--find-links", str(WHEELHOUSE), *REQUIREMENTS]
         started = time.perf_counter()
         subprocess.run([*wrapper, *command], check=True, env={**env, **extra_env}, cwd=project)

@@ -22,14 +22,14 @@ MakeDaemon = Callable[..., Daemon]
 def caches(daemon: Daemon, **query: str) -> list[dict[str, Any]]:
     response = daemon.request("GET", "/v1/caches", params=query)
     assert response.status_code == 200, response.text
-    return response.json()["caches"]  # type: ignore[no-any-return]
+    return response.json()["caches"]
 
 
 def release(daemon: Daemon, lease: dict[str, Any], keep: str | None = None) -> dict[str, Any]:
     query = "" if keep is None else f"?keep={keep}"
     response = daemon.request("DELETE", f"/v1/leases/{lease['id']}{query}")
     assert response.status_code == 200, response.text
-    return response.json()  # type: ignore[no-any-return]
+    return response.json()
 
 
 def kept(daemon: Daemon, key: str, content: str = "warm", **request: Any) -> dict[str, Any]:
@@ -182,12 +182,12 @@ def test_every_end_but_a_release_keeps_nothing(make_daemon):
     Path(ends["over_quota"]["path"], "big").write_bytes(b"x" * 100000)
     os.rmdir(ends["directory_removed"]["path"])
     for reason, lease in ends.items():
-        ended = wait_for(
-            lambda lease=lease: (
-                (got := daemon.request("GET", f"/v1/leases/{lease['id']}").json())["state"] == "ended" and got
-            ),
-            what=f"{reason} end",
-        )
+
+        def ended_record(lease: dict[str, Any] = lease) -> dict[str, Any] | None:
+            got = daemon.request("GET", f"/v1/leases/{lease['id']}").json()
+            return got if got["state"] == "ended" else None
+
+        ended = wait_for(ended_record, what=f"{reason} end")
         assert ended["end_reason"] == reason and ended["cache"]["kept_id"] is None
     wait_for(lambda: caches(daemon) == [] and cache_area(daemon) == set(), what="nothing kept")
     assert events(daemon, "cache_kept") and all(
