@@ -55,7 +55,6 @@ class Daemon:
         self.pids = PidWatch(self._process_exited)
         self.watcher = PoolWatcher(self._entry_gone, self._removals_missed)
         self.activity = ActivityWatch(self._activity)
-        self._watched: set[str] = set()
         self.gc = Collector(
             self.manager,
             self.pools,
@@ -63,7 +62,7 @@ class Daemon:
             self.store,
             gc=lambda: self.config.gc,
             refresh_pools=self._refresh_pools,
-            watching=lambda pool: pool in self._watched,
+            watching=self.watcher.watching,
             clock=clock,
         )
         self.usage = UsageMonitor(
@@ -106,6 +105,10 @@ class Daemon:
         self.mounts.close()
         self.pools.close()
         self.store.close()
+
+    def is_ready(self) -> bool:
+        """Ready (``/readyz``): started, its state store open, and at least one pool ``ok``."""
+        return self.ready and any(p.state is PoolState.OK for p in self.pools.statuses())
 
     def _reconcile(self) -> None:
         """Bring records and disk into agreement after whatever happened while we were down.
@@ -162,8 +165,6 @@ class Daemon:
         self.pools.replace_configs(config.pool)
         for name in old_pools - {p.name for p in config.pool}:
             self.watcher.unwatch(name)
-            self._watched.discard(name)
-        self._watched &= {p.name for p in config.pool}
         for listener in self.reload_listeners:
             listener(config)
         self._refresh_pools()
@@ -185,8 +186,7 @@ class Daemon:
         for _, status in changes:
             if status.state is PoolState.UNAVAILABLE:
                 self.watcher.unwatch(status.name)
-                self._watched.discard(status.name)
-            elif status.name not in self._watched and self.pools.holds(status.name):
+            elif not self.watcher.watching(status.name) and self.pools.holds(status.name):
                 try:
                     prepare_pool_dir(status.path)
                 except OSError as exc:  # a read-only pool serves no new leases anyway
@@ -195,8 +195,7 @@ class Daemon:
                     )
                 self.pools.set_reflink(status.name, probe_reflink(status.path))
                 self.trash.resume(status.name, status.path)
-                if self.watcher.watch(status.name, status.path):
-                    self._watched.add(status.name)
+                self.watcher.watch(status.name, status.path)
         if events:
             try:
                 self.store.append_events(events, self.clock())
@@ -226,8 +225,6 @@ class Daemon:
 
     def _lease_changed(self, lease: Lease) -> None:
         if not lease.active:
-            if lease.end_reason is not None:
-                self.trash.by_reason[lease.end_reason.value] += 1
             self.pids.unbind(lease.id)
             self.activity.unbind(lease.id)
             return

@@ -37,13 +37,12 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import errno
-import heapq
 import logging
 import os
 import signal
 import time
 from collections import Counter
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -62,7 +61,7 @@ from scratchd.caches import (
 )
 from scratchd.config import Config
 from scratchd.errors import Refused
-from scratchd.leases import EndReason, Lease, Usage
+from scratchd.leases import ActiveLeases, EndReason, Lease, LeaseCounts, Totals
 from scratchd.mounts import MountTable, mount_of, resolve_near
 from scratchd.placement import Near, Placement, PlacementError, place, placed_in
 from scratchd.pool_dirs import (
@@ -150,101 +149,6 @@ class LeaseFilter:
         )
 
 
-@dataclass(slots=True)
-class Totals:
-    """What the active leases of one pool or one tenant add up to."""
-
-    active_leases: int = 0
-    bytes: int = 0  # as last measured
-    reserved_bytes: int = 0  # promised (expected_bytes) but not yet used
-
-
-class ActiveLeases:
-    """The active leases by id, indexed by tenant, with running totals by pool and by tenant.
-
-    Quota and placement checks run on every create, ``/v1/usage`` and ``/metrics`` on
-    every ask, all on the event loop: with 10,000 leases none of them may walk them
-    all. The totals stay exact because every change to what they count goes through
-    here: a lease's arrival, replacement (renew) and removal, and ``set_usage``.
-    """
-
-    def __init__(self, leases: Iterable[Lease]) -> None:
-        self._by_id: dict[str, Lease] = {}
-        self._by_tenant: dict[str, set[str]] = {}
-        self.pool_totals: dict[str, Totals] = {}
-        self.tenant_totals: dict[str, Totals] = {}
-        for lease in leases:
-            self.put(lease)
-
-    def put(self, lease: Lease) -> None:
-        replaced = self._by_id.get(lease.id)
-        if replaced is not None:
-            self._tally(replaced, -1)
-        self._by_id[lease.id] = lease
-        self._by_tenant.setdefault(lease.tenant, set()).add(lease.id)
-        self._tally(lease, 1)
-
-    def remove(self, lease_id: str) -> None:
-        lease = self._by_id.pop(lease_id, None)
-        if lease is not None:
-            mine = self._by_tenant[lease.tenant]
-            mine.discard(lease_id)
-            if not mine:
-                del self._by_tenant[lease.tenant]
-            self._tally(lease, -1)
-
-    def set_usage(self, lease: Lease, usage: Usage) -> None:
-        """Record a measurement; the way to change the usage of a lease that may be in here."""
-        counted = self._by_id.get(lease.id) is lease
-        if counted:
-            self._tally(lease, -1)
-        lease.usage = usage
-        if counted:
-            self._tally(lease, 1)
-
-    def get(self, lease_id: str) -> Lease | None:
-        return self._by_id.get(lease_id)
-
-    def values(self) -> Iterable[Lease]:
-        return self._by_id.values()
-
-    def __contains__(self, lease_id: object) -> bool:
-        return lease_id in self._by_id
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self._by_id)
-
-    def __len__(self) -> int:
-        return len(self._by_id)
-
-    def of_tenant(self, tenant: str) -> list[Lease]:
-        return [self._by_id[i] for i in self._by_tenant.get(tenant, ())]
-
-    def count_of_tenant(self, tenant: str) -> int:
-        return len(self._by_tenant.get(tenant, ()))
-
-    def largest(self, count: int, tenant: str | None = None) -> list[Lease]:
-        """The ``count`` leases using the most bytes (of ``tenant``, if given), largest first."""
-        leases = self._by_id.values() if tenant is None else self.of_tenant(tenant)
-        return heapq.nlargest(count, leases, key=_used_bytes)
-
-    def _tally(self, lease: Lease, sign: int) -> None:
-        used, reserved = sign * lease.usage.bytes, sign * lease.reserved_bytes
-        for totals, name in ((self.pool_totals, lease.pool), (self.tenant_totals, lease.tenant)):
-            total = totals.get(name)
-            if total is None:
-                total = totals[name] = Totals()
-            total.active_leases += sign
-            total.bytes += used
-            total.reserved_bytes += reserved
-            if not total.active_leases:
-                del totals[name]
-
-
-def _used_bytes(lease: Lease) -> int:
-    return lease.usage.bytes
-
-
 def _cache_use(spec: LeaseSpec, hit: Hit | None) -> CacheUse | None:
     if spec.cache_key is None:
         return None
@@ -282,6 +186,7 @@ class LeaseManager:
         self._on_removed = on_removed  # an empty directory, removed on the spot
         self._clock = clock
         self.active = ActiveLeases(store.active_leases())
+        self.counts = LeaseCounts(self.active)  # every start and end, by pool (and reason)
         self._ending: dict[str, Lease] = {}
         self._unrecorded: dict[str, tuple[Lease, NewEvent, list[Statement], list[NewEvent]]] = {}
         self.listeners: list[Callable[[Lease], None]] = []
@@ -853,5 +758,8 @@ class LeaseManager:
         )
 
     def _notify(self, lease: Lease) -> None:
+        # Counted first: a listener may end the lease it is told about (a bound process
+        # already gone), and the counts must see the start before that end.
+        self.counts(lease)
         for listener in self.listeners:
             listener(lease)

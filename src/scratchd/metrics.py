@@ -3,7 +3,7 @@
 Gauges are not updated as things change: a collector reads the daemon when Prometheus
 asks, so a metric can never drift from what ``/v1/pools`` and ``/v1/usage`` answer.
 Only lease starts and ends need memory (an ended lease leaves the active set), so they
-are counted as they happen, from the manager's listeners, starting at 0 in each process.
+are counted as they happen, by the manager (``leases.LeaseCounts``), from 0 in each process.
 No label names a lease or a path a request chose: series stay bounded by the pools in
 the config, by ``[metrics] tenants`` (the busiest tenants by active leases; the rest
 are summed as ``tenant="other"``), by the reason codes and by the route templates.
@@ -14,7 +14,7 @@ from __future__ import annotations
 import platform
 import time
 from collections import Counter
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from importlib import metadata
 from typing import TypeVar
 
@@ -25,9 +25,10 @@ from starlette.applications import Starlette
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from scratchd.caches import DropReason
-from scratchd.daemon import Daemon
-from scratchd.leases import EndReason, Lease
+from scratchd.leases import EndReason
+from scratchd.manager import LeaseManager
 from scratchd.pools import REASON_STATES, PoolState
+from scratchd.reclaim.trash import Trash
 
 # Most answers take well under a millisecond; the top buckets catch a slow disk or SQLite.
 REQUEST_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
@@ -90,44 +91,22 @@ def top_tenants(active: Mapping[tuple[str, str], int], keep: int) -> Counter[tup
     return bounded
 
 
-class LeaseCounts:
-    """Leases started and ended per pool, told by the manager after every create, renew and end.
+class StateCollector(Collector):
+    """Reads pools, leases, caches and the trash at scrape time; runs on the event loop like the routes.
 
-    A lease is counted as started the first time it is seen active; the leases that were
-    already active when the process started are known from the outset, so a renew after a
-    restart is not mistaken for a start.
+    ``tenants`` is ``[metrics] tenants`` as configured now (a reload changes it).
     """
 
-    def __init__(self, active: Iterable[str]) -> None:
-        self._live = set(active)
-        self.created: Counter[str] = Counter()
-        self.ended: Counter[tuple[str, str]] = Counter()
-
-    def __call__(self, lease: Lease) -> None:
-        if lease.active:
-            if lease.id not in self._live:
-                self._live.add(lease.id)
-                self.created[lease.pool] += 1
-        else:
-            self._live.discard(lease.id)
-            self.ended[lease.pool, str(lease.end_reason)] += 1
-
-
-class DaemonCollector(Collector):
-    """Reads pools, leases and the trash at scrape time; runs on the event loop like the routes."""
-
-    def __init__(self, daemon: Daemon) -> None:
-        self._daemon = daemon
-        self.counts = LeaseCounts(daemon.manager.active)
-        # First in line: a listener before it may end the lease it is told about (a bound
-        # process already gone), and the counts must see the start before that end.
-        daemon.manager.listeners.insert(0, self.counts)
+    def __init__(self, manager: LeaseManager, trash: Trash, tenants: Callable[[], int]) -> None:
+        self._manager = manager
+        self._trash = trash
+        self._tenants = tenants
 
     def collect(self) -> Iterator[Metric]:
-        pools = self._daemon.manager.pool_rows()
-        names = sorted(
-            {p["name"] for p in pools} | set(self.counts.created) | {p for p, _ in self.counts.ended}
-        )
+        manager = self._manager
+        counts = manager.counts
+        pools = manager.pool_rows()
+        names = sorted({p["name"] for p in pools} | set(counts.created) | {p for p, _ in counts.ended})
         for key, text in POOL_GAUGES.items():
             yield _family(
                 GaugeMetricFamily(f"scratchd_pool_{key}", text, labels=["pool"]),
@@ -157,26 +136,24 @@ class DaemonCollector(Collector):
             },
         )
 
-        active = Counter((lease.pool, lease.tenant) for lease in self._daemon.manager.active.values())
+        active = Counter((lease.pool, lease.tenant) for lease in manager.active.values())
         yield _family(
             GaugeMetricFamily(
                 "scratchd_leases_active",
                 'Active leases; beyond the [metrics] tenants busiest, tenant="other".',
                 labels=["pool", "tenant"],
             ),
-            top_tenants(active, self._daemon.config.metrics.tenants),
+            top_tenants(active, self._tenants()),
         )
         yield _family(
             CounterMetricFamily(
                 "scratchd_leases_created", "Leases started since the daemon started.", labels=["pool"]
             ),
-            {(pool,): self.counts.created[pool] for pool in names},
+            {(pool,): counts.created[pool] for pool in names},
         )
         # Every (pool, reason) from 0, so rate() sees an end's first occurrence.
         ended = {
-            (pool, reason.value): self.counts.ended[pool, reason.value]
-            for pool in names
-            for reason in EndReason
+            (pool, reason.value): counts.ended[pool, reason.value] for pool in names for reason in EndReason
         }
         yield _family(
             CounterMetricFamily(
@@ -185,7 +162,6 @@ class DaemonCollector(Collector):
             ended,
         )
 
-        manager = self._daemon.manager
         yield _family(
             CounterMetricFamily(
                 "scratchd_cache_requests",
@@ -222,7 +198,7 @@ class DaemonCollector(Collector):
             },
         )
 
-        trash = self._daemon.trash
+        trash = self._trash
         yield GaugeMetricFamily(
             "scratchd_reclaim_pending", "Ended leases' trees waiting to be deleted.", value=trash.pending
         )
@@ -270,9 +246,9 @@ def _family(family: GaugeMetricFamily | CounterMetricFamily, samples: Mapping[_L
 class Metrics:
     """One app's metrics in a registry of its own, so two apps in one process never mix."""
 
-    def __init__(self, daemon: Daemon) -> None:
+    def __init__(self, manager: LeaseManager, trash: Trash, tenants: Callable[[], int]) -> None:
         self.registry = CollectorRegistry()
-        self.registry.register(DaemonCollector(daemon))
+        self.registry.register(StateCollector(manager, trash, tenants))
         ProcessCollector(registry=self.registry)
         PlatformCollector(registry=self.registry)
         self.request_duration = Histogram(
@@ -284,9 +260,9 @@ class Metrics:
         )
 
 
-def attach(app: Starlette) -> Metrics:
+def attach(app: Starlette, manager: LeaseManager, trash: Trash, tenants: Callable[[], int]) -> Metrics:
     """Give ``app`` its metrics as ``app.state.metrics`` (read by ``/metrics``) and return them."""
-    app.state.metrics = Metrics(app.state.daemon)
+    app.state.metrics = Metrics(manager, trash, tenants)
     return app.state.metrics
 
 

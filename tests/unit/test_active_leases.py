@@ -5,8 +5,7 @@ import heapq
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from scratchd.leases import EndReason, Lease, Usage, end, renew
-from scratchd.manager import ActiveLeases, Totals
+from scratchd.leases import ActiveLeases, EndReason, Lease, Totals, Usage, end, renew
 
 
 def lease(i: int, pool: str, tenant: str, expected: int | None) -> Lease:

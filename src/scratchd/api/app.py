@@ -107,7 +107,7 @@ def create_app(daemon: Daemon) -> ASGIApp:
         docs_url=None,
         redoc_url=None,
     )
-    app.state.daemon = daemon
+    app.state.backend = routes.Backend(daemon.manager, daemon.store, daemon.trash, daemon.is_ready)
     _create_rate(app, daemon.config)
     app.state.identities = _identities(daemon.config)
     daemon.reload_listeners.append(lambda config: setattr(app.state, "identities", _identities(config)))
@@ -115,7 +115,8 @@ def create_app(daemon: Daemon) -> ASGIApp:
     app.include_router(routes.router)
     app.include_router(pages.router)
     errors.install(app)
-    timer = metrics.RequestTimer(BodyLimit(app), metrics=metrics.attach(app))
+    served = metrics.attach(app, daemon.manager, daemon.trash, lambda: daemon.config.metrics.tenants)
+    timer = metrics.RequestTimer(BodyLimit(app), metrics=served)
     return hotpath.HotPath(
         timer,
         fastapi=app,

@@ -9,7 +9,8 @@ import os
 import re
 import time
 from collections import Counter
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Mapping
+from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Body, Depends, Query, Request
@@ -20,13 +21,14 @@ from starlette.responses import Response
 from scratchd.api import models
 from scratchd.api.identity import PEER_KEY, Caller, Role, authenticate
 from scratchd.caches import Cache
-from scratchd.daemon import Daemon
 from scratchd.errors import Refused
-from scratchd.leases import Lease
-from scratchd.manager import CacheFilter, LeaseFilter, LeaseSpec, Totals
+from scratchd.leases import Lease, Totals
+from scratchd.manager import CacheFilter, LeaseFilter, LeaseManager, LeaseSpec
 from scratchd.placement import Placement
 from scratchd.ratelimit import RateLimiter
 from scratchd.reclaim.procs import pid_in_daemon_namespace
+from scratchd.reclaim.trash import Trash
+from scratchd.store import Store
 from scratchd.tenant import Tenant
 
 LARGEST_LEASES = 10  # in /v1/usage
@@ -80,8 +82,23 @@ class _StrictJsonRoute(APIRoute):
 router = APIRouter(route_class=_StrictJsonRoute)
 
 
-def _daemon(request: Request) -> Daemon:
-    return request.app.state.daemon
+@dataclass(frozen=True, slots=True)
+class Backend:
+    """What the routes read and call, as ``app.state.backend``: the lease manager, the event
+    log, the trash's counters, and whether the daemon is ready."""
+
+    manager: LeaseManager
+    events: Store
+    trash: Trash
+    ready: Callable[[], bool]
+
+
+def _backend(request: Request) -> Backend:
+    return request.app.state.backend
+
+
+def _manager(request: Request) -> LeaseManager:
+    return _backend(request).manager
 
 
 async def reader(request: Request) -> Caller:
@@ -105,9 +122,9 @@ def _json(body: Any, status: int = 200) -> Response:
     return Response(to_json(body), status_code=status, media_type="application/json")
 
 
-def _visible_lease(daemon: Daemon, caller: Caller, lease_id: str) -> Lease:
+def _visible_lease(manager: LeaseManager, caller: Caller, lease_id: str) -> Lease:
     """The lease if this caller may see it; another tenant's lease is 404, so ids do not leak."""
-    lease = daemon.manager.get(lease_id) if LEASE_ID.match(lease_id) else None
+    lease = manager.get(lease_id) if LEASE_ID.match(lease_id) else None
     if lease is None or not (caller.sees_all() or (caller.tenant and lease.tenant == caller.tenant.name)):
         raise Refused(404, "lease_not_found", f"No lease {lease_id[:80]!r}.", {"id": lease_id[:80]})
     return lease
@@ -158,7 +175,7 @@ async def start_lease(request: Request, caller: Caller, body: models.LeaseReques
         cache_key=body.cache_key,
         cache_fallback=tuple(body.cache_fallback),
     )
-    return await _daemon(request).manager.create(tenant, spec)
+    return await _manager(request).create(tenant, spec)
 
 
 def _lease_holder(caller: Caller, named: str | None) -> Tenant:
@@ -209,7 +226,7 @@ async def list_leases(
         tenant = caller.name if tenant in (None, caller.name) else "\x00nobody"
     key_value = tuple(label.split("=", 1)) if label else None
     which = LeaseFilter(state=state, pool=pool, tenant=tenant, label=key_value)  # type: ignore[arg-type]
-    leases = _daemon(request).manager.find(which)
+    leases = _manager(request).find(which)
     return _json({"leases": [models.lease_json(lease) for lease in leases]})
 
 
@@ -217,7 +234,7 @@ async def list_leases(
 async def get_lease(request: Request, lease_id: str, caller: Reader) -> Response:
     """One lease. An ended lease stays readable, as ``state: ended`` with its ``end_reason``, for
     ``gc.history_retention``: a release does not make its lease vanish from the API."""
-    return _json(models.lease_json(_visible_lease(_daemon(request), caller, lease_id)))
+    return _json(models.lease_json(_visible_lease(_manager(request), caller, lease_id)))
 
 
 @router.post("/v1/leases/{lease_id}/renew", response_model=models.LeaseOut, responses=ERRORS, tags=["leases"])
@@ -229,11 +246,11 @@ async def renew_lease(
     body: Annotated[models.RenewRequest, Body()] = None,  # type: ignore[assignment]
 ) -> Response:
     """Push the expiry to now + ttl_seconds (default: the lease's own TTL)."""
-    daemon = _daemon(request)
-    lease = _visible_lease(daemon, caller, lease_id)
+    manager = _manager(request)
+    lease = _visible_lease(manager, caller, lease_id)
     # An admin renewing someone's lease is held to that tenant's limits, not its own.
     tenant = caller.tenant if caller.tenant and caller.tenant.name == lease.tenant else _owner(lease)
-    renewed = await daemon.manager.renew(lease, body.ttl_seconds if body else None, tenant)
+    renewed = await manager.renew(lease, body.ttl_seconds if body else None, tenant)
     return _json(models.lease_json(renewed))
 
 
@@ -258,8 +275,8 @@ async def release_lease(
 
 async def end_lease(request: Request, caller: Caller, lease_id: str, keep: bool | None = None) -> Lease:
     """``DELETE /v1/leases/{lease_id}`` once the caller is known (shared with ``api.hotpath``)."""
-    daemon = _daemon(request)
-    lease = _visible_lease(daemon, caller, lease_id)
+    manager = _manager(request)
+    lease = _visible_lease(manager, caller, lease_id)
     if keep and lease.cache is None:
         raise Refused(
             422,
@@ -268,7 +285,7 @@ async def end_lease(request: Request, caller: Caller, lease_id: str, keep: bool 
             {"fields": {"keep": "the lease has no cache_key"}},
         )
     if lease.active:
-        lease = await daemon.manager.release(lease, keep)
+        lease = await manager.release(lease, keep)
     return lease
 
 
@@ -281,33 +298,31 @@ def _owner(lease: Lease) -> Tenant:
 
 @router.get("/v1/pools", response_model=models.PoolList, responses=ERRORS, tags=["pools"])
 async def list_pools(request: Request, caller: Reader) -> Response:
-    return _json({"pools": _daemon(request).manager.pool_rows()})
+    return _json({"pools": _manager(request).pool_rows()})
 
 
 @router.get("/v1/usage", response_model=models.UsageReport, responses=ERRORS, tags=["usage"])
 async def usage(request: Request, caller: Reader) -> Response:
     """What is used, by whom, where: answered from what was already measured, never by scanning."""
-    daemon = _daemon(request)
-    active = daemon.manager.active
+    backend = _backend(request)
+    manager = backend.manager
+    active = manager.active
     only = None if caller.sees_all() else caller.name
-    kept = daemon.manager.kept_totals("tenant")
+    kept = manager.kept_totals("tenant")
     names = sorted(
         (active.tenant_totals.keys() | kept.keys())
         if only is None
         else {only} & (active.tenant_totals.keys() | kept.keys())
     )
     empty = Totals()
-    trash = daemon.trash
-    requests = daemon.manager.cache_requests
-    dropped = daemon.manager.cache_dropped
-    by_reason: Counter[str] = Counter()
-    for (_, reason), count in dropped.items():
-        by_reason[reason] += count
+    trash = backend.trash
+    requests = manager.cache_requests
+    dropped = manager.cache_dropped
     mine = kept.values() if only is None else [kept.get(only, (0, 0))]
     return _json(
         {
             "generated_at": models.timestamp(time.time()),
-            "pools": daemon.manager.pool_rows(),
+            "pools": manager.pool_rows(),
             "tenants": [
                 {
                     "tenant": name,
@@ -324,7 +339,7 @@ async def usage(request: Request, caller: Reader) -> Response:
                 "pending_bytes": trash.pending_bytes,
                 "reclaimed_total": trash.reclaimed_total,
                 "reclaimed_bytes_total": trash.reclaimed_bytes_total,
-                "by_reason": dict(trash.by_reason),
+                "by_reason": _by_reason(manager.counts.ended),
             },
             "caches": {
                 "entries": sum(entries for entries, _ in mine),
@@ -332,18 +347,26 @@ async def usage(request: Request, caller: Reader) -> Response:
                 "hits_total": sum(n for (_, result), n in requests.items() if result != "miss"),
                 "misses_total": sum(n for (_, result), n in requests.items() if result == "miss"),
                 "dropped_total": sum(dropped.values()),
-                "by_reason": dict(by_reason),
+                "by_reason": _by_reason(dropped),
             },
         }
     )
 
 
+def _by_reason(counts: Mapping[tuple[str, str], int]) -> dict[str, int]:
+    """Counts kept by (pool, reason), summed over the pools."""
+    total: Counter[str] = Counter()
+    for (_, reason), count in counts.items():
+        total[reason] += count
+    return dict(total)
+
+
 # -- kept caches ----------------------------------------------------------------------------------
 
 
-def _visible_cache(daemon: Daemon, caller: Caller, cache_id: str) -> Cache:
+def _visible_cache(manager: LeaseManager, caller: Caller, cache_id: str) -> Cache:
     """The cache if this caller may see it; another tenant's cache is 404, as a lease is."""
-    cache = daemon.manager.caches.get(cache_id) if LEASE_ID.match(cache_id) else None
+    cache = manager.caches.get(cache_id) if LEASE_ID.match(cache_id) else None
     if cache is None or not (caller.sees_all() or cache.tenant == caller.name):
         raise Refused(404, "cache_not_found", f"No cache {cache_id[:80]!r}.", {"id": cache_id[:80]})
     return cache
@@ -360,20 +383,20 @@ async def list_caches(
     """Kept caches, oldest first: a tenant's own; viewers and admins see all."""
     if not caller.sees_all():
         tenant = caller.name if tenant in (None, caller.name) else "\x00nobody"
-    found = _daemon(request).manager.find_caches(CacheFilter(key=key, tenant=tenant, pool=pool))
+    found = _manager(request).find_caches(CacheFilter(key=key, tenant=tenant, pool=pool))
     return _json({"caches": [models.cache_json(cache) for cache in found]})
 
 
 @router.get("/v1/caches/{cache_id}", response_model=models.CacheOut, responses=ERRORS, tags=["caches"])
 async def get_cache(request: Request, cache_id: str, caller: Reader) -> Response:
-    return _json(models.cache_json(_visible_cache(_daemon(request), caller, cache_id)))
+    return _json(models.cache_json(_visible_cache(_manager(request), caller, cache_id)))
 
 
 @router.delete("/v1/caches/{cache_id}", response_model=models.CacheOut, responses=ERRORS, tags=["caches"])
 async def remove_cache(request: Request, cache_id: str, caller: Writer) -> Response:
     """Drop a free kept cache (reason ``removed``); one in use is 409 ``cache_in_use``."""
-    daemon = _daemon(request)
-    return _json(models.cache_json(daemon.manager.remove_cache(_visible_cache(daemon, caller, cache_id))))
+    manager = _manager(request)
+    return _json(models.cache_json(manager.remove_cache(_visible_cache(manager, caller, cache_id))))
 
 
 @router.get("/v1/events", response_model=models.EventList, responses=ERRORS, tags=["events"])
@@ -394,7 +417,7 @@ async def events(
 
     A tenant's page holds ``limit`` of its own events, however many others' came between.
     """
-    found = _daemon(request).store.events(
+    found = _backend(request).events.events(
         since,
         limit,
         before=before,
@@ -439,6 +462,5 @@ async def healthz() -> Response:
 )
 async def readyz(request: Request) -> Response:
     """Ready = state store open and at least one pool ``ok``."""
-    daemon = _daemon(request)
-    ok = daemon.ready and any(p.state.value == "ok" for p in daemon.pools.statuses())
+    ok = _backend(request).ready()
     return _json({"status": "ready" if ok else "not_ready"}, 200 if ok else 503)

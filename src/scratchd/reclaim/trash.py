@@ -57,7 +57,6 @@ class Trash:
         self.pending_bytes_by_pool: Counter[str] = Counter()  # what eviction counts as being freed
         self.reclaimed_total = 0
         self.reclaimed_bytes_total = 0
-        self.by_reason: Counter[str] = Counter()
         self.failed_by_pool: Counter[str] = Counter()  # failed deletions, each retry counted
         self._busy: list[TrashItem] = []
 

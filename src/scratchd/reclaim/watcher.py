@@ -114,6 +114,10 @@ class PoolWatcher:
         self._pools_of.setdefault(wd, set()).add(pool)
         return True
 
+    def watching(self, pool: str) -> bool:
+        """Whether the pool's removals are reported (else the GC cycle checks its leases' directories)."""
+        return pool in self._wd_of
+
     def unwatch(self, pool: str) -> None:
         wd = self._wd_of.pop(pool, None)
         inotify = self._events.inotify
