@@ -235,6 +235,8 @@ class LeaseManager:
                 cache_entries=kept.get(pool.name, (0, 0))[0],
                 cache_bytes=kept.get(pool.name, (0, 0))[1],
                 cache_max=self.cache_max_bytes(pool.name),
+                cache_hits=self.cache_requests[pool.name, "hit"] + self.cache_requests[pool.name, "fallback"],
+                cache_misses=self.cache_requests[pool.name, "miss"],
             )
             for pool in self.pools.statuses()
         ]

@@ -80,6 +80,8 @@ def pool_json(
     cache_entries: int,
     cache_bytes: int,
     cache_max: int,
+    cache_hits: int,
+    cache_misses: int,
 ) -> dict[str, Any]:
     """A pool as ``/v1/pools`` answers it and ``/metrics`` names its series, with its leases' and
     free kept caches' totals."""
@@ -103,4 +105,6 @@ def pool_json(
         "cache_entries": cache_entries,
         "cache_bytes": cache_bytes,
         "cache_max_bytes": cache_max,
+        "cache_hits_total": cache_hits,
+        "cache_misses_total": cache_misses,
     }

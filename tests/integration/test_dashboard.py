@@ -380,7 +380,8 @@ def test_warm_caches_per_pool_and_the_hit_rate(make_daemon, browser, tmp_path):
 
     show_as(browser, "wall")
     browser.get(f"http://127.0.0.1:{port}/?refresh=1")
-    card = f"caches\n1 · {format_size(pool['cache_bytes'])}"
+    assert (pool["cache_hits_total"], pool["cache_misses_total"]) == (1, 1)
+    card = f"caches\n1 · {format_size(pool['cache_bytes'])}\nhit rate\n50%"
     until(browser, lambda: card in by_id(browser, "pool-list").text, "the pool card shows no kept cache")
     stats = by_id(browser, "cache-stats").text
     assert "hit rate\n50%" in stats and "hits\n1" in stats and "misses\n1" in stats, stats

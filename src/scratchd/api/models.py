@@ -215,6 +215,12 @@ class PoolOut(BaseModel):
     cache_entries: int = Field(description="Free kept caches in the pool.")
     cache_bytes: int = Field(description="Bytes of the free kept caches in the pool.")
     cache_max_bytes: int = Field(description="The pool's cache_max; 0: releases keep nothing here.")
+    cache_hits_total: int = Field(
+        description="Creates here that started warm (exact or fallback) since start."
+    )
+    cache_misses_total: int = Field(
+        description="Creates here with a cache_key that started empty since start."
+    )
 
 
 class PoolList(BaseModel):

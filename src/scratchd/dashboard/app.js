@@ -290,8 +290,14 @@ function poolCard(pool) {
       stat("leased", size(pool.leased_bytes)),
       stat("leases", String(pool.active_leases)),
       stat("caches", `${pool.cache_entries} · ${size(pool.cache_bytes)}`,
-           `warm caches kept here, at most ${size(pool.cache_max_bytes)} (cache_max)`)),
+           `warm caches kept here, at most ${size(pool.cache_max_bytes)} (cache_max)`),
+      stat("hit rate", hitRate(pool.cache_hits_total, pool.cache_misses_total),
+           "leases with a cache key placed here that started warm (exact or fallback)")),
     el("p", { class: "where", title: pool.path }, where ? `${pool.path} on ${where}` : pool.path));
+}
+
+function hitRate(hits, misses) {
+  return hits + misses ? `${percent(hits, hits + misses).toFixed(0)}%` : "-";
 }
 
 function labels(lease) {
@@ -327,11 +333,10 @@ function draw(usage, events) {
   ])), "No tenant holds a lease.");
 
   const caches = usage.caches;
-  const asked = caches.hits_total + caches.misses_total;
   document.getElementById("cache-stats").replaceChildren(
     stat("kept", String(caches.entries), "released caches waiting for the next job of their key"),
     stat("size", size(caches.bytes)),
-    stat("hit rate", asked ? `${percent(caches.hits_total, asked).toFixed(0)}%` : "-",
+    stat("hit rate", hitRate(caches.hits_total, caches.misses_total),
          "leases with a cache key that started warm (exact or fallback)"),
     stat("hits", String(caches.hits_total)),
     stat("misses", String(caches.misses_total)),
