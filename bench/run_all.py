@@ -66,7 +66,16 @@ def benches(quick: bool) -> list[tuple[str, list[str]]]:
             ["warm_cache.py", "--files", files, "--dir", "/var/tmp"]
             + (["--rounds", "5", "--jobs", "2"] if quick else []),
         ),
-    ]
+    ] + (
+        [
+            (
+                "Kubernetes: a CSI volume's publish (cold, warm) and unpublish",
+                ["csi_publish.py", "-n", "10" if quick else "50", "--files", "2000", "--dir", "/var/tmp"],
+            )
+        ]
+        if os.geteuid() == 0  # bind mounts
+        else []
+    )
 
 
 def git(*argv: str) -> str | None:
