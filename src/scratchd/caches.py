@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
 
+from scratchd.schema import marks
+
 CACHE_KEY = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:@+=/-]{0,127}")
 MAX_FALLBACKS = 8
 
@@ -36,20 +38,26 @@ class DropReason(StrEnum):
     REMOVED = "removed"  # DELETE /v1/caches/{id}
 
 
-@dataclass(slots=True)
+@dataclass(slots=True, kw_only=True)
 class Cache:
+    """A kept cache. Its fields are the record's one schema: the store's columns and the API's answer
+    (in this order) derive from them (``schema``)."""
+
     id: str
     key: str
     tenant: str
     pool: str
-    kept_at: float
-    last_used_at: float
     state: CacheState = CacheState.FREE
-    lease_id: str | None = None
+    lease_id: str | None = field(
+        default=None, metadata=marks(description="The lease whose directory it is while in use.")
+    )
     bytes: int = 0
     files: int = 0
+    kept_at: float = field(metadata=marks(time=True))
+    last_used_at: float = field(metadata=marks(time=True))
     hits: int = 0
-    inode: int | None = None  # of its directory: how start-up finds it again after a crash mid hand-over
+    # Of its directory: how start-up finds it again after a crash mid hand-over.
+    inode: int | None = field(default=None, metadata=marks(hidden=True))
 
     @property
     def free(self) -> bool:
@@ -61,12 +69,21 @@ class CacheUse:
     """What a lease asked of the cache and got: the ``cache`` of a Lease."""
 
     key: str
-    fallback: tuple[str, ...] = ()
-    hit: HitKind | None = None
-    matched_key: str | None = None
-    cache_id: str | None = None  # the cache handed over (kept again under this id), or None on a miss
-    kept_at: float | None = None  # when the cache handed over was kept
-    kept_id: str | None = None  # set when a release keeps the directory
+    fallback: tuple[str, ...] = field(default=(), metadata=marks(hidden=True))
+    hit: HitKind | None = field(
+        default=None, metadata=marks(description="null: a miss, the lease started empty.")
+    )
+    matched_key: str | None = field(
+        default=None, metadata=marks(description="The key of the cache handed over.")
+    )
+    # Kept again under this id on a keep; None on a miss.
+    cache_id: str | None = field(default=None, metadata=marks(description="The cache handed over."))
+    kept_at: float | None = field(
+        default=None, metadata=marks(time=True, description="When the cache handed over was kept.")
+    )
+    kept_id: str | None = field(
+        default=None, metadata=marks(description="Once released with keep: the kept cache's id.")
+    )
 
 
 @dataclass(frozen=True, slots=True)

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 
 from scratchd.caches import CacheUse
+from scratchd.schema import marks
 
 
 class LeaseState(StrEnum):
@@ -60,36 +61,39 @@ def new_lease_id() -> str:
 class Usage:
     bytes: int = 0
     files: int = 0
-    measured_at: float | None = None
+    measured_at: float | None = field(default=None, metadata=marks(time=True))
 
 
-@dataclass(slots=True)
+@dataclass(slots=True, kw_only=True)
 class Lease:
+    """A lease. Its fields are the record's one schema: the store's columns and the API's answer
+    (in this order) derive from them (``schema``)."""
+
     id: str
     path: str
     pool: str
     tenant: str
     uid: int
-    gid: int
-    created_at: float
-    expires_at: float
+    gid: int = field(metadata=marks(hidden=True))
+    state: LeaseState = LeaseState.ACTIVE
+    end_reason: EndReason | None = None
+    created_at: float = field(metadata=marks(time=True))
+    expires_at: float = field(metadata=marks(time=True))
+    ended_at: float | None = field(default=None, metadata=marks(time=True))
     ttl_seconds: int
-    mount_point: str | None = None
-    same_filesystem: bool | None = None
-    link_mode: LinkMode | None = None
     idle_timeout_seconds: int | None = None
     pid: int | None = None
-    pid_start_time: int | None = None
+    pid_start_time: int | None = field(default=None, metadata=marks(hidden=True))
     max_bytes: int | None = None
     expected_bytes: int | None = None
     evictable: bool = False
     labels: dict[str, str] = field(default_factory=dict)
-    state: LeaseState = LeaseState.ACTIVE
-    end_reason: EndReason | None = None
-    ended_at: float | None = None
-    last_activity_at: float | None = None
+    same_filesystem: bool | None = None
+    link_mode: LinkMode | None = None
+    mount_point: str | None = None
+    last_activity_at: float | None = field(default=None, metadata=marks(time=True))
     usage: Usage = field(default_factory=Usage)
-    cache: CacheUse | None = None  # None without a cache_key
+    cache: CacheUse | None = field(default=None, metadata=marks(description="null without a cache_key."))
 
     @property
     def active(self) -> bool:

@@ -27,18 +27,24 @@ without its directory) -- never an active lease whose directory is deleted.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import logging
 import sqlite3
 import threading
-from collections.abc import Iterable, Iterator
+import types
+import typing
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager, suppress
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from enum import Enum
+from operator import attrgetter
 from pathlib import Path
-from typing import Any
+from typing import Any, Generic, TypeVar
 
-from scratchd.caches import Cache, CacheState, CacheUse, HitKind
-from scratchd.leases import EndReason, Lease, LeaseState, LinkMode, Usage
+from scratchd.caches import Cache
+from scratchd.leases import Lease
+from scratchd.schema import marks
 
 log = logging.getLogger("scratchd.store")
 
@@ -114,19 +120,122 @@ MIGRATIONS: tuple[str, ...] = (
     "ALTER TABLE leases ADD COLUMN cache_kept_id TEXT;",
 )
 
-_COLUMNS = (
-    "id, path, pool, tenant, uid, gid, state, end_reason, created_at, expires_at, ended_at, ttl_seconds, "
-    "idle_timeout_seconds, pid, pid_start_time, max_bytes, expected_bytes, evictable, labels, same_filesystem, "
-    "mount_point, last_activity_at, usage_bytes, usage_files, usage_measured_at, link_mode, "
-    "cache_key, cache_fallback, cache_hit, cache_matched_key, cache_id, cache_kept_at, cache_kept_id"
-)
-_PLACEHOLDERS = ", ".join("?" * len(_COLUMNS.split(",")))
+R = TypeVar("R")
+
+
+class _Columns(Generic[R]):
+    """A record's columns, derived once from its dataclass's fields (``schema``), and the record to and
+    from a row of them.
+
+    A nested record flattens into columns named ``<field>_<its field>`` (``usage_bytes``; a name that
+    already starts so is not doubled: ``cache_id``), all NULL when it is None; an enum is kept by its
+    value, a bool as 0/1, a dict, list or tuple as JSON text. The record's own fields come first, then
+    each nested record's columns: SQL names every column, so the order is free, and this one lets a row
+    be read and written with few Python steps per field (a lease's row is built on every create).
+    """
+
+    def __init__(self, record: type[R], prefix: str = "") -> None:
+        self._record = record
+        hints = typing.get_type_hints(record)
+        own: list[str] = []
+        self._to_db: list[tuple[int, Callable[[Any], Any]]] = []
+        self._from_db: list[tuple[str, Callable[[Any], Any]]] = []
+        self._nested: list[tuple[str, _Columns[Any], bool]] = []
+        for item in dataclasses.fields(record):  # type: ignore[arg-type]
+            kind, optional = _unwrap(hints[item.name])
+            if isinstance(kind, type) and dataclasses.is_dataclass(kind):
+                self._nested.append((item.name, _Columns(kind, f"{prefix}{item.name}_"), optional))
+                continue
+            codec = _codec(kind)
+            if codec is not None:
+                to_db, from_db = codec
+                if optional:
+                    to_db, from_db = _or_none(to_db), _or_none(from_db)
+                self._to_db.append((len(own), to_db))
+                self._from_db.append((item.name, from_db))
+            own.append(item.name)
+        self._own = tuple(own)
+        get = attrgetter(*own)
+        self._get: Callable[[R], tuple[Any, ...]] = get if len(own) > 1 else lambda record: (get(record),)
+        self.names: tuple[str, ...] = tuple(
+            [name if name.startswith(prefix) else prefix + name for name in own]
+            + [column for _, nested, _ in self._nested for column in nested.names]
+        )
+        self._nulls = (None,) * len(self.names)
+        self.columns = ", ".join(self.names)
+        self.placeholders = ", ".join("?" * len(self.names))
+
+    def row(self, record: R) -> tuple[Any, ...]:
+        values = list(self._get(record))
+        for index, to_db in self._to_db:
+            values[index] = to_db(values[index])
+        for name, nested, _ in self._nested:
+            part = getattr(record, name)
+            values.extend(nested._nulls if part is None else nested.row(part))
+        return tuple(values)
+
+    def record(self, row: Sequence[Any]) -> R:
+        start = len(self._own)
+        fields = dict(zip(self._own, row[:start], strict=True))
+        for name, from_db in self._from_db:
+            fields[name] = from_db(fields[name])
+        for name, nested, optional in self._nested:
+            part, start = row[start : start + len(nested.names)], start + len(nested.names)
+            fields[name] = None if optional and all(value is None for value in part) else nested.record(part)
+        return self._record(**fields)
+
+    def updated(self, table: str, *columns: str) -> tuple[str, Callable[[R], tuple[Any, ...]]]:
+        """The UPDATE of only these columns of a record's row, found by its ``id``, and its parameters."""
+        indexes = [self.names.index(name) for name in (*columns, "id")]
+        sql = f"UPDATE {table} SET {', '.join(f'{name}=?' for name in columns)} WHERE id=?"
+
+        def parameters(record: R) -> tuple[Any, ...]:
+            row = self.row(record)
+            return tuple(row[i] for i in indexes)
+
+        return sql, parameters
+
+
+def _unwrap(hint: Any) -> tuple[Any, bool]:
+    """``X | None`` as ``(X, True)``, any other type as ``(type, False)``."""
+    if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
+        args = [arg for arg in typing.get_args(hint) if arg is not type(None)]
+        if len(args) == 1:
+            return args[0], True
+    return hint, False
+
+
+def _codec(kind: Any) -> tuple[Callable[[Any], Any], Callable[[Any], Any]] | None:
+    """How a value of ``kind`` goes into its column and back, unless as it is."""
+    if isinstance(kind, type) and issubclass(kind, Enum):
+        return attrgetter("value"), kind
+    if kind is bool:
+        return int, bool
+    origin = typing.get_origin(kind) or kind
+    if origin is tuple:
+        return json.dumps, _json_tuple
+    if origin in (dict, list):
+        return json.dumps, json.loads
+    return None
+
+
+def _json_tuple(text: str) -> tuple[Any, ...]:
+    return tuple(json.loads(text))
+
+
+def _or_none(convert: Callable[[Any], Any]) -> Callable[[Any], Any]:
+    def either(value: Any) -> Any:
+        return None if value is None else convert(value)
+
+    return either
 
 
 @dataclass(frozen=True, slots=True)
 class Event:
+    """An event of the log; its fields are the ``events`` table's columns and the API's answer (``schema``)."""
+
     seq: int
-    at: float
+    at: float = field(metadata=marks(time=True))
     kind: str
     lease_id: str | None
     pool: str | None
@@ -154,201 +263,48 @@ class NewEvent:
 
 Statement = tuple[str, tuple[Any, ...]]
 
+_LEASES = _Columns(Lease)
+_CACHES = _Columns(Cache)
+_EVENTS = _Columns(Event)
+_NEW_EVENTS = _Columns(NewEvent)
+_RENEWED_OR_ENDED = _LEASES.updated(
+    "leases",
+    "state",
+    "end_reason",
+    "ended_at",
+    "expires_at",
+    "ttl_seconds",
+    "usage_bytes",
+    "usage_files",
+    "usage_measured_at",
+    "last_activity_at",
+    "cache_kept_id",
+)
+_MEASURED = _LEASES.updated("leases", "usage_bytes", "usage_files", "usage_measured_at", "last_activity_at")
+
 
 def lease_inserted(lease: Lease) -> Statement:
-    return f"INSERT INTO leases ({_COLUMNS}) VALUES ({_PLACEHOLDERS})", _row(lease)
+    return f"INSERT INTO leases ({_LEASES.columns}) VALUES ({_LEASES.placeholders})", _LEASES.row(lease)
 
 
 def lease_updated(lease: Lease) -> Statement:
     """A renew or an end: only what those change (an UPDATE, not a row rewrite)."""
-    return (
-        "UPDATE leases SET state=?, end_reason=?, ended_at=?, expires_at=?, ttl_seconds=?, "
-        "usage_bytes=?, usage_files=?, usage_measured_at=?, last_activity_at=?, cache_kept_id=? WHERE id=?",
-        (
-            lease.state.value,
-            lease.end_reason.value if lease.end_reason else None,
-            lease.ended_at,
-            lease.expires_at,
-            lease.ttl_seconds,
-            lease.usage.bytes,
-            lease.usage.files,
-            lease.usage.measured_at,
-            lease.last_activity_at,
-            lease.cache.kept_id if lease.cache else None,
-            lease.id,
-        ),
-    )
-
-
-_CACHE_COLUMNS = "id, key, tenant, pool, state, lease_id, bytes, files, kept_at, last_used_at, hits, inode"
+    sql, parameters = _RENEWED_OR_ENDED
+    return sql, parameters(lease)
 
 
 def cache_saved(cache: Cache) -> Statement:
     """A cache kept, handed over, measured or freed: its whole record."""
-    return (
-        f"INSERT OR REPLACE INTO caches ({_CACHE_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-        (
-            cache.id,
-            cache.key,
-            cache.tenant,
-            cache.pool,
-            cache.state.value,
-            cache.lease_id,
-            cache.bytes,
-            cache.files,
-            cache.kept_at,
-            cache.last_used_at,
-            cache.hits,
-            cache.inode,
-        ),
-    )
+    sql = f"INSERT OR REPLACE INTO caches ({_CACHES.columns}) VALUES ({_CACHES.placeholders})"
+    return sql, _CACHES.row(cache)
 
 
 def cache_deleted(cache_id: str) -> Statement:
     return "DELETE FROM caches WHERE id = ?", (cache_id,)
 
 
-def _cache(row: tuple[Any, ...]) -> Cache:
-    id_, key, tenant, pool, state, lease_id, size, files, kept_at, last_used_at, hits, inode = row
-    return Cache(
-        id=id_,
-        key=key,
-        tenant=tenant,
-        pool=pool,
-        state=CacheState(state),
-        lease_id=lease_id,
-        bytes=size,
-        files=files,
-        kept_at=kept_at,
-        last_used_at=last_used_at,
-        hits=hits,
-        inode=inode,
-    )
-
-
 class StoreError(Exception):
     """The state database cannot be written (full disk, locked, read-only)."""
-
-
-def _row(lease: Lease) -> tuple[Any, ...]:
-    return (
-        lease.id,
-        lease.path,
-        lease.pool,
-        lease.tenant,
-        lease.uid,
-        lease.gid,
-        lease.state.value,
-        lease.end_reason.value if lease.end_reason else None,
-        lease.created_at,
-        lease.expires_at,
-        lease.ended_at,
-        lease.ttl_seconds,
-        lease.idle_timeout_seconds,
-        lease.pid,
-        lease.pid_start_time,
-        lease.max_bytes,
-        lease.expected_bytes,
-        int(lease.evictable),
-        json.dumps(lease.labels),
-        None if lease.same_filesystem is None else int(lease.same_filesystem),
-        lease.mount_point,
-        lease.last_activity_at,
-        lease.usage.bytes,
-        lease.usage.files,
-        lease.usage.measured_at,
-        lease.link_mode.value if lease.link_mode else None,
-        *_cache_use_row(lease.cache),
-    )
-
-
-def _cache_use_row(use: CacheUse | None) -> tuple[Any, ...]:
-    if use is None:
-        return (None,) * 7
-    return (
-        use.key,
-        json.dumps(list(use.fallback)),
-        use.hit.value if use.hit else None,
-        use.matched_key,
-        use.cache_id,
-        use.kept_at,
-        use.kept_id,
-    )
-
-
-def _lease(row: tuple[Any, ...]) -> Lease:
-    (
-        id_,
-        path,
-        pool,
-        tenant,
-        uid,
-        gid,
-        state,
-        end_reason,
-        created_at,
-        expires_at,
-        ended_at,
-        ttl,
-        idle,
-        pid,
-        pid_start,
-        max_bytes,
-        expected,
-        evictable,
-        labels,
-        same_fs,
-        mount_point,
-        last_activity,
-        u_bytes,
-        u_files,
-        u_at,
-        link_mode,
-        cache_key,
-        cache_fallback,
-        cache_hit,
-        cache_matched_key,
-        cache_id,
-        cache_kept_at,
-        cache_kept_id,
-    ) = row
-    return Lease(
-        id=id_,
-        path=path,
-        pool=pool,
-        tenant=tenant,
-        uid=uid,
-        gid=gid,
-        state=LeaseState(state),
-        end_reason=EndReason(end_reason) if end_reason else None,
-        created_at=created_at,
-        expires_at=expires_at,
-        ended_at=ended_at,
-        ttl_seconds=ttl,
-        idle_timeout_seconds=idle,
-        pid=pid,
-        pid_start_time=pid_start,
-        max_bytes=max_bytes,
-        expected_bytes=expected,
-        evictable=bool(evictable),
-        labels=json.loads(labels),
-        same_filesystem=None if same_fs is None else bool(same_fs),
-        mount_point=mount_point,
-        last_activity_at=last_activity,
-        link_mode=LinkMode(link_mode) if link_mode else None,
-        usage=Usage(bytes=u_bytes, files=u_files, measured_at=u_at),
-        cache=None
-        if cache_key is None
-        else CacheUse(
-            key=cache_key,
-            fallback=tuple(json.loads(cache_fallback or "[]")),
-            hit=HitKind(cache_hit) if cache_hit else None,
-            matched_key=cache_matched_key,
-            cache_id=cache_id,
-            kept_at=cache_kept_at,
-            kept_id=cache_kept_id,
-        ),
-    )
 
 
 SYNCHRONOUS = ("NORMAL", "FULL")
@@ -554,16 +510,8 @@ class Store:
 
     def _insert_event(self, event: NewEvent, now: float) -> int:
         cursor = self._db.execute(
-            "INSERT INTO events (at, kind, lease_id, pool, tenant, reason, details) VALUES (?, ?, ?, ?, ?, ?, ?)",
-            (
-                now,
-                event.kind,
-                event.lease_id,
-                event.pool,
-                event.tenant,
-                event.reason,
-                json.dumps(event.details) if event.details is not None else None,
-            ),
+            f"INSERT INTO events (at, {_NEW_EVENTS.columns}) VALUES (?, {_NEW_EVENTS.placeholders})",
+            (now, *_NEW_EVENTS.row(event)),
         )
         return int(cursor.lastrowid or 0)
 
@@ -585,11 +533,8 @@ class Store:
 
     def save_usage(self, leases: Iterable[Lease]) -> None:
         """Usage samples are soft state: batched, and losing the last batch costs one rescan."""
-        rows = [
-            (lease.usage.bytes, lease.usage.files, lease.usage.measured_at, lease.last_activity_at, lease.id)
-            for lease in leases
-        ]
-        sql = "UPDATE leases SET usage_bytes=?, usage_files=?, usage_measured_at=?, last_activity_at=? WHERE id=?"
+        sql, parameters = _MEASURED
+        rows = [parameters(lease) for lease in leases]
         with self._transaction() as db:
             db.executemany(sql, rows)
 
@@ -610,20 +555,21 @@ class Store:
     # -- reads ----------------------------------------------------------------------------
 
     def active_leases(self) -> list[Lease]:
-        return [_lease(r) for r in self._db.execute(f"SELECT {_COLUMNS} FROM leases WHERE state = 'active'")]
+        rows = self._db.execute(f"SELECT {_LEASES.columns} FROM leases WHERE state = 'active'")
+        return [_LEASES.record(r) for r in rows]
 
     def caches(self) -> list[Cache]:
-        return [_cache(r) for r in self._db.execute(f"SELECT {_CACHE_COLUMNS} FROM caches")]
+        return [_CACHES.record(r) for r in self._db.execute(f"SELECT {_CACHES.columns} FROM caches")]
 
     def get_lease(self, lease_id: str) -> Lease | None:
-        row = self._db.execute(f"SELECT {_COLUMNS} FROM leases WHERE id = ?", (lease_id,)).fetchone()
-        return _lease(row) if row else None
+        row = self._db.execute(f"SELECT {_LEASES.columns} FROM leases WHERE id = ?", (lease_id,)).fetchone()
+        return _LEASES.record(row) if row else None
 
     def ended_leases(self) -> Iterator[Lease]:
         cursor = self._db.execute(
-            f"SELECT {_COLUMNS} FROM leases WHERE state = 'ended' ORDER BY ended_at DESC"
+            f"SELECT {_LEASES.columns} FROM leases WHERE state = 'ended' ORDER BY ended_at DESC"
         )
-        return (_lease(r) for r in cursor)
+        return (_LEASES.record(r) for r in cursor)
 
     def events(
         self,
@@ -647,14 +593,11 @@ class Store:
             where.append("tenant = ?")
             params.append(tenant)
         rows = self._db.execute(
-            "SELECT seq, at, kind, lease_id, pool, tenant, reason, details FROM events"
+            f"SELECT {_EVENTS.columns} FROM events"
             f" WHERE {' AND '.join(where)} ORDER BY seq {'DESC' if newest_first else 'ASC'} LIMIT ?",
             (*params, limit),
         )
-        return [
-            Event(seq, at, kind, lease_id, pool, tenant, reason, json.loads(details) if details else None)
-            for seq, at, kind, lease_id, pool, tenant, reason, details in rows
-        ]
+        return [_EVENTS.record(r) for r in rows]
 
     # -- orphan sightings: grace counts from the first sighting, across restarts -----------
 

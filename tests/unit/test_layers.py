@@ -22,6 +22,7 @@ LAYERS: list[tuple[str, set[str]]] = [
             "reclaim",
             "units",
             "errors",
+            "schema",
             "leases",
             "caches",
             "pools",

@@ -320,11 +320,25 @@ def test_a_lease_with_a_cache_and_its_kept_cache_survive_a_reopen(tmp_path):
     store = Store(str(tmp_path))
     leased = lease(1)
     leased.cache = CacheUse("main-a", ("main-",), HitKind.FALLBACK, "main-b", "c1", 3.0)
-    handed = Cache("c1", "main-b", "t", "p", 3.0, 4.0, CacheState.IN_USE, "l1", 10, 2, 1)
+    handed = Cache(
+        id="c1",
+        key="main-b",
+        tenant="t",
+        pool="p",
+        state=CacheState.IN_USE,
+        lease_id="l1",
+        bytes=10,
+        files=2,
+        kept_at=3.0,
+        last_used_at=4.0,
+        hits=1,
+    )
     store._write([lease_inserted(leased), store_module.cache_saved(handed)], [], 4.0)
     ended = end(leased, EndReason.RELEASED, 5.0)
     ended.cache = CacheUse("main-a", ("main-",), HitKind.FALLBACK, "main-b", "c1", 3.0, kept_id="c1")
-    kept = Cache("c1", "main-a", "t", "p", 5.0, 5.0, CacheState.FREE, None, 10, 2, 1)
+    kept = Cache(
+        id="c1", key="main-a", tenant="t", pool="p", bytes=10, files=2, kept_at=5.0, last_used_at=5.0, hits=1
+    )
     store.save_lease(
         ended,
         NewEvent.for_lease("lease_ended", ended),
@@ -339,3 +353,93 @@ def test_a_lease_with_a_cache_and_its_kept_cache_survive_a_reopen(tmp_path):
     assert [e.kind for e in reopened.events(0, 10)] == ["lease_ended", "cache_kept"]
     reopened.save_caches([store_module.cache_deleted("c1")], [], 6.0)
     assert reopened.caches() == []
+
+
+def _table_columns(store: Store, table: str) -> set[str]:
+    return {row[1] for row in store._db.execute(f"PRAGMA table_info({table})")}
+
+
+def _leaf_fields(record: type, prefix: str = "") -> set[str]:
+    """A record's fields as columns: a nested record's by their prefixed names, not doubled (``cache_id``)."""
+    import dataclasses
+    import typing
+
+    hints = typing.get_type_hints(record)
+    found = set()
+    for field in dataclasses.fields(record):
+        kinds = [k for k in typing.get_args(hints[field.name]) or [hints[field.name]] if k is not type(None)]
+        if dataclasses.is_dataclass(kinds[0]):
+            found |= _leaf_fields(kinds[0], f"{prefix}{field.name}_")
+        else:
+            found.add(field.name if field.name.startswith(prefix) else prefix + field.name)
+    return found
+
+
+def test_every_field_of_a_record_is_a_column_of_its_table_and_every_column_a_field(tmp_path):
+    """A field added to a record needs its column (a migration), and a column its field: the tables
+    after every migration are the records' fields, and the columns the store reads and writes are too."""
+    from scratchd.caches import Cache
+
+    store = Store(str(tmp_path))
+    for table, record, columns in [
+        ("leases", Lease, store_module._LEASES),
+        ("caches", Cache, store_module._CACHES),
+        ("events", store_module.Event, store_module._EVENTS),
+    ]:
+        assert _leaf_fields(record) == _table_columns(store, table), table
+        assert set(columns.names) == _table_columns(store, table) and len(columns.names) == len(
+            set(columns.names)
+        )
+    assert set(store_module._NEW_EVENTS.names) | {"seq", "at"} == _table_columns(store, "events")
+    store.close()
+
+
+def test_a_record_with_every_field_set_reads_back_equal(tmp_path):
+    from scratchd.caches import Cache, CacheState, CacheUse, HitKind
+    from scratchd.leases import LeaseState, Usage
+
+    everything = Lease(
+        id="l1",
+        path="/p/l1",
+        pool="p",
+        tenant="t",
+        uid=1,
+        gid=2,
+        state=LeaseState.ENDED,
+        end_reason=EndReason.RELEASED,
+        created_at=1.5,
+        expires_at=2.5,
+        ended_at=3.5,
+        ttl_seconds=1,
+        idle_timeout_seconds=4,
+        pid=5,
+        pid_start_time=6,
+        max_bytes=7,
+        expected_bytes=8,
+        evictable=True,
+        labels={"a": "b", "c": "d"},
+        same_filesystem=False,
+        link_mode=LinkMode.CLONE,
+        mount_point="/",
+        last_activity_at=9.5,
+        usage=Usage(bytes=10, files=11, measured_at=12.5),
+        cache=CacheUse("k", ("k-", "x"), HitKind.FALLBACK, "k-1", "c1", 13.5, "c2"),
+    )
+    cache = Cache(
+        id="c2",
+        key="k",
+        tenant="t",
+        pool="p",
+        state=CacheState.IN_USE,
+        lease_id="l1",
+        bytes=1,
+        files=2,
+        kept_at=3.5,
+        last_used_at=4.5,
+        hits=5,
+        inode=6,
+    )
+    store = Store(str(tmp_path))
+    store._write([lease_inserted(everything), store_module.cache_saved(cache)], [], 1.0)
+    assert store.get_lease("l1") == everything and store.caches() == [cache]
+    store.close()
