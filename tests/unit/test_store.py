@@ -6,6 +6,7 @@ import linecache
 import os
 import sqlite3
 import sys
+from typing import Any
 
 import pytest
 from conftest import wait_for
@@ -359,7 +360,7 @@ def _table_columns(store: Store, table: str) -> set[str]:
     return {row[1] for row in store._db.execute(f"PRAGMA table_info({table})")}
 
 
-def _leaf_fields(record: type, prefix: str = "") -> set[str]:
+def _leaf_fields(record: Any, prefix: str = "") -> set[str]:
     """A record's fields as columns: a nested record's by their prefixed names, not doubled (``cache_id``)."""
     import dataclasses
     import typing
@@ -381,11 +382,12 @@ def test_every_field_of_a_record_is_a_column_of_its_table_and_every_column_a_fie
     from scratchd.caches import Cache
 
     store = Store(str(tmp_path))
-    for table, record, columns in [
+    tables: list[tuple[str, type, store_module._Columns[Any]]] = [
         ("leases", Lease, store_module._LEASES),
         ("caches", Cache, store_module._CACHES),
         ("events", store_module.Event, store_module._EVENTS),
-    ]:
+    ]
+    for table, record, columns in tables:
         assert _leaf_fields(record) == _table_columns(store, table), table
         assert set(columns.names) == _table_columns(store, table) and len(columns.names) == len(
             set(columns.names)
