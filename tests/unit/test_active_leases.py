@@ -4,22 +4,14 @@ import heapq
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from records import a_lease
 
 from scratchd.leases import ActiveLeases, EndReason, Lease, Totals, Usage, end, renew
 
 
 def lease(i: int, pool: str, tenant: str, expected: int | None) -> Lease:
-    return Lease(
-        id=f"l{i}",
-        path=f"/{pool}/l{i}",
-        pool=pool,
-        tenant=tenant,
-        uid=1,
-        gid=1,
-        created_at=1.0,
-        expires_at=2.0,
-        ttl_seconds=1,
-        expected_bytes=expected,
+    return a_lease(
+        f"l{i}", pool, tenant=tenant, created_at=1.0, expires_at=2.0, ttl_seconds=1, expected_bytes=expected
     )
 
 

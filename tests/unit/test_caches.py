@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+from records import a_lease, a_pool
 
 from scratchd.caches import Cache, CacheState, DropReason, HitKind, Rules, drops, find_hit, replaced
 from scratchd.leases import Lease, Usage
@@ -19,31 +20,12 @@ def cache(id: str, key: str = "k", tenant: str = "t", pool: str = "p", **kw: obj
 
 
 def pool(name: str = "p", free: int = 1000, reserve: int = 0, state: PoolState = PoolState.OK) -> PoolStatus:
-    return PoolStatus(
-        name=name,
-        path=f"/{name}",
-        mount_point="/",
-        fstype="tmpfs",
-        device="0:1",
-        mount_id=1,
-        state=state,
-        capacity_bytes=10_000,
-        free_bytes=free,
-        reserve_bytes=reserve,
-        labels=(),
-        reason=None,
-    )
+    return a_pool(name, free_bytes=free, reserve_bytes=reserve, state=state)
 
 
 def lease(id: str, used: int, active_at: float, evictable: bool = True) -> Lease:
-    return Lease(
-        id=id,
-        path=f"/p/{id}",
-        pool="p",
-        tenant="t",
-        uid=1,
-        gid=1,
-        created_at=0.0,
+    return a_lease(
+        id,
         expires_at=1e9,
         ttl_seconds=10,
         evictable=evictable,

@@ -1,24 +1,16 @@
 import re
 import time
+from typing import Any
 
 import pytest
+from records import a_lease
 
 from scratchd.leases import EndReason, Lease, LeaseEnded, LeaseState, Usage, end, new_lease_id, renew
 
 
-def make(**kw) -> Lease:
-    defaults = dict(
-        id="x",
-        path="/p/x",
-        pool="p",
-        tenant="t",
-        uid=1,
-        gid=1,
-        created_at=100.0,
-        expires_at=160.0,
-        ttl_seconds=60,
-    )
-    return Lease(**{**defaults, **kw})
+def make(**kw: Any) -> Lease:
+    fields: dict[str, Any] = {"created_at": 100.0, "expires_at": 160.0, "ttl_seconds": 60} | kw
+    return a_lease(fields.pop("id", "x"), **fields)
 
 
 def test_ids_are_unguessable_and_well_formed():

@@ -4,6 +4,7 @@ import itertools
 from collections.abc import Mapping, Sequence
 
 import pytest
+from records import a_pool
 
 from scratchd.leases import LinkMode
 from scratchd.placement import Near, Placed, Placement, PlacementError, link_mode, place
@@ -30,8 +31,8 @@ def pool(
     device: str = "8:1",
     reflink: bool = False,
 ) -> PoolStatus:
-    return PoolStatus(
-        name=name,
+    return a_pool(
+        name,
         path=f"/pools/{name}",
         mount_point=f"/mnt/{mount_id}",
         fstype="ext4",
@@ -41,7 +42,6 @@ def pool(
         capacity_bytes=1000 * GiB,
         free_bytes=free,
         reserve_bytes=reserve,
-        labels=(),
         reason=None if state is PoolState.OK else reason_for(state),
         message=None if state is PoolState.OK else f"{name} is {state}",
         reflink=reflink,

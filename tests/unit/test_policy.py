@@ -1,6 +1,7 @@
 """Reclaim decisions: signals -> thresholds -> ranking, all pure."""
 
 import pytest
+from records import a_lease, a_pool
 
 from scratchd.leases import EndReason, Lease, Usage
 from scratchd.pools import REASON_STATES, PoolReason, PoolState, PoolStatus
@@ -8,35 +9,19 @@ from scratchd.reclaim.policy import Ending, decide, evictions, lease_ending
 
 
 def lease(id="l", pool="p", created=0.0, expires=1000.0, **kw) -> Lease:
-    return Lease(
-        id=id,
-        path=f"/{pool}/{id}",
-        pool=pool,
-        tenant="t",
-        uid=1,
-        gid=1,
-        created_at=created,
-        expires_at=expires,
-        ttl_seconds=1000,
-        **kw,
-    )
+    return a_lease(id, pool, created_at=created, expires_at=expires, **kw)
 
 
 def pool(name="p", state=PoolState.OK, free=100, reserve=0, reason=None) -> PoolStatus:
-    return PoolStatus(
-        name=name,
-        path=f"/{name}",
-        mount_point="/",
-        fstype="tmpfs",
-        device="0:1",
-        mount_id=1,
+    message = None if reason is None else f"{name} is {reason}"
+    return a_pool(
+        name,
         state=state,
         capacity_bytes=1000,
         free_bytes=free,
         reserve_bytes=reserve,
-        labels=(),
         reason=reason,
-        message=None if reason is None else f"{name} is {reason}",
+        message=message,
     )
 
 
