@@ -128,7 +128,7 @@ def test_logs_one_json_line_per_start_and_end_at_debug_and_never_a_token(make_da
     daemon.start()
     import httpx
 
-    with httpx.Client(base_url=f"http://127.0.0.1:{port}") as tcp:
+    with httpx.Client(base_url=f"http://127.0.0.1:{port}", verify=False) as tcp:
         created = tcp.post("/v1/leases", json={}, headers={"authorization": f"Bearer {token}"}).json()
         tcp.delete(f"/v1/leases/{created['id']}", headers={"authorization": f"Bearer {token}"})
         assert tcp.get("/v1/leases", headers={"authorization": f"Bearer {token}x"}).status_code == 401
