@@ -5,7 +5,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from scratchd.leases import Lease
+from scratchd.caches import Cache, CacheState, CacheUse, HitKind
+from scratchd.leases import EndReason, Lease, LeaseState, LinkMode, Usage
 from scratchd.pools import PoolState, PoolStatus
 
 
@@ -41,3 +42,52 @@ def a_pool(name: str = "p", **fields: Any) -> PoolStatus:
         "reason": None,
     }
     return PoolStatus(name=name, **(defaults | fields))
+
+
+def every_field_lease() -> Lease:
+    """A lease with every field set, none to its default: what a record's round trip (store, API) must keep."""
+    return Lease(
+        id="l1",
+        path="/p/l1",
+        pool="p",
+        tenant="t",
+        uid=1,
+        gid=2,
+        state=LeaseState.ENDED,
+        end_reason=EndReason.RELEASED,
+        created_at=1.5,
+        expires_at=2.5,
+        ended_at=3.5,
+        ttl_seconds=1,
+        idle_timeout_seconds=4,
+        pid=5,
+        pid_start_time=6,
+        max_bytes=7,
+        expected_bytes=8,
+        evictable=True,
+        labels={"a": "b", "c": "d"},
+        same_filesystem=False,
+        link_mode=LinkMode.CLONE,
+        mount_point="/",
+        last_activity_at=9.5,
+        usage=Usage(bytes=10, files=11, measured_at=12.5),
+        cache=CacheUse("k", ("k-", "x"), HitKind.FALLBACK, "k-1", "c1", 13.5, "c2"),
+    )
+
+
+def every_field_cache() -> Cache:
+    """A kept cache with every field set, none to its default."""
+    return Cache(
+        id="c2",
+        key="k",
+        tenant="t",
+        pool="p",
+        state=CacheState.IN_USE,
+        lease_id="l1",
+        bytes=1,
+        files=2,
+        kept_at=3.5,
+        last_used_at=4.5,
+        hits=5,
+        inode=6,
+    )

@@ -27,12 +27,10 @@ without its directory) -- never an active lease whose directory is deleted.
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import json
 import logging
 import sqlite3
 import threading
-import types
 import typing
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager, suppress
@@ -44,7 +42,7 @@ from typing import Any, Generic, TypeVar
 
 from scratchd.caches import Cache
 from scratchd.leases import Lease
-from scratchd.schema import marks
+from scratchd.schema import fields_of, marks
 
 log = logging.getLogger("scratchd.store")
 
@@ -136,20 +134,18 @@ class _Columns(Generic[R]):
 
     def __init__(self, record: type[R], prefix: str = "") -> None:
         self._record = record
-        hints = typing.get_type_hints(record)
         own: list[str] = []
         self._to_db: list[tuple[int, Callable[[Any], Any]]] = []
         self._from_db: list[tuple[str, Callable[[Any], Any]]] = []
         self._nested: list[tuple[str, _Columns[Any], bool]] = []
-        for item in dataclasses.fields(record):  # type: ignore[arg-type]
-            kind, optional = _unwrap(hints[item.name])
-            if isinstance(kind, type) and dataclasses.is_dataclass(kind):
-                self._nested.append((item.name, _Columns(kind, f"{prefix}{item.name}_"), optional))
+        for item in fields_of(record):
+            if item.nested:
+                self._nested.append((item.name, _Columns(item.kind, f"{prefix}{item.name}_"), item.optional))
                 continue
-            codec = _codec(kind)
+            codec = _codec(item.kind)
             if codec is not None:
                 to_db, from_db = codec
-                if optional:
+                if item.optional:
                     to_db, from_db = _or_none(to_db), _or_none(from_db)
                 self._to_db.append((len(own), to_db))
                 self._from_db.append((item.name, from_db))
@@ -194,15 +190,6 @@ class _Columns(Generic[R]):
             return tuple(row[i] for i in indexes)
 
         return sql, parameters
-
-
-def _unwrap(hint: Any) -> tuple[Any, bool]:
-    """``X | None`` as ``(X, True)``, any other type as ``(type, False)``."""
-    if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
-        args = [arg for arg in typing.get_args(hint) if arg is not type(None)]
-        if len(args) == 1:
-            return args[0], True
-    return hint, False
 
 
 def _codec(kind: Any) -> tuple[Callable[[Any], Any], Callable[[Any], Any]] | None:

@@ -10,6 +10,7 @@ from typing import Any
 
 import pytest
 from conftest import wait_for
+from records import every_field_cache, every_field_lease
 
 from scratchd import store as store_module
 from scratchd.leases import EndReason, Lease, LinkMode, end
@@ -397,50 +398,7 @@ def test_every_field_of_a_record_is_a_column_of_its_table_and_every_column_a_fie
 
 
 def test_a_record_with_every_field_set_reads_back_equal(tmp_path):
-    from scratchd.caches import Cache, CacheState, CacheUse, HitKind
-    from scratchd.leases import LeaseState, Usage
-
-    everything = Lease(
-        id="l1",
-        path="/p/l1",
-        pool="p",
-        tenant="t",
-        uid=1,
-        gid=2,
-        state=LeaseState.ENDED,
-        end_reason=EndReason.RELEASED,
-        created_at=1.5,
-        expires_at=2.5,
-        ended_at=3.5,
-        ttl_seconds=1,
-        idle_timeout_seconds=4,
-        pid=5,
-        pid_start_time=6,
-        max_bytes=7,
-        expected_bytes=8,
-        evictable=True,
-        labels={"a": "b", "c": "d"},
-        same_filesystem=False,
-        link_mode=LinkMode.CLONE,
-        mount_point="/",
-        last_activity_at=9.5,
-        usage=Usage(bytes=10, files=11, measured_at=12.5),
-        cache=CacheUse("k", ("k-", "x"), HitKind.FALLBACK, "k-1", "c1", 13.5, "c2"),
-    )
-    cache = Cache(
-        id="c2",
-        key="k",
-        tenant="t",
-        pool="p",
-        state=CacheState.IN_USE,
-        lease_id="l1",
-        bytes=1,
-        files=2,
-        kept_at=3.5,
-        last_used_at=4.5,
-        hits=5,
-        inode=6,
-    )
+    everything, cache = every_field_lease(), every_field_cache()
     store = Store(str(tmp_path))
     store._write([lease_inserted(everything), store_module.cache_saved(cache)], [], 1.0)
     assert store.get_lease("l1") == everything and store.caches() == [cache]

@@ -424,23 +424,7 @@ async def events(
         newest_first=order == "desc",
         tenant=None if caller.sees_all() else caller.name,
     )
-    return _json(
-        {
-            "events": [
-                {
-                    "seq": e.seq,
-                    "at": models.timestamp(e.at),
-                    "kind": e.kind,
-                    "lease_id": e.lease_id,
-                    "pool": e.pool,
-                    "tenant": e.tenant,
-                    "reason": e.reason,
-                    "details": e.details,
-                }
-                for e in found
-            ]
-        }
-    )
+    return _json({"events": [models.event_json(event) for event in found]})
 
 
 # -- health ---------------------------------------------------------------------------------------
