@@ -12,7 +12,10 @@ A job: ``uv pip install`` of a wheelhouse of about 40 wheels (downloaded once wi
 into WHEELHOUSE, then ``--no-index --find-links``) into a fresh venv, by
 ``scratchd run --cache-key K --tool uv``: a cold lease (a new key each time), a warm
 one (the key of the previous job), and uv with its own persistent cache on the same
-mount, alone and inside ``scratchd run`` (what ``run`` itself adds). Interleaved; medians.
+mount, alone and inside ``scratchd run`` (what ``run`` itself adds). Interleaved, each
+round in another order; each job starts when the daemon is idle (its trash drained, the
+kept cache measured): a cold lease's deletion, seconds of unlinks, otherwise ran into
+whichever job came next (the warm one, always, in a fixed order). Medians.
 
 The pool, the state, the trees and the venvs are all under ``--dir``. Stops by itself.
 """
@@ -50,8 +53,8 @@ REQUIREMENTS = [
 
 
 @contextmanager
-def daemon(root: Path) -> Iterator[tuple[str, Path]]:
-    """A ``scratchd serve`` with one pool under ``root``; its socket and pool."""
+def daemon(root: Path) -> Iterator[tuple[str, Path, int]]:
+    """A ``scratchd serve`` with one pool under ``root``; its socket, pool and pid."""
     socket, pool, log = root / "scratchd.sock", root / "pool", root / "daemon.log"
     pool.mkdir()
     config = root / "config.toml"
@@ -69,7 +72,7 @@ def daemon(root: Path) -> Iterator[tuple[str, Path]]:
         )
     try:
         wait_healthy(str(socket), process, log)
-        yield str(socket), pool
+        yield str(socket), pool, process.pid
     finally:
         process.terminate()
         process.wait(30)
@@ -138,6 +141,40 @@ def hand_over(client: Client, root: Path, files: int, rounds: int) -> None:
     )
 
 
+def cpu_seconds(pid: int) -> float:
+    """CPU time of ``pid`` and its descendants (the daemon's deleter, scanner, rm), reaped ones
+    included; 0 where ``/proc`` does not list children."""
+    total, todo, tick = 0.0, [pid], os.sysconf("SC_CLK_TCK")
+    while todo:
+        process = todo.pop()
+        try:
+            with open(f"/proc/{process}/stat") as stat:
+                fields = stat.read().rsplit(")", 1)[1].split()
+            total += sum(int(value) for value in fields[11:15]) / tick  # utime stime cutime cstime
+            for task in os.listdir(f"/proc/{process}/task"):
+                with open(f"/proc/{process}/task/{task}/children") as children:
+                    todo += [int(child) for child in children.read().split()]
+        except (OSError, ValueError, IndexError):
+            continue
+    return total
+
+
+def wait_idle(client: Client, pid: int, limit: float = 30.0) -> None:
+    """Until the daemon has nothing left to do: its trash drained, and no CPU used by it or its
+    workers for 0.3 s (the kept cache's measurement, a usage scan). Untimed, before every job
+    alike, so each starts on an idle daemon and none pays for the job before it."""
+    deadline = time.monotonic() + limit
+    while client.usage()["reclaim"]["pending"] and time.monotonic() < deadline:
+        time.sleep(0.02)
+    used = cpu_seconds(pid)
+    while time.monotonic() < deadline:
+        time.sleep(0.3)
+        now = cpu_seconds(pid)
+        if now == used:
+            return
+        used = now
+
+
 def wheelhouse() -> list[str]:
     """The wheels, downloaded once (pip, through its configured index) and reused after."""
     marker = WHEELHOUSE / "requirements.txt"
@@ -163,7 +200,7 @@ def wheelhouse() -> list[str]:
     return sorted(path.name for path in WHEELHOUSE.glob("*.whl"))
 
 
-def job(root: Path, socket: str, rounds: int) -> None:
+def job(root: Path, socket: str, pid: int, client: Client, rounds: int) -> None:
     uv = UV
     assert uv is not None  # main exits first without uv
     wheels = wheelhouse()
@@ -184,6 +221,7 @@ def job(root: Path, socket: str, rounds: int) -> None:
         )
         command = [uv, "pip", "install", "-q", "--python", str(venv / "bin" / "python"), "--no-index"]
         command += ["--find-links", str(WHEELHOUSE), *REQUIREMENTS]
+        wait_idle(client, pid)
         started = time.perf_counter()
         subprocess.run([*wrapper, *command], check=True, env={**env, **extra_env}, cwd=project)
         elapsed = time.perf_counter() - started
@@ -204,15 +242,17 @@ def job(root: Path, socket: str, rounds: int) -> None:
     variants["warm lease (`--cache-key` hit)"](-1)  # the job before: it leaves the cache warm
     variants["uv's own cache, on the same mount"](-1)
     times: dict[str, list[float]] = {name: [] for name in variants}
+    names = list(variants)
     for n in range(rounds):
-        for name, variant in variants.items():
-            times[name].append(variant(n))
+        for name in names[n % len(names) :] + names[: n % len(names)]:  # each round starts one later
+            times[name].append(variants[name](n))
     medians = {name: statistics.median(values) for name, values in times.items()}
     cold, warm = medians["cold lease (`--cache-key` missed)"], medians["warm lease (`--cache-key` hit)"]
     own = medians["uv's own cache, on the same mount"]
     print(
         f"`uv pip install` of {len(wheels)} wheels ({', '.join(REQUIREMENTS)} and their dependencies) "
-        f"from a local wheelhouse into a fresh venv; {rounds} jobs of each, interleaved\n"
+        f"from a local wheelhouse into a fresh venv; {rounds} jobs of each, interleaved "
+        "(each round in another order), each started on an idle daemon\n"
     )
     print("| job | median ms | max ms | ÷ warm lease |")
     print("|---|---:|---:|---:|")
@@ -236,13 +276,13 @@ def main() -> None:
         raise SystemExit("needs uv (pip install uv)")
     with tempfile.TemporaryDirectory(prefix="scratchd-bench-cache-", dir=args.dir) as tmp:
         root = Path(tmp)
-        with daemon(root) as (socket, pool), Client(socket=socket) as client:
+        with daemon(root) as (socket, pool, pid), Client(socket=socket) as client:
             mount = mount_of(os.path.realpath(pool), read_mounts())
             print(f"pool on {mount.fstype} ({mount.mount_point})\n")
             print("### Hand-over\n")
             hand_over(client, root, args.files, args.rounds)
             print("\n### A job\n")
-            job(root, socket, args.jobs)
+            job(root, socket, pid, client, args.jobs)
 
 
 if __name__ == "__main__":
