@@ -37,7 +37,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 from delete_vs_rm import build_tree
-from run_overhead import wait_healthy
+from run_overhead import default_command, wait_healthy
 
 from scratchd.client import Client
 from scratchd.mounts import mount_of, read_mounts
@@ -205,7 +205,17 @@ def job(root: Path, socket: str, pid: int, client: Client, rounds: int) -> None:
     assert uv is not None  # main exits first without uv
     wheels = wheelhouse()
     env = {**os.environ, "SCRATCHD_SOCKET": socket, "UV_OFFLINE": "1", "UV_PYTHON_DOWNLOADS": "never"}
-    for name in ("UV_CACHE_DIR", "UV_LINK_MODE", "UV_NO_CACHE", "TMPDIR", "VIRTUAL_ENV"):
+    # Timed as installed, as bench/run_overhead.py does: pip compiles scratchd's bytecode, and
+    # the console script starts it (not runpy). With PYTHONDONTWRITEBYTECODE set and no .pyc,
+    # every `scratchd run` compiled cli.py and client.py again: 61 ms a run instead of 34.
+    for name in (
+        "UV_CACHE_DIR",
+        "UV_LINK_MODE",
+        "UV_NO_CACHE",
+        "TMPDIR",
+        "VIRTUAL_ENV",
+        "PYTHONDONTWRITEBYTECODE",
+    ):
         env.pop(name, None)
     own_cache = root / "uv-cache"  # uv's own persistent cache, on the pool's mount
     jobs = root / "jobs"
@@ -228,8 +238,10 @@ def job(root: Path, socket: str, pid: int, client: Client, rounds: int) -> None:
         shutil.rmtree(project)
         return elapsed
 
+    scratchd = default_command()
+
     def run(*options: str) -> list[str]:
-        return [*SCRATCHD, "run", *options, "--tool", "uv", "--"]
+        return [*scratchd, "run", *options, "--tool", "uv", "--"]
 
     variants: dict[str, Callable[[int], float]] = {
         "cold lease (`--cache-key` missed)": lambda n: install(
