@@ -6,7 +6,8 @@ Hand-over: a lease created with the ``cache_key`` of a kept ``--files``-file tre
 against an empty create (both over the Unix socket), and a release that keeps the tree
 against one that deletes it; then the way CI caches restore the same tree: ``tar -x``
 of it (uncompressed: their best case) and ``cp -a``, into a new directory on the same
-filesystem. Creates are interleaved and their medians compared.
+filesystem. Creates are interleaved, each on an idle daemon (not beside the measurement of
+the tree the last release kept), and their medians compared.
 
 A job: ``uv pip install`` of a wheelhouse of about 40 wheels (downloaded once with pip
 into WHEELHOUSE, then ``--no-index --find-links``) into a fresh venv, by
@@ -88,17 +89,20 @@ def ms(value: float) -> str:
     return f"{value * 1000:,.2f}" if value < 0.01 else f"{value * 1000:,.0f}"
 
 
-def hand_over(client: Client, root: Path, files: int, rounds: int) -> None:
+def hand_over(client: Client, pid: int, root: Path, files: int, rounds: int) -> None:
     held = client.create_lease(cache_key="tree")
     dirs = build_tree(os.path.join(held["path"], "tree"), files, 1000)
     client.release(held["id"], keep=True)
     warm, empty, keep, delete = [], [], [], []
     for _ in range(rounds):
+        # Each create on an idle daemon: not beside the last keep's measurement of the tree.
+        wait_idle(client, pid)
         started = time.perf_counter()
         lease = client.create_lease(cache_key="tree")
         warm.append(time.perf_counter() - started)
         assert lease["cache"]["hit"] == "exact", lease["cache"]
         keep.append(seconds(client.release, lease["id"], keep=True))
+        wait_idle(client, pid)
         started = time.perf_counter()
         lease = client.create_lease()
         empty.append(time.perf_counter() - started)
@@ -292,7 +296,7 @@ def main() -> None:
             mount = mount_of(os.path.realpath(pool), read_mounts())
             print(f"pool on {mount.fstype} ({mount.mount_point})\n")
             print("### Hand-over\n")
-            hand_over(client, root, args.files, args.rounds)
+            hand_over(client, pid, root, args.files, args.rounds)
             print("\n### A job\n")
             job(root, socket, pid, client, args.jobs)
 
