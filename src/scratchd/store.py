@@ -158,6 +158,14 @@ class _Columns(Generic[R]):
             + [column for _, nested, _ in self._nested for column in nested.names]
         )
         self._nulls = (None,) * len(self.names)
+        # Each column's value on its own, for an UPDATE of a few columns (a lease's end, its usage).
+        self._column: dict[str, Callable[[R], Any]] = {}
+        to_db_of = {own[index]: to_db for index, to_db in self._to_db}
+        for name, column in zip(own, self.names, strict=False):
+            self._column[column] = _own_value(name, to_db_of.get(name))
+        for name, nested, _ in self._nested:
+            for column, value in nested._column.items():
+                self._column[column] = _nested_value(name, value)
         self.columns = ", ".join(self.names)
         self.placeholders = ", ".join("?" * len(self.names))
 
@@ -182,14 +190,28 @@ class _Columns(Generic[R]):
 
     def updated(self, table: str, *columns: str) -> tuple[str, Callable[[R], tuple[Any, ...]]]:
         """The UPDATE of only these columns of a record's row, found by its ``id``, and its parameters."""
-        indexes = [self.names.index(name) for name in (*columns, "id")]
+        values = [self._column[name] for name in (*columns, "id")]
         sql = f"UPDATE {table} SET {', '.join(f'{name}=?' for name in columns)} WHERE id=?"
 
         def parameters(record: R) -> tuple[Any, ...]:
-            row = self.row(record)
-            return tuple(row[i] for i in indexes)
+            return tuple(value(record) for value in values)
 
         return sql, parameters
+
+
+def _own_value(name: str, to_db: Callable[[Any], Any] | None) -> Callable[[Any], Any]:
+    get = attrgetter(name)
+    return get if to_db is None else lambda record: to_db(get(record))
+
+
+def _nested_value(name: str, value: Callable[[Any], Any]) -> Callable[[Any], Any]:
+    get = attrgetter(name)
+
+    def nested(record: Any) -> Any:
+        part = get(record)
+        return None if part is None else value(part)
+
+    return nested
 
 
 def _codec(kind: Any) -> tuple[Callable[[Any], Any], Callable[[Any], Any]] | None:
