@@ -17,6 +17,11 @@ from typing import Any
 import httpx
 import pytest
 
+# The daemons, CLIs and workers the tests start load scratchd as pip installs it: compiled once.
+# An environment that forbids writing bytecode (PYTHONDONTWRITEBYTECODE, set on some CI images)
+# would have each of these processes compile the package again, about 0.1 s of CPU a daemon.
+os.environ.pop("PYTHONDONTWRITEBYTECODE", None)
+
 IS_ROOT = os.geteuid() == 0
 needs_root = pytest.mark.skipif(not IS_ROOT, reason="needs root: mounts, chown and other Unix users")
 

@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 from conftest import wait_for
-from records import every_field_cache, every_field_lease
+from records import a_lease, every_field_cache, every_field_lease
 
 from scratchd import store as store_module
 from scratchd.leases import EndReason, Lease, LinkMode, end
@@ -18,18 +18,7 @@ from scratchd.store import NewEvent, Store, StoreError, lease_inserted, lease_up
 
 
 def lease(i: int) -> Lease:
-    return Lease(
-        id=f"l{i}",
-        path=f"/p/l{i}",
-        pool="p",
-        tenant="t",
-        uid=1,
-        gid=1,
-        created_at=1.0,
-        expires_at=2.0,
-        ttl_seconds=1,
-        labels={"n": str(i)},
-    )
+    return a_lease(f"l{i}", created_at=1.0, expires_at=2.0, ttl_seconds=1, labels={"n": str(i)})
 
 
 def test_a_record_and_its_event_survive_a_reopen(tmp_path):
