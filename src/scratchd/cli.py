@@ -190,7 +190,7 @@ def _quick_parse(
 ) -> SimpleNamespace | None:
     """``namespace`` with ``argv`` read as argparse would: ``options``, then the rest as ``remainder``.
 
-    argparse costs every ``scratchd run`` 5.5 ms (37.7 against 32.2 ms, bench/tricks.py): its import, the gettext and
+    argparse costs every ``scratchd run`` 5 ms (44.0 against 39.0 ms, bench/tricks.py): its import, the gettext and
     locale it imports, building the parser. This reads the same options when
     each is spelled out in full (``--ttl 2h``, ``--ttl=2h``, ``-v``) and no
     value starts with ``-``. Anything else (``-h``, an abbreviation, a value

@@ -15,7 +15,7 @@ import sys
 import time
 
 # json's C accelerator alone, a private CPython module: the json package costs 2.5 ms of
-# every `scratchd run` (32.2 against 34.7 ms, bench/tricks.py). Only on the CPython versions
+# every `scratchd run` (38.9 against 41.0 ms, bench/tricks.py in docs/performance.md). Only on the CPython versions
 # whose _json signatures this was checked against; any other Python takes the package.
 try:
     if sys.implementation.name != "cpython" or not (3, 10) <= sys.version_info < (3, 14):
