@@ -277,10 +277,8 @@ def test_a_closed_pipe_ends_quietly_with_141(daemon, argv: list[str]) -> None:
     assert result.returncode in ((0, 141) if "--help" in argv else (141,))
 
 
-@pytest.mark.parametrize("command", ["ls", "ls --json", "events", "usage"])
-def test_piped_into_head_the_status_is_a_shells(daemon, command: str) -> None:
-    for n in range(40):
-        daemon.lease(labels={"job": f"shard-{n}"})
+def into_head(daemon, command: str) -> tuple[str, str, str]:
+    """``scratchd COMMAND | head -1`` in bash: the line head printed, both exit statuses, stderr."""
     script = f'{shlex.join(SCRATCHD)} {command} | head -1; echo "${{PIPESTATUS[*]}}"'
     result = subprocess.run(
         ["bash", "-c", script],
@@ -290,21 +288,21 @@ def test_piped_into_head_the_status_is_a_shells(daemon, command: str) -> None:
         env={**os.environ, "SCRATCHD_SOCKET": daemon.socket},
     )
     first, status = result.stdout.splitlines()
-    assert first and status in ("0 0", "141 0") and result.stderr == ""
+    return first, status, result.stderr
+
+
+@pytest.mark.parametrize("command", ["ls", "ls --json", "events", "usage"])
+def test_piped_into_head_the_status_is_a_shells(daemon, command: str) -> None:
+    for n in range(40):
+        daemon.lease(labels={"job": f"shard-{n}"})
+    first, status, stderr = into_head(daemon, command)
+    assert first and status in ("0 0", "141 0") and stderr == ""
 
 
 def test_events_follow_into_head_ends_when_head_does(daemon) -> None:
     daemon.lease()
-    script = f'{shlex.join(SCRATCHD)} events --follow | head -1; echo "${{PIPESTATUS[*]}}"'
-    result = subprocess.run(
-        ["bash", "-c", script],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        env={**os.environ, "SCRATCHD_SOCKET": daemon.socket},
-    )
-    first, status = result.stdout.splitlines()
-    assert first and status == "141 0" and result.stderr == ""
+    first, status, stderr = into_head(daemon, "events --follow")
+    assert first and status == "141 0" and stderr == ""
 
 
 def test_events_prints_the_newest_oldest_first_and_says_how_to_see_more(daemon) -> None:

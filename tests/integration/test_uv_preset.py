@@ -62,6 +62,17 @@ def uv_env(daemon, project: Path) -> dict[str, str]:
     return env
 
 
+def run_with_uv_preset(project: Path, env: dict[str, str], script: str) -> subprocess.CompletedProcess[str]:
+    """`scratchd run --near PROJECT --tool uv -- sh -c SCRIPT`."""
+    return subprocess.run(
+        [*SCRATCHD, "run", "--near", str(project), "--tool", "uv", "--", "sh", "-c", script],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
 def install_in_a_lease(daemon, project: Path, wheel: Path) -> tuple[subprocess.CompletedProcess[str], int]:
     """`scratchd run --tool uv -- uv pip install …`; returns the run and the installed file's link count
     as seen while the lease (and so uv's cache) still exists."""
@@ -79,13 +90,7 @@ def install_in_a_lease(daemon, project: Path, wheel: Path) -> tuple[subprocess.C
         f'"{UV}" pip install --python "{project}/.venv/bin/python" --no-index "{wheel}" '
         f'&& stat -c %h "{installed}" > "{project}/nlink"'
     )
-    result = subprocess.run(
-        [*SCRATCHD, "run", "--near", str(project), "--tool", "uv", "--", "sh", "-c", script],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    result = run_with_uv_preset(project, env, script)
     nlink = int((project / "nlink").read_text()) if result.returncode == 0 else 0
     return result, nlink
 
@@ -146,13 +151,7 @@ def test_the_seed_uv_no_cache_links_from_a_temporary_cache_in_the_lease(make_dae
             f'echo "$SCRATCHD_LEASE_PATH"; exec "{UV}" --no-cache -vv pip install '
             f'--python "{project}/.venv/bin/python" --no-index "{wheel}"'
         )
-        result = subprocess.run(
-            [*SCRATCHD, "run", "--near", str(project), "--tool", "uv", "--", "sh", "-c", script],
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=120,
-        )
+        result = run_with_uv_preset(project, env, script)
         daemon.stop()
     assert result.returncode == 0, result.stderr
     assert "failed to hardlink" not in result.stderr.lower(), result.stderr
