@@ -266,8 +266,13 @@ def test_cache_max_zero_keeps_nothing(make_daemon, tmp_path):
 
 
 def test_list_get_and_remove_caches(daemon):
-    one = kept(daemon, "a")
+    kept(daemon, "a")
     two = kept(daemon, "b")
+    # Measured once after the keep, in the background: compare records after that, not across it.
+    one = wait_for(
+        lambda: next((c for c in caches(daemon, key="a") if c["files"] == 1), None),
+        what="the kept cache measured",
+    )
     assert [c["id"] for c in caches(daemon, key="a")] == [one["id"]]
     assert caches(daemon, pool="elsewhere") == []
     assert daemon.request("GET", f"/v1/caches/{one['id']}").json() == one
@@ -283,6 +288,7 @@ def test_list_get_and_remove_caches(daemon):
     [drop] = events(daemon, "cache_dropped")
     assert (drop["reason"], drop["details"]["cache_id"]) == ("removed", one["id"])
     release(daemon, busy)
+    wait_for(lambda: caches(daemon, key="b")[0]["files"] == 1, what="the cache kept again measured")
     pool = daemon.pool("main")
     assert pool["cache_entries"] == 1 and pool["cache_max_bytes"] > 0
     usage = daemon.request("GET", "/v1/usage").json()
