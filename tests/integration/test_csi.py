@@ -53,7 +53,14 @@ class CsiPlugin:
         return self
 
     def ready(self) -> bool:
-        return bool(self.identity.Probe(csi_pb2.ProbeRequest(), timeout=10).ready.value)
+        """Probe says ready. A socket not yet accepting (the file exists once bound, before the
+        server listens) is not ready yet, as the kubelet's probe would see it, not an error."""
+        try:
+            return bool(self.identity.Probe(csi_pb2.ProbeRequest(), timeout=10).ready.value)
+        except grpc.RpcError as exc:
+            if exc.code() is grpc.StatusCode.UNAVAILABLE:
+                return False
+            raise
 
     def stop(self, sig: int = signal.SIGTERM) -> None:
         if self.channel is not None:
