@@ -45,15 +45,21 @@ TURNSTILE = Path("/tmp/scratchd-tests-turnstile.lock")
 _alone = False  # whether this test holds HOST_LOCK exclusively
 
 
-@pytest.fixture(autouse=True)
-def _host_share(request: pytest.FixtureRequest) -> Iterator[None]:
-    global _alone
-    alone = request.node.get_closest_marker("host_global") is not None
+@contextlib.contextmanager
+def _host(alone: bool) -> Iterator[None]:
     with open(TURNSTILE, "a") as turnstile, open(HOST_LOCK, "a") as host:
         fcntl.flock(turnstile, fcntl.LOCK_EX)
         fcntl.flock(host, fcntl.LOCK_EX if alone else fcntl.LOCK_SH)
         if not alone:
             fcntl.flock(turnstile, fcntl.LOCK_UN)
+        yield
+
+
+@pytest.fixture(autouse=True)
+def _host_share(request: pytest.FixtureRequest) -> Iterator[None]:
+    global _alone
+    alone = request.node.get_closest_marker("host_global") is not None
+    with _host(alone):
         _alone = alone
         try:
             yield
@@ -185,6 +191,11 @@ class Daemon:
         )
         return float(line.split()[-1])
 
+    def newest_seq(self) -> int:
+        """The newest event's seq (0 before any): a test on a shared daemon reads what came after."""
+        newest = self.request("GET", "/v1/events", params={"order": "desc", "limit": 1}).json()["events"]
+        return newest[0]["seq"] if newest else 0
+
     def lease(self, **body: Any) -> dict[str, Any]:
         response = self.request("POST", "/v1/leases", json=body)
         assert response.status_code == 201, response.text
@@ -228,9 +239,46 @@ def make_daemon(tmp_path: Path) -> Iterator[Callable[..., Daemon]]:
                 daemon.stop()
 
 
+@pytest.fixture(scope="session")
+def _worker_daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemon]:
+    daemon = Daemon(tmp_path_factory.mktemp("shared"), {})
+    with _host(alone=False):  # not while a host_global test holds an inotify limit at 0
+        daemon.start()
+    yield daemon
+    if daemon.process is not None and daemon.process.poll() is None:
+        daemon.stop()
+
+
+def _quiesce(daemon: Daemon) -> None:
+    """End every lease, drop every kept cache and wait for the trash to drain: the next test
+    starts with nothing active, as on a fresh daemon."""
+    for lease in daemon.request("GET", "/v1/leases").json()["leases"]:
+        assert daemon.request("DELETE", f"/v1/leases/{lease['id']}").status_code == 200
+    for cache in daemon.request("GET", "/v1/caches").json()["caches"]:
+        assert daemon.request("DELETE", f"/v1/caches/{cache['id']}").status_code == 200
+    trash = Path(daemon.pool_path, ".trash")
+    wait_for(lambda: not any(trash.iterdir()), what=f"{trash} drained")
+
+
 @pytest.fixture
-def daemon(make_daemon: Callable[..., Daemon]) -> Daemon:
-    return make_daemon()
+def daemon(request: pytest.FixtureRequest, make_daemon: Callable[..., Daemon]) -> Iterator[Daemon]:
+    """A daemon on the default config: the test's own, or in a module marked ``shared_daemon``
+    this test worker's one, shared by tests that neither stop it nor change its config.
+
+    A start costs about 0.9 s of CPU, and a third of the suite's went to starts. A shared test
+    finds no active lease, no kept cache and an empty trash, as on a fresh daemon; it may find
+    other tests' ended leases, events and counters, and must not count on their absence.
+    """
+    if request.node.get_closest_marker("shared_daemon") is None:
+        yield make_daemon()
+        return
+    shared: Daemon = request.getfixturevalue("_worker_daemon")
+    yield shared
+    assert shared.process is not None
+    if shared.process.poll() is not None:
+        shared.start()
+        pytest.fail("the test stopped the shared daemon: a test that stops one takes make_daemon")
+    _quiesce(shared)
 
 
 QUEUED_EVENTS = Path("/proc/sys/fs/inotify/max_queued_events")

@@ -1288,6 +1288,8 @@ def _print_events(args: SimpleNamespace, client: Client) -> int:
     else:
         for event in events:
             print(_json_text(event) if args.json else _event_line(event))
+    if more and events:
+        sys.stdout.flush()  # the rows before the hint about them, even in one file; none if stdout is gone
     if more and events and args.since is None:
         _say(
             f"the newest events, from seq {events[0]['seq']}, shown; older ones: -n N, or --since SEQ for all"

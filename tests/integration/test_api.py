@@ -12,6 +12,8 @@ import sys
 import pytest
 from conftest import bind_mount, needs_root, tmpfs, wait_for
 
+pytestmark = pytest.mark.shared_daemon
+
 RFC3339 = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d+)?Z$")
 
 
@@ -115,10 +117,11 @@ def test_the_hot_path_answers_as_the_routes_do(daemon):
 
 
 def test_events_record_the_lifecycle(daemon):
+    start = daemon.newest_seq()
     lease = daemon.lease()
     daemon.request("POST", f"/v1/leases/{lease['id']}/renew", json={"ttl_seconds": 60})
     daemon.request("DELETE", f"/v1/leases/{lease['id']}")
-    events = daemon.request("GET", "/v1/events").json()["events"]
+    events = daemon.request("GET", "/v1/events", params={"since": start}).json()["events"]
     mine = [e for e in events if e["lease_id"] == lease["id"]]
     assert [e["kind"] for e in mine] == ["lease_created", "lease_renewed", "lease_ended"]
     assert mine[-1]["reason"] == "released"
@@ -163,7 +166,8 @@ def test_pools_usage_health(daemon):
     assert daemon.request("GET", "/readyz").status_code == 200
 
 
-def test_guarantee_1_durable_across_kill_9(daemon):
+def test_guarantee_1_durable_across_kill_9(make_daemon):
+    daemon = make_daemon()
     lease = daemon.lease(ttl_seconds=3600)
     daemon.kill()
     daemon.start()
@@ -172,7 +176,8 @@ def test_guarantee_1_durable_across_kill_9(daemon):
     assert os.path.isdir(lease["path"])
 
 
-def test_record_without_directory_ends_directory_removed_on_start(daemon):
+def test_record_without_directory_ends_directory_removed_on_start(make_daemon):
+    daemon = make_daemon()
     lease = daemon.lease()
     daemon.stop()
     os.rmdir(lease["path"])
@@ -200,11 +205,14 @@ def test_record_without_directory_ends_directory_removed_on_start(daemon):
     ],
 )
 def test_bad_input_is_refused_and_changes_nothing(daemon, body, field):
-    before = pool_entries(daemon)
+    def state() -> tuple:
+        leases = daemon.request("GET", "/v1/leases", params={"state": "all"}).json()["leases"]
+        return pool_entries(daemon), [lease["id"] for lease in leases], daemon.newest_seq()
+
+    before = state()
     error = assert_envelope(daemon.request("POST", "/v1/leases", json=body), 422, "invalid_request")
     assert any(name.startswith(field) for name in error["details"]["fields"]), error
-    assert pool_entries(daemon) == before
-    assert daemon.request("GET", "/v1/leases", params={"state": "all"}).json()["leases"] == []
+    assert state() == before
 
 
 @pytest.mark.parametrize(
@@ -375,7 +383,8 @@ def test_live_socket_is_never_replaced(daemon, make_daemon):
     assert daemon.request("GET", "/healthz").status_code == 200
 
 
-def test_stale_socket_is_replaced(daemon):
+def test_stale_socket_is_replaced(make_daemon):
+    daemon = make_daemon()
     daemon.kill()
     assert os.path.exists(daemon.socket)  # left behind by kill -9
     daemon.start()

@@ -24,6 +24,8 @@ from conftest import wait_for
 
 import scratchd
 
+pytestmark = pytest.mark.shared_daemon
+
 SCRATCHD = [sys.executable, "-m", "scratchd"]
 CLI_DOC = Path(__file__).parents[2] / "docs" / "cli.md"
 HEAVY = ("fastapi", "uvicorn", "pydantic", "starlette", "rich", "watchdog", "http", "typing")
@@ -237,7 +239,8 @@ def test_off_a_terminal_each_row_is_one_line_however_wide(daemon) -> None:
     assert found.returncode == 0, found.stderr
     (line,) = found.stdout.splitlines()
     assert line.split()[0] == leases[3]["id"] and f"branch={branch}" in line
-    everything = cli(daemon, "ls", "--all", env={"COLUMNS": "20"}).stdout.splitlines()
+    mine = ("--label", f"branch={branch}")  # not other tests' ended leases
+    everything = cli(daemon, "ls", "--all", *mine, env={"COLUMNS": "20"}).stdout.splitlines()
     assert len(everything) == 1 + len(leases) and all(f"branch={branch}" in line for line in everything[1:])
     pools = cli(daemon, "pools", env={"COLUMNS": "20"}).stdout.splitlines()
     assert len(pools) == 2 and pools[1].endswith(daemon.pool_path)
@@ -291,21 +294,24 @@ def into_head(daemon, command: str) -> tuple[str, str, str]:
     return first, status, result.stderr
 
 
-@pytest.mark.parametrize("command", ["ls", "ls --json", "events", "usage"])
+@pytest.mark.parametrize("command", ["ls", "ls --json", "events --since {since}", "usage"])
 def test_piped_into_head_the_status_is_a_shells(daemon, command: str) -> None:
+    since = daemon.newest_seq()  # this test's events, not a hint about older ones
     for n in range(40):
         daemon.lease(labels={"job": f"shard-{n}"})
-    first, status, stderr = into_head(daemon, command)
+    first, status, stderr = into_head(daemon, command.format(since=since))
     assert first and status in ("0 0", "141 0") and stderr == ""
 
 
 def test_events_follow_into_head_ends_when_head_does(daemon) -> None:
+    since = daemon.newest_seq()  # this test's events, not a hint about older ones
     daemon.lease()
-    first, status, stderr = into_head(daemon, "events --follow")
+    first, status, stderr = into_head(daemon, f"events --since {since} --follow")
     assert first and status == "141 0" and stderr == ""
 
 
-def test_events_prints_the_newest_oldest_first_and_says_how_to_see_more(daemon) -> None:
+def test_events_prints_the_newest_oldest_first_and_says_how_to_see_more(make_daemon) -> None:
+    daemon = make_daemon()  # its own: every event it has is counted
     for _ in range(55):
         daemon.lease()
     every = daemon.request("GET", "/v1/events", params={"limit": 1000}).json()["events"]
@@ -327,6 +333,16 @@ def test_events_prints_the_newest_oldest_first_and_says_how_to_see_more(daemon) 
     assert printed(cli(daemon, "events", "--since", str(seqs[1]))) == seqs[2:]
     as_json = cli(daemon, "events", "--json", "-n", "2")
     assert json.loads(as_json.stdout) == {"events": every[-2:]}
+    buffered = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}  # as users run it
+    together = subprocess.run(  # `scratchd events >log 2>&1`: the hint follows the rows it is about
+        [*SCRATCHD, "events"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        timeout=60,
+        env={**buffered, "SCRATCHD_SOCKET": daemon.socket},
+    ).stdout.splitlines()
+    assert len(together) == 51 and together[-1].startswith("scratchd: the newest events"), together[:2]
 
 
 def test_events_follow_goes_on_from_the_newest(daemon) -> None:
@@ -557,7 +573,8 @@ def test_client_errors_carry_the_envelope(daemon) -> None:
         assert caught.value.message and caught.value.details
 
 
-def test_client_reconnects_after_the_daemon_restarts(daemon) -> None:
+def test_client_reconnects_after_the_daemon_restarts(make_daemon) -> None:
+    daemon = make_daemon()
     with scratchd.Client(socket=daemon.socket) as client:
         assert client.health()["status"]
         daemon.restart()
