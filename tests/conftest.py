@@ -12,7 +12,7 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import httpx
 import pytest
@@ -35,36 +35,45 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
             item.add_marker(pytest.mark.slow)
 
 
-# Tests run in parallel (pytest-xdist) share one host. A test that changes a host-wide
-# setting (an inotify sysctl) is marked ``host_global`` and runs alone: it holds HOST_LOCK
-# exclusively, every other test holds it shared. A writer waiting at the TURNSTILE keeps
-# new readers out, so it is not starved by tests that follow each other back to back.
-# The files are host-wide on purpose: two suites on one host share its sysctls too.
+# Tests run in parallel (pytest-xdist) share one host. Every test holds HOST_LOCK shared;
+# ``sysctl`` changes a host-wide setting (an inotify limit) only while it holds the lock
+# exclusively, so no other test runs during that block, and for no longer. A writer waiting
+# at the TURNSTILE keeps new tests out, so it is not starved by tests that follow each other
+# back to back. The files are host-wide on purpose: two suites on one host share its sysctls too.
 HOST_LOCK = Path("/tmp/scratchd-tests-host.lock")
 TURNSTILE = Path("/tmp/scratchd-tests-turnstile.lock")
-_alone = False  # whether this test holds HOST_LOCK exclusively
-
-
-@contextlib.contextmanager
-def _host(alone: bool) -> Iterator[None]:
-    with open(TURNSTILE, "a") as turnstile, open(HOST_LOCK, "a") as host:
-        fcntl.flock(turnstile, fcntl.LOCK_EX)
-        fcntl.flock(host, fcntl.LOCK_EX if alone else fcntl.LOCK_SH)
-        if not alone:
-            fcntl.flock(turnstile, fcntl.LOCK_UN)
-        yield
+_host_hold: IO[str] | None = None  # this test's hold on HOST_LOCK
 
 
 @pytest.fixture(autouse=True)
-def _host_share(request: pytest.FixtureRequest) -> Iterator[None]:
-    global _alone
-    alone = request.node.get_closest_marker("host_global") is not None
-    with _host(alone):
-        _alone = alone
+def _host_share() -> Iterator[None]:
+    global _host_hold
+    with open(TURNSTILE, "a") as turnstile, open(HOST_LOCK, "a") as host:
+        fcntl.flock(turnstile, fcntl.LOCK_EX)
+        fcntl.flock(host, fcntl.LOCK_SH)
+        fcntl.flock(turnstile, fcntl.LOCK_UN)
+        _host_hold = host
         try:
             yield
         finally:
-            _alone = False
+            _host_hold = None
+
+
+@contextlib.contextmanager
+def _alone_on_host() -> Iterator[None]:
+    """Trade this test's shared hold for the exclusive one for the block, then back."""
+    host = _host_hold
+    assert host is not None
+    # Let go first: a test waiting at the turnstile while holding a share would deadlock
+    # with the writer already past it, who waits for every share to go.
+    fcntl.flock(host, fcntl.LOCK_UN)
+    with open(TURNSTILE, "a") as turnstile:
+        fcntl.flock(turnstile, fcntl.LOCK_EX)
+        fcntl.flock(host, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(host, fcntl.LOCK_SH)
 
 
 def wait_for(
@@ -241,9 +250,9 @@ def make_daemon(tmp_path: Path) -> Iterator[Callable[..., Daemon]]:
 
 @pytest.fixture(scope="session")
 def _worker_daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemon]:
-    daemon = Daemon(tmp_path_factory.mktemp("shared"), {})
-    with _host(alone=False):  # not while a host_global test holds an inotify limit at 0
-        daemon.start()
+    # Started in the setup of the first test that asks, under that test's share of the host:
+    # never while a sysctl block holds an inotify limit at 0.
+    daemon = Daemon(tmp_path_factory.mktemp("shared"), {}).start()
     yield daemon
     if daemon.process is not None and daemon.process.poll() is None:
         daemon.stop()
@@ -290,15 +299,16 @@ needs_queue_sysctl = pytest.mark.skipif(
 
 @contextlib.contextmanager
 def sysctl(path: Path, value: int) -> Iterator[None]:
-    """Set a ``/proc/sys`` value host-wide for the block, then put the old one back. For inotify
-    limits, instances created meanwhile (a daemon started in the block, say) keep it for life."""
-    assert _alone, "a test that changes a sysctl is marked host_global: other tests share the host"
-    original = path.read_text()
-    path.write_text(f"{value}\n")
-    try:
-        yield
-    finally:
-        path.write_text(original)
+    """Set a ``/proc/sys`` value host-wide for the block, then put the old one back; no other test
+    runs meanwhile. For inotify limits, instances created in the block (a daemon started there,
+    say) keep it for life."""
+    with _alone_on_host():
+        original = path.read_text()
+        path.write_text(f"{value}\n")
+        try:
+            yield
+        finally:
+            path.write_text(original)
 
 
 @contextlib.contextmanager

@@ -334,7 +334,6 @@ def test_a_locked_state_database_does_not_stall_unrelated_requests(make_daemon: 
 # -- 3. inotify exhausted -----------------------------------------------------------------------
 
 
-@pytest.mark.host_global
 @needs_inotify_sysctl
 @pytest.mark.timeout(30)
 def test_pool_watch_refused_by_inotify_falls_back_to_gc(make_daemon: MakeDaemon) -> None:
@@ -367,7 +366,6 @@ def test_pool_watch_refused_by_inotify_falls_back_to_gc(make_daemon: MakeDaemon)
     assert_healthy(daemon)
 
 
-@pytest.mark.host_global
 @needs_inotify_sysctl
 @pytest.mark.timeout(30)
 def test_ending_an_idle_timeout_lease_while_inotify_is_exhausted(make_daemon: MakeDaemon) -> None:

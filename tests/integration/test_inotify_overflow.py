@@ -46,7 +46,6 @@ def overflow_warnings(daemon) -> set[str]:
     }
 
 
-@pytest.mark.host_global
 @needs_queue_sysctl
 @pytest.mark.timeout(60)
 def test_watches_outlive_overflowing_queues(make_daemon):

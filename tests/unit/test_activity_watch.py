@@ -5,7 +5,6 @@ import os
 import time
 from pathlib import Path
 
-import pytest
 from conftest import QUEUED_EVENTS, needs_queue_sysctl, sysctl
 
 from scratchd.reclaim import watcher
@@ -98,7 +97,6 @@ def test_a_deleted_subdirectory_gives_its_watch_back(tmp_path):
     asyncio.run(scenario())
 
 
-@pytest.mark.host_global
 @needs_queue_sysctl
 def test_after_an_overflow_every_watched_lease_counts_as_written_and_writes_are_still_seen(
     tmp_path, caplog, monkeypatch

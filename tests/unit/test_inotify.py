@@ -71,7 +71,6 @@ def test_errors_name_the_path_and_a_watch_the_kernel_dropped_removes_quietly(tmp
         watch.close()
 
 
-@pytest.mark.host_global
 @needs_queue_sysctl
 def test_a_full_queue_drops_events_and_says_so(tmp_path: Path) -> None:
     with sysctl(QUEUED_EVENTS, 16):

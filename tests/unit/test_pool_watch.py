@@ -4,7 +4,6 @@ import asyncio
 import os
 from pathlib import Path
 
-import pytest
 from conftest import QUEUED_EVENTS, needs_queue_sysctl, sysctl
 
 from scratchd.reclaim.watcher import PoolWatcher
@@ -115,7 +114,6 @@ def test_many_removals_queued_while_the_loop_was_busy_all_arrive(tmp_path):
     assert asyncio.run(scenario()) == names
 
 
-@pytest.mark.host_global
 @needs_queue_sysctl
 def test_lost_removals_have_every_watched_pool_rechecked_and_later_ones_still_arrive(tmp_path, caplog):
     pool, other = tmp_path / "pool", tmp_path / "other"
