@@ -478,6 +478,11 @@ def serve(endpoint: str, node_id: str | None, connect: Callable[[], Client]) -> 
         vendor_version = version("scratchd")
     except PackageNotFoundError:
         vendor_version = "unknown"
+    # Blocked before any thread starts, so that every thread inherits the mask and only
+    # sigwait below takes them. A Python handler runs only once the main thread wakes, and a
+    # signal that lands on one of gRPC's threads never wakes it: SIGTERM went unheeded.
+    stop_signals = {signal.SIGTERM, signal.SIGINT}
+    signal.pthread_sigmask(signal.SIG_BLOCK, stop_signals)
     plugin = Plugin(node_id or default_node_id(), connect)
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=8, thread_name_prefix="csi"))
     csi_pb2_grpc.add_IdentityServicer_to_server(Identity(plugin, vendor_version), server)
@@ -487,10 +492,7 @@ def serve(endpoint: str, node_id: str | None, connect: Callable[[], Client]) -> 
     background = threading.Thread(target=plugin.run_background, name="csi-background", daemon=True)
     background.start()
     log.info("csi plugin serving", extra={"endpoint": endpoint, "node": plugin.node_id, "driver": DRIVER})
-    stopped = threading.Event()
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(signum, lambda *_: stopped.set())
-    stopped.wait()
+    signal.sigwait(stop_signals)
     plugin.stop()
     server.stop(grace=5).wait()
     return 0
