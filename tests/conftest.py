@@ -271,8 +271,9 @@ def _quiesce(daemon: Daemon) -> None:
 
 @pytest.fixture
 def daemon(request: pytest.FixtureRequest, make_daemon: Callable[..., Daemon]) -> Iterator[Daemon]:
-    """A daemon on the default config: the test's own, or in a module marked ``shared_daemon``
-    this test worker's one, shared by tests that neither stop it nor change its config.
+    """A daemon on the default config: the test's own or, for a test or module marked
+    ``shared_daemon``, this test worker's one, shared by tests that neither stop it nor
+    change its config.
 
     A start costs about 0.9 s of CPU, and a third of the suite's went to starts. A shared test
     finds no active lease, no kept cache and an empty trash, as on a fresh daemon; it may find

@@ -34,6 +34,7 @@ def caches(daemon, *argv: str) -> list[dict]:
     return json.loads(ok(cli(daemon, "caches", "--json", *argv)).stdout)["caches"]
 
 
+@pytest.mark.shared_daemon
 def test_a_released_lease_is_handed_to_the_next_one_of_its_key(daemon) -> None:
     cold = lease(daemon, "--cache-key", "uv-main")
     assert cold["cache"]["key"] == "uv-main" and cold["cache"]["hit"] is None
@@ -57,6 +58,7 @@ def test_a_released_lease_is_handed_to_the_next_one_of_its_key(daemon) -> None:
     assert lease(daemon, "--cache-key", "uv-main")["cache"]["hit"] is None
 
 
+@pytest.mark.shared_daemon
 def test_a_fallback_prefix_starts_a_new_key_from_the_newest_of_the_branch(daemon) -> None:
     first = lease(daemon, "--cache-key", "uv-main-lock1")
     ok(cli(daemon, "release", first["id"]))
@@ -72,6 +74,7 @@ def run(daemon, *argv: str, script: str) -> subprocess.CompletedProcess[str]:
     return cli(daemon, "run", "-v", "--cache-key", "build", *argv, "--", "sh", "-c", script)
 
 
+@pytest.mark.shared_daemon
 def test_run_keeps_on_success_by_default_always_or_never(daemon) -> None:
     failed = run(daemon, script='echo half > "$SCRATCHD_LEASE_PATH/f"; exit 3')
     assert failed.returncode == 3
@@ -127,6 +130,7 @@ def test_the_caches_table_json_and_rm(daemon) -> None:
     assert "removed 1" in ok(cli(daemon, "usage")).stdout
 
 
+@pytest.mark.shared_daemon
 def test_the_python_client_keeps_a_block_that_succeeded(daemon) -> None:
     with Client(socket=daemon.socket) as client:
         with scratchd.lease(cache_key="py", client=client, pid=None) as held:
@@ -139,6 +143,7 @@ def test_the_python_client_keeps_a_block_that_succeeded(daemon) -> None:
         assert failed.data["cache"]["kept_id"] is None and client.caches(key="py")["caches"] == []
 
 
+@pytest.mark.shared_daemon
 @pytest.mark.skipif(UV is None, reason="uv is not installed (pip install uv)")
 def test_a_second_uv_job_finds_uvs_cache_warm(daemon, tmp_path) -> None:
     """Two CI jobs, each `scratchd run --cache-key K --tool uv -- uv pip install …` into a fresh venv."""

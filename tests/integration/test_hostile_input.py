@@ -18,13 +18,7 @@ import pytest
 from conftest import Daemon, needs_root, tmpfs
 from users import User, as_user, call, raw_http, throwaway_user, world_traversable_dir
 
-
-@pytest.fixture(scope="module")
-def daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemon]:
-    """One daemon for the module: each case checks that it changed nothing, so they can share."""
-    shared = Daemon(tmp_path_factory.mktemp("hostile"), {}).start()
-    yield shared
-    shared.stop()
+pytestmark = pytest.mark.shared_daemon  # each case checks that it changed nothing, so they can share
 
 
 def state(daemon: Daemon) -> tuple[set[str], int]:

@@ -15,6 +15,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.shared_daemon
+
 SCRATCHD = [sys.executable, "-m", "scratchd"]
 CARGO = shutil.which("cargo") or shutil.which(os.path.expanduser("~/.cargo/bin/cargo"))
 GRADLE = shutil.which("gradle")

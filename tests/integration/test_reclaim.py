@@ -92,6 +92,7 @@ def test_pid_reuse_is_not_mistaken_for_the_bound_process():
     assert open_pidfd(os.getpid(), me.start_time + 1) is None  # same pid, another start time
 
 
+@pytest.mark.shared_daemon
 def test_a_threads_id_is_not_a_process_to_bind(daemon):
     """/proc answers for a thread's id too, but the kernel gives no pidfd for it: refused, not a crash."""
     started, stop = threading.Event(), threading.Event()
@@ -282,6 +283,7 @@ def test_release_of_hostile_tree_touches_nothing_outside(daemon, tmp_path):
     assert not events(daemon, "reclaim_failed")
 
 
+@pytest.mark.shared_daemon
 @needs_root
 def test_bind_mount_inside_lease_is_detached_never_descended(daemon, tmp_path):
     outside = tmp_path / "outside-mounted"
@@ -299,6 +301,7 @@ def _niceness(pid: int) -> int:
         return int(f.read().rsplit(")", 1)[1].split()[16])
 
 
+@pytest.mark.shared_daemon
 def test_the_deleter_keeps_the_daemons_priority_and_the_scanner_yields(daemon):
     """A niced deleter starves on a busy host while the trash fills (offload's docstring)."""
     leased = daemon.lease()
@@ -529,6 +532,7 @@ def test_pid_binding_from_another_pid_namespace(make_daemon):
 # -- fresh usage -----------------------------------------------------------------------------
 
 
+@pytest.mark.shared_daemon
 def test_usage_is_measured_again_within_5s_after_writes_stop(daemon):
     # No idle timeout, no byte limit: the periodic pass would measure this lease a minute from now.
     lease = daemon.lease()

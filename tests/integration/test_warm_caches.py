@@ -116,6 +116,7 @@ def test_a_miss_then_a_hit_hands_over_the_same_directory_with_its_content(daemon
     assert_invariants(daemon)
 
 
+@pytest.mark.shared_daemon
 def test_fallback_prefixes_start_from_the_newest_cache_of_the_first_that_matches(daemon):
     kept(daemon, "main-aaa", "a")
     kept(daemon, "main-bbb", "b")
@@ -131,6 +132,7 @@ def test_fallback_prefixes_start_from_the_newest_cache_of_the_first_that_matches
     assert miss["cache"]["hit"] is None and os.listdir(miss["path"]) == []
 
 
+@pytest.mark.shared_daemon
 def test_keep_false_and_a_lease_without_a_key_keep_nothing(daemon):
     lease = daemon.lease(cache_key="k")
     Path(lease["path"], "f").write_text("x")
@@ -160,6 +162,7 @@ def test_keep_false_and_a_lease_without_a_key_keep_nothing(daemon):
         ({"cache_fallback": ["main-"]}, "cache_fallback"),
     ],
 )
+@pytest.mark.shared_daemon
 def test_bad_cache_requests_are_refused_and_change_nothing(daemon, body, field):
     response = daemon.request("POST", "/v1/leases", json=body)
     assert response.status_code == 422, response.text
@@ -195,6 +198,7 @@ def test_every_end_but_a_release_keeps_nothing(make_daemon):
     )
 
 
+@pytest.mark.shared_daemon
 def test_a_process_that_exits_keeps_nothing(daemon):
     import subprocess
     import sys
@@ -211,6 +215,7 @@ def test_a_process_that_exits_keeps_nothing(daemon):
     assert caches(daemon) == [] and cache_area(daemon) == set()
 
 
+@pytest.mark.shared_daemon
 def test_concurrent_creates_of_one_key_never_share_a_cache(daemon):
     held = [daemon.lease(cache_key="shared") for _ in range(2)]  # two jobs at once: both miss
     for lease in held:
