@@ -1240,13 +1240,14 @@ def cmd_usage(args: SimpleNamespace, client: Client) -> int:
     )
     reclaim = data.get("reclaim") or {}
     reasons = ", ".join(f"{reason} {count}" for reason, count in (reclaim.get("by_reason") or {}).items())
-    print(
-        f"\nreclaim: {reclaim.get('pending', 0)} pending ({format_size(reclaim.get('pending_bytes', 0))}), "
+    print()
+    _summary(
+        f"reclaim: {reclaim.get('pending', 0)} pending ({format_size(reclaim.get('pending_bytes', 0))}), "
         f"{reclaim.get('reclaimed_total', 0)} done ({format_size(reclaim.get('reclaimed_bytes_total', 0))})"
         + (f": {reasons}" if reasons else "")
     )
     if "caches" in data:
-        print(_caches_line(data["caches"]))
+        _summary(_caches_line(data["caches"]))
     return EXIT_OK
 
 
@@ -1407,6 +1408,17 @@ def _table(header: Sequence[str], rows: Iterable[Sequence[str]]) -> None:
                 for cell, width in zip(row, widths, strict=True)
             ]
             print("  ".join(parts).rstrip())
+
+
+def _summary(line: str) -> None:
+    """A line of totals: folded to a terminal's width under a hanging indent, whole off one."""
+    columns = _terminal_columns()
+    if columns is None or len(line) <= columns:
+        print(line)
+        return
+    import textwrap
+
+    print(textwrap.fill(line, columns, subsequent_indent="  ", break_on_hyphens=False))
 
 
 def _terminal_columns() -> int | None:

@@ -223,6 +223,10 @@ def test_tables_fit_80_columns_on_a_terminal(daemon) -> None:
         too_long = [line for line in lines if len(line) > 80]
         assert not too_long, (command, too_long)
     assert ended["id"] in on_a_terminal(daemon, "ls", "--all", columns=80)[1]
+    _, narrow, _ = on_a_terminal(daemon, "usage", columns=40)
+    totals = narrow[narrow.index("reclaim: ") :].splitlines()  # the lines of totals, after the tables
+    assert len(totals) > 2 and all(len(line) <= 40 for line in totals), totals
+    assert "released" in " ".join(totals)
 
 
 def test_off_a_terminal_each_row_is_one_line_however_wide(daemon) -> None:

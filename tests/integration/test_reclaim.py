@@ -433,18 +433,17 @@ def test_eviction_takes_evictable_least_recently_active_first(make_daemon, tmp_p
         pinned = daemon.lease()
         first = daemon.lease(evictable=True)
         second = daemon.lease(evictable=True)
+
+        def written(lease: dict, after: str) -> bool:
+            """Measured, and active since ``after``: activity seen in one batch shares one time."""
+            now = state_of(daemon, lease["id"])
+            return now["usage"]["bytes"] >= 4 << 20 and now["last_activity_at"] > after
+
         Path(second["path"], "data").write_bytes(b"\1" * (4 << 20))
+        wait_for(lambda: written(second, second["last_activity_at"]), what="second written and measured")
+        since = state_of(daemon, second["id"])["last_activity_at"]
         Path(first["path"], "data").write_bytes(b"\1" * (4 << 20))  # first is now the most recently active
-
-        def measured() -> bool:
-            a, b = state_of(daemon, first["id"]), state_of(daemon, second["id"])
-            return (
-                a["usage"]["bytes"] >= 4 << 20
-                and b["usage"]["bytes"] >= 4 << 20
-                and a["last_activity_at"] > b["last_activity_at"]
-            )
-
-        wait_for(measured, timeout=10, what="usage and activity measured")
+        wait_for(lambda: written(first, since), what="first written later and measured")
         Path(pinned["path"], "data").write_bytes(b"\1" * (4 << 20))  # free now below the reserve
         assert wait_ended(daemon, second["id"], timeout=10)["end_reason"] == "evicted"
         wait_for(
