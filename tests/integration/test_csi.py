@@ -21,7 +21,10 @@ from scratchd.mounts import read_mounts
 grpc = pytest.importorskip("grpc", reason="the csi extra (grpcio) is not installed")
 from scratchd.csi.proto import csi_pb2, csi_pb2_grpc  # noqa: E402
 
-pytestmark = pytest.mark.skipif(not IS_ROOT, reason="needs root: bind mounts at the targets")
+pytestmark = [
+    pytest.mark.skipif(not IS_ROOT, reason="needs root: bind mounts at the targets"),
+    pytest.mark.shared_daemon,  # each test's pods have volume ids of their own
+]
 
 NODE = "node-a"
 P = "csi.scratchd.dev/"
@@ -267,8 +270,10 @@ def test_tenant_quota_is_resource_exhausted(
 
 
 def test_daemon_down_is_unavailable_and_probe_not_ready(
-    daemon: Daemon, plugin: CsiPlugin, kubelet_dir: Path
+    make_daemon: Callable[..., Daemon], start_plugin: Callable[..., CsiPlugin], kubelet_dir: Path
 ) -> None:
+    daemon = make_daemon()
+    plugin = start_plugin(daemon)
     daemon.stop()
     assert not plugin.ready()
     pod = Pod(kubelet_dir)
