@@ -182,6 +182,15 @@ def test_identity_and_node_info(plugin: CsiPlugin) -> None:
     assert [c.rpc.type for c in capabilities] == [csi_pb2.NodeServiceCapability.RPC.VOLUME_MOUNT_GROUP]
 
 
+@pytest.mark.parametrize("how", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_a_stop_signal_ends_the_plugin_cleanly(
+    daemon: Daemon, start_plugin: Callable[..., CsiPlugin], how: signal.Signals
+) -> None:
+    plugin = start_plugin(daemon)
+    plugin.stop(how)  # waits at most 15 s
+    assert plugin.process is not None and plugin.process.returncode == 0, plugin.log()
+
+
 def test_publish_is_a_bind_mounted_lease_and_unpublish_releases_it(
     daemon: Daemon, plugin: CsiPlugin, kubelet_dir: Path
 ) -> None:
