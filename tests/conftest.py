@@ -267,6 +267,8 @@ def _quiesce(daemon: Daemon) -> None:
         assert daemon.request("DELETE", f"/v1/caches/{cache['id']}").status_code == 200
     trash = Path(daemon.pool_path, ".trash")
     wait_for(lambda: not any(trash.iterdir()), what=f"{trash} drained")
+    strays = [path.name for path in Path(daemon.pool_path).iterdir() if not path.name.startswith(".")]
+    assert not strays, f"left in the shared daemon's pool, not a lease: {strays}"
 
 
 @pytest.fixture
