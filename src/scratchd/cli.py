@@ -1291,13 +1291,13 @@ def _print_events(args: SimpleNamespace, client: Client) -> int:
             print(_json_text(event) if args.json else _event_line(event))
     if more and events:
         sys.stdout.flush()  # the rows before the hint about them, even in one file; none if stdout is gone
-    if more and events and args.since is None:
-        _say(
-            f"the newest events, from seq {events[0]['seq']}, shown; older ones: -n N, or --since SEQ for all"
-            " after SEQ (0: from the first)"
-        )
-    elif more and events:
-        _say(f"the events after seq {args.since} up to {last} shown; more: --since {last}")
+        if args.since is None:
+            _say(
+                f"the newest events, from seq {events[0]['seq']}, shown; older ones: -n N, or --since SEQ"
+                " for all after SEQ (0: from the first)"
+            )
+        else:
+            _say(f"the events after seq {args.since} up to {last} shown; more: --since {last}")
     return last
 
 
