@@ -200,6 +200,10 @@ class Daemon:
         )
         return float(line.split()[-1])
 
+    def pool_entries(self) -> set[str]:
+        """What the first pool holds besides its own directories (``.trash``, ``.caches``)."""
+        return {name for name in os.listdir(self.pool_path) if not name.startswith(".")}
+
     def newest_seq(self) -> int:
         """The newest event's seq (0 before any): a test on a shared daemon reads what came after."""
         newest = self.request("GET", "/v1/events", params={"order": "desc", "limit": 1}).json()["events"]
@@ -267,8 +271,7 @@ def _quiesce(daemon: Daemon) -> None:
         assert daemon.request("DELETE", f"/v1/caches/{cache['id']}").status_code == 200
     trash = Path(daemon.pool_path, ".trash")
     wait_for(lambda: not any(trash.iterdir()), what=f"{trash} drained")
-    strays = [path.name for path in Path(daemon.pool_path).iterdir() if not path.name.startswith(".")]
-    assert not strays, f"left in the shared daemon's pool, not a lease: {strays}"
+    assert not (strays := daemon.pool_entries()), f"left in the shared daemon's pool, not a lease: {strays}"
 
 
 @pytest.fixture

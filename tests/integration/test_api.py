@@ -17,10 +17,6 @@ pytestmark = pytest.mark.shared_daemon
 RFC3339 = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d+)?Z$")
 
 
-def pool_entries(daemon) -> set[str]:
-    return {name for name in os.listdir(daemon.pool_path) if not name.startswith(".")}
-
-
 def assert_envelope(response, status: int, code: str) -> dict:
     assert response.status_code == status, response.text
     body = response.json()
@@ -207,7 +203,7 @@ def test_record_without_directory_ends_directory_removed_on_start(make_daemon):
 def test_bad_input_is_refused_and_changes_nothing(daemon, body, field):
     def state() -> tuple:
         leases = daemon.request("GET", "/v1/leases", params={"state": "all"}).json()["leases"]
-        return pool_entries(daemon), [lease["id"] for lease in leases], daemon.newest_seq()
+        return daemon.pool_entries(), [lease["id"] for lease in leases], daemon.newest_seq()
 
     before = state()
     error = assert_envelope(daemon.request("POST", "/v1/leases", json=body), 422, "invalid_request")
@@ -281,7 +277,7 @@ def test_transport_level_errors_use_the_envelope(daemon):
     assert_envelope(
         daemon.request("POST", "/v1/leases", json={"expected_bytes": 2**53 - 1}), 507, "insufficient_storage"
     )
-    assert pool_entries(daemon) == set()
+    assert daemon.pool_entries() == set()
 
 
 def test_answers_without_a_body_are_sent_whole(daemon):
@@ -319,7 +315,7 @@ def test_ttl_limits(make_daemon):
     daemon.lease()
     error = assert_envelope(daemon.request("POST", "/v1/leases", json={}), 429, "quota_exceeded")
     assert error["details"]["limit"] == "max_leases"
-    assert len(pool_entries(daemon)) == 2
+    assert len(daemon.pool_entries()) == 2
 
 
 def test_pid_binding_validation(daemon):

@@ -44,10 +44,6 @@ needs_inotify_sysctl = pytest.mark.skipif(
 # -- helpers ------------------------------------------------------------------------------------
 
 
-def pool_entries(daemon: Daemon) -> set[str]:
-    return {name for name in os.listdir(daemon.pool_path) if not name.startswith(".")}
-
-
 def active_leases(daemon: Daemon) -> list[dict[str, Any]]:
     response = daemon.request("GET", "/v1/leases")
     assert response.status_code == 200, response.text
@@ -59,7 +55,7 @@ def assert_healthy(daemon: Daemon) -> None:
     assert daemon.process is not None and daemon.process.poll() is None, daemon.log()[-3000:]
     assert daemon.request("GET", "/healthz").status_code == 200
     leases = active_leases(daemon)
-    assert pool_entries(daemon) == {os.path.basename(lease["path"]) for lease in leases}
+    assert daemon.pool_entries() == {os.path.basename(lease["path"]) for lease in leases}
     for lease in leases:
         assert os.path.isdir(lease["path"]), lease
 
@@ -192,7 +188,7 @@ def create_until_refused(
     """
     created: list[dict[str, Any]] = []
     for _ in range(most):
-        before = pool_entries(daemon)
+        before = daemon.pool_entries()
         response = daemon.request("POST", "/v1/leases", json={})
         if response.status_code != 201:
             return created, response, before
@@ -218,7 +214,7 @@ def test_full_state_filesystem_refuses_creates_and_still_ends_leases(
             assert entries == {kept["id"], doomed["id"]} | {lease["id"] for lease in created}
             error = assert_error(refusal, 503, "pool_unavailable")
             assert error["details"]["reason"], error
-            assert pool_entries(daemon) == entries
+            assert daemon.pool_entries() == entries
             assert os.listdir(os.path.join(daemon.pool_path, ".trash")) == []
             assert lease_state(daemon, kept["id"])["state"] == "active"
             assert os.path.isdir(kept["path"])
@@ -269,7 +265,7 @@ def test_locked_state_database_refuses_creates_in_bounded_time(make_daemon: Make
     # gc.interval at the product's default: its own writes wait for the lock too.
     daemon = make_daemon(gc={"interval": "5s"})
     kept = daemon.lease()
-    entries = pool_entries(daemon)
+    entries = daemon.pool_entries()
     records = len(daemon.request("GET", "/v1/leases", params={"state": "all"}).json()["leases"])
 
     with write_locked(daemon.state_dir / "scratchd.db") as db:
@@ -281,7 +277,7 @@ def test_locked_state_database_refuses_creates_in_bounded_time(make_daemon: Make
         assert "locked" in error["details"]["reason"], error
         # busy_timeout is 2 s; at worst the request also waits behind one GC write (2 s more).
         assert took < 6, f"a create under a locked database took {took:.1f}s"
-        assert pool_entries(daemon) == entries
+        assert daemon.pool_entries() == entries
         assert os.listdir(os.path.join(daemon.pool_path, ".trash")) == []
         assert os.path.isdir(kept["path"])
         assert daemon.request("GET", "/healthz").status_code == 200

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import copy
 import hashlib
-import os
 import socket
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -287,7 +286,7 @@ def assert_no_leaks(daemon: Daemon) -> None:
     was not active before it was seen is a leak; a lease without directory must have ended.
     """
     active = {lease["id"] for lease in daemon.request("GET", "/v1/leases").json()["leases"]}
-    on_disk = {name for name in os.listdir(daemon.pool_path) if not name.startswith(".")}
+    on_disk = daemon.pool_entries()
     assert on_disk <= active, f"directories without an active lease: {sorted(on_disk - active)}"
     for lease_id in active - on_disk:
         assert daemon.request("GET", f"/v1/leases/{lease_id}").json()["state"] == "ended", lease_id

@@ -23,7 +23,7 @@ pytestmark = pytest.mark.shared_daemon  # each case checks that it changed nothi
 
 def state(daemon: Daemon) -> tuple[set[str], int]:
     """What a refused request must leave as it was: the pool's entries and every lease record."""
-    entries = {name for name in os.listdir(daemon.pool_path) if not name.startswith(".")}
+    entries = daemon.pool_entries()
     return entries, len(daemon.request("GET", "/v1/leases", params={"state": "all"}).json()["leases"])
 
 

@@ -491,7 +491,7 @@ def test_kill_9_at_random_points_never_loses_an_active_directory(make_daemon):
 
     def no_leaks() -> bool:
         active = {lease["id"] for lease in daemon.request("GET", "/v1/leases").json()["leases"]}
-        entries = {n for n in os.listdir(daemon.pool_path) if not n.startswith(".")}
+        entries = daemon.pool_entries()
         return entries == active and trash_empty(daemon.pool_path)
 
     wait_for(no_leaks, timeout=15, what="no leaks: orphans and trash reclaimed")

@@ -457,7 +457,7 @@ def test_parallel_creates_never_exceed_max_leases(start, alice):
     refused = [a.json()["error"] for a in answers if a.status_code == 429]
     assert all(e["code"] == "quota_exceeded" and e["details"]["limit"] == "max_leases" for e in refused)
     assert len(daemon.request("GET", "/v1/leases").json()["leases"]) == 5
-    assert len([n for n in os.listdir(daemon.pool_path) if not n.startswith(".")]) == 5
+    assert len(daemon.pool_entries()) == 5
     # one tenant's quota is not another's
     assert lease_as(alice, daemon)["tenant"] == alice.name
 
@@ -510,7 +510,7 @@ def test_create_rate_limit_holds_back_one_tenant_only(start):
     time.sleep(int(headers["retry-after"]))
     refused = daemon.request("POST", "/v1/leases", json={})
     assert refused.json()["error"]["details"]["limit"] == "max_leases"  # past the rate check again
-    assert [n for n in os.listdir(daemon.pool_path) if not n.startswith(".")] == [other["id"]]
+    assert daemon.pool_entries() == {other["id"]}
 
 
 def test_a_reload_takes_the_new_create_rate(start):

@@ -45,10 +45,6 @@ def cache_area(daemon: Daemon) -> set[str]:
     return set(os.listdir(os.path.join(daemon.pool_path, ".caches")))
 
 
-def pool_entries(daemon: Daemon) -> set[str]:
-    return {name for name in os.listdir(daemon.pool_path) if not name.startswith(".")}
-
-
 def events(daemon: Daemon, kind: str) -> list[dict[str, Any]]:
     found = daemon.request("GET", "/v1/events", params={"limit": 1000}).json()["events"]
     return [e for e in found if e["kind"] == kind]
@@ -60,7 +56,7 @@ def assert_invariants(daemon: Daemon) -> None:
     active = {lease["id"]: lease for lease in daemon.request("GET", "/v1/leases").json()["leases"]}
     for lease in active.values():
         assert os.path.isdir(lease["path"]), lease
-    assert pool_entries(daemon) == set(active)
+    assert daemon.pool_entries() == set(active)
     listed = caches(daemon)
     assert cache_area(daemon) == {c["id"] for c in listed if c["state"] == "free"}
     for cache in listed:
@@ -169,7 +165,7 @@ def test_bad_cache_requests_are_refused_and_change_nothing(daemon, body, field):
     error = response.json()["error"]
     assert error["code"] == "invalid_request"
     assert any(name.startswith(field) for name in error["details"]["fields"]), error
-    assert pool_entries(daemon) == set() and caches(daemon) == []
+    assert daemon.pool_entries() == set() and caches(daemon) == []
 
 
 def test_every_end_but_a_release_keeps_nothing(make_daemon):
